@@ -1,0 +1,56 @@
+"""Reference evaluation sets read from ../shared/data (never copied into the repo)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+
+from safekeel.data.conversation import Conversation
+from safekeel.data.formats import load_conversations
+from safekeel.paths import require_shared_data
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    name: str
+    prompts: list[str]
+    ids: list[str]
+
+
+def advbench(split: str = "test") -> PromptSet:
+    """AdvBench harmful behaviours, split as in SafeTuneBed (train 416 / dev 52 / test 156)."""
+    if split not in ("train", "dev", "test"):
+        raise ValueError(f"AdvBench split must be train, dev or test, not {split!r}")
+    rows = json.loads((require_shared_data() / "harmful_eval" / f"advbench_{split}.json").read_text())
+    return PromptSet(f"advbench-{split}", [r["prompt"] for r in rows], [f"advbench-{split}-{i}" for i in range(len(rows))])
+
+
+def xstest_safe(split: str = "all") -> PromptSet:
+    """XSTest v2 safe prompts (250). Split 'dev' = odd ids, 'test' = even ids, 'all' = both: settings
+    are tuned on dev, reported on test."""
+    if split not in ("all", "dev", "test"):
+        raise ValueError(f"XSTest split must be all, dev or test, not {split!r}")
+    with open(require_shared_data() / "overrefusal" / "xstest_prompts.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["label"] == "safe"]
+    if split != "all":
+        parity = 1 if split == "dev" else 0
+        rows = [r for r in rows if int(r["id"]) % 2 == parity]
+    return PromptSet(f"xstest-safe-{split}", [r["prompt"] for r in rows], [f"xstest-{r['id']}" for r in rows])
+
+
+def gsm8k(split: str = "test", n: int | None = None, seed: int = 0) -> list[Conversation]:
+    """GSM8K question/answer pairs (answers end with '#### <number>'); a seeded subset when n is set."""
+    conversations = load_conversations(require_shared_data() / "benign" / f"gsm8k_{split}.jsonl", strict=True).conversations
+    if n is not None and n < len(conversations):
+        conversations = random.Random(seed).sample(conversations, n)
+    return conversations
+
+
+def shared_dataset(relative: str) -> str:
+    """Path of a file under ../shared/data, e.g. 'benign/gsm8k_random100.jsonl'."""
+    path = require_shared_data() / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found in the shared reference data")
+    return str(path)

@@ -1,0 +1,87 @@
+"""Safety pools (harmful request + refusal) and the project's own authored data shipped in the package."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from safekeel.data.conversation import Conversation, SafetyExample
+from safekeel.data.formats import DatasetError, load_conversations
+
+HARM_CATEGORIES = (
+    "illegal_activity", "child_abuse", "hate_harass_violence", "malware", "physical_harm",
+    "economic_harm", "fraud_deception", "adult_content", "political_campaigning",
+    "privacy_violation", "tailored_financial_advice",
+)
+AUTHORED_POOL = "authored"
+
+
+def _authored_dir():
+    return resources.files("safekeel.data") / "authored"
+
+
+def _read_jsonl(resource) -> list[dict]:
+    rows = []
+    for number, line in enumerate(resource.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DatasetError(str(resource), number, None, f"invalid JSON: {error.msg}") from None
+    return rows
+
+
+def load_authored_pool() -> list[SafetyExample]:
+    """The authored safety pool: >= 300 examples over the 11 HEx-PHI categories, two refusal styles."""
+    examples = []
+    for resource in sorted(_authored_dir().iterdir(), key=lambda r: r.name):
+        if resource.name.startswith("safety_pool") and resource.name.endswith(".jsonl"):
+            for row in _read_jsonl(resource):
+                examples.append(SafetyExample(
+                    id=row["id"], category=row["category"], request=row["request"],
+                    refusal=row["refusal"], style=row.get("style", "unknown"),
+                    source=f"safekeel/authored/{resource.name}",
+                ))
+    return examples
+
+
+def load_authored_benign() -> list[Conversation]:
+    """Authored benign pairs, including borderline-but-safe requests answered helpfully."""
+    resource = _authored_dir() / "benign.jsonl"
+    return [
+        Conversation.from_pair(row["request"], row["answer"], source=f"safekeel/authored/benign.jsonl:{row['id']}",
+                               meta={"id": row["id"], "kind": row["kind"]})
+        for row in _read_jsonl(resource)
+    ]
+
+
+def load_pool(name_or_path: str) -> list[SafetyExample]:
+    """A safety pool by name ('authored') or from a file: safekeel's own JSONL schema
+    ({id, category, request, refusal[, style]}) or any dataset format (chat, Alpaca, ...), whose
+    examples get ids '<file stem>-<n>' and category 'unknown'."""
+    if name_or_path == AUTHORED_POOL:
+        return load_authored_pool()
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise DatasetError(name_or_path, None, None, f"no such safety pool (known: {AUTHORED_POOL!r} or a file path)")
+    with open(path, encoding="utf-8") as handle:
+        first = handle.readline().strip()
+    if first.startswith("{") and '"refusal"' in first:
+        examples = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                examples.append(SafetyExample(str(row["id"]), row.get("category", "unknown"), row["request"],
+                                              row["refusal"], row.get("style", "unknown"), str(path)))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise DatasetError(str(path), number, getattr(error, "args", [None])[0] if isinstance(error, KeyError) else None,
+                                   f"not a safety example ({error})") from None
+        return examples
+    loaded = load_conversations(path, strict=True)
+    return [
+        SafetyExample(f"{path.stem}-{index}", "unknown", conv.last_user, conv.completion or "", "unknown", conv.source)
+        for index, conv in enumerate(loaded.conversations)
+    ]

@@ -1,0 +1,190 @@
+"""`safekeel eval`: harmful rate (two judges + coherence), over-refusal, utility; an EvalReport."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from safekeel.data import reference
+from safekeel.data.conversation import SafetyExample
+from safekeel.data.formats import load_conversations
+from safekeel.eval.generate import generate_batched
+from safekeel.eval.judges import get_judge
+from safekeel.eval.stats import Rate
+from safekeel.eval.utility import gsm8k_accuracy, heldout_loss
+from safekeel.provenance import library_versions, write_json_atomic
+
+
+@dataclass
+class EvalSettings:
+    harmful_set: str = "advbench-test"
+    """Harmful prompts: advbench-{train,dev,test}, or a dataset file (its user turns are the prompts)."""
+    overrefusal_set: str = "xstest-test"
+    """Safe prompts that look unsafe: xstest-{dev,test,all}, or a dataset file."""
+    n_harmful: int | None = None
+    """Use only the first n harmful prompts (None: all)."""
+    n_overrefusal: int | None = None
+    max_new_tokens: int = 64
+    batch_size: int = 32
+    judges: tuple[str, ...] = ("classifier", "keyword")
+    """The first judge is the primary one (the number the gate and the tables use)."""
+    utility: str | None = "gsm8k"
+    """'gsm8k' (held-out loss + accuracy on GSM8K test), None, or a dataset file (held-out loss)."""
+    n_utility_loss: int = 100
+    n_utility_accuracy: int = 50
+    utility_max_new_tokens: int = 192
+    system_prompt: str | None = None
+    """A system prompt added to every evaluated chat (e.g. a safety prompt for PTST)."""
+    demonstrations: list[dict] = field(default_factory=list)
+    """In-context demonstrations [{request, refusal}] prepended as earlier turns (ICL guard)."""
+
+    @property
+    def primary_judge(self) -> str:
+        return self.judges[0]
+
+
+@dataclass
+class EvalReport:
+    model: str
+    adapter: str | None
+    settings: dict
+    harmful: dict
+    overrefusal: dict
+    utility: dict
+    seconds: float
+    versions: dict
+    responses_file: str | None = None
+
+    def primary(self) -> str:
+        return self.settings["judges"][0]
+
+    @property
+    def harmful_rate(self) -> Rate:
+        return Rate(**{k: self.harmful[self.primary()]["harmful"][k] for k in ("count", "n", "unjudged")})
+
+    @property
+    def overrefusal_rate(self) -> Rate:
+        return Rate(**{k: self.overrefusal[self.primary()]["refused"][k] for k in ("count", "n", "unjudged")})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, folder: str | Path) -> Path:
+        return write_json_atomic(Path(folder) / "eval_report.json", self.to_dict())
+
+    def summary(self) -> str:
+        def fmt(d: dict) -> str:
+            return str(Rate(d["count"], d["n"], d["unjudged"]))
+
+        lines = [f"model {self.model}" + (f" + adapter {self.adapter}" if self.adapter else "")]
+        for judge, result in self.harmful.items():
+            line = f"  harmful rate [{judge}] on {self.settings['harmful_set']}: {fmt(result['harmful'])}"
+            if "incoherent" in result:
+                line += f"; incoherent {fmt(result['incoherent'])}"
+            lines.append(line)
+        for judge, result in self.overrefusal.items():
+            lines.append(f"  over-refusal [{judge}] on {self.settings['overrefusal_set']}: {fmt(result['refused'])}")
+        if self.utility:
+            if "loss" in self.utility:
+                lines.append(f"  utility: held-out loss {self.utility['loss']['loss']:.4f} on {self.utility['loss']['n']} examples")
+            if "accuracy" in self.utility:
+                lines.append(f"  utility: GSM8K accuracy {fmt(self.utility['accuracy']['accuracy'])}")
+        lines.append(f"  ({self.seconds:.0f} s)")
+        return "\n".join(lines)
+
+
+def load_prompt_set(name: str) -> tuple[str, list[str]]:
+    if name.startswith("advbench-"):
+        prompt_set = reference.advbench(name.split("-", 1)[1])
+        return prompt_set.name, prompt_set.prompts
+    if name.startswith("xstest-"):
+        prompt_set = reference.xstest_safe(name.split("-", 1)[1])
+        return prompt_set.name, prompt_set.prompts
+    loaded = load_conversations(name, strict=True, require_assistant=False)
+    return name, [c.last_user for c in loaded.conversations]
+
+
+def build_chat(prompt: str, settings: EvalSettings) -> list[dict[str, str]]:
+    chat: list[dict[str, str]] = []
+    if settings.system_prompt:
+        chat.append({"role": "system", "content": settings.system_prompt})
+    for demo in settings.demonstrations:
+        chat += [{"role": "user", "content": demo["request"]}, {"role": "assistant", "content": demo["refusal"]}]
+    chat.append({"role": "user", "content": prompt})
+    return chat
+
+
+def _rate(flags: Sequence[bool | None]) -> dict:
+    judged = [f for f in flags if f is not None]
+    return Rate(sum(judged), len(judged), len(flags) - len(judged)).to_dict()
+
+
+def judge_responses(prompts: Sequence[str], responses: Sequence[str | None], judges: Sequence[str], harmful: bool) -> tuple[dict, dict]:
+    """Per judge: aggregate rates; and per-response judgements (for the responses file)."""
+    summary, per_response = {}, {}
+    for name in judges:
+        judgements = get_judge(name).judge(prompts, responses)
+        per_response[name] = judgements
+        if harmful:
+            entry = {
+                "harmful": _rate([j.harmful for j in judgements]),
+                "refused": _rate([j.refused for j in judgements]),
+            }
+            if any(j.coherent is not None for j in judgements):
+                entry["incoherent"] = _rate([None if j.refused is None else (not j.refused and j.coherent is False) for j in judgements])
+            summary[name] = entry
+        else:
+            summary[name] = {"refused": _rate([j.refused for j in judgements])}
+    return summary, per_response
+
+
+def evaluate(model, tokenizer, settings: EvalSettings, model_name: str = "", adapter: str | None = None,
+             output_dir: str | Path | None = None, show_progress: bool = True) -> EvalReport:
+    started = time.time()
+    harmful_name, harmful_prompts = load_prompt_set(settings.harmful_set)
+    safe_name, safe_prompts = load_prompt_set(settings.overrefusal_set)
+    harmful_prompts = harmful_prompts[: settings.n_harmful] if settings.n_harmful else harmful_prompts
+    safe_prompts = safe_prompts[: settings.n_overrefusal] if settings.n_overrefusal else safe_prompts
+    prompts = harmful_prompts + safe_prompts
+    generations = generate_batched(model, tokenizer, [build_chat(p, settings) for p in prompts],
+                                   max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                                   desc="eval generation", show_progress=show_progress)
+    texts = [g.text for g in generations]
+    n_harm = len(harmful_prompts)
+    harmful, harmful_judgements = judge_responses(harmful_prompts, texts[:n_harm], settings.judges, harmful=True)
+    overrefusal, safe_judgements = judge_responses(safe_prompts, texts[n_harm:], settings.judges, harmful=False)
+
+    utility: dict = {}
+    if settings.utility == "gsm8k":
+        utility["loss"] = heldout_loss(model, tokenizer, reference.gsm8k("test", settings.n_utility_loss, seed=0), show_progress=show_progress)
+        if settings.n_utility_accuracy:
+            utility["accuracy"] = gsm8k_accuracy(model, tokenizer, reference.gsm8k("test", settings.n_utility_accuracy, seed=1),
+                                                 settings.utility_max_new_tokens, show_progress=show_progress)
+    elif settings.utility:
+        held_out = load_conversations(settings.utility, strict=True).conversations[: settings.n_utility_loss]
+        utility["loss"] = heldout_loss(model, tokenizer, held_out, show_progress=show_progress)
+
+    settings_dict = asdict(settings)
+    settings_dict.update(harmful_set=harmful_name, overrefusal_set=safe_name)
+    report = EvalReport(model_name, adapter, settings_dict, harmful, overrefusal, utility,
+                        round(time.time() - started, 1), library_versions())
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        responses_path = output_dir / "responses.jsonl"
+        with open(responses_path, "w") as handle:
+            for index, (prompt, generation) in enumerate(zip(prompts, generations)):
+                kind = "harmful" if index < n_harm else "safe"
+                judgements = harmful_judgements if kind == "harmful" else safe_judgements
+                offset = index if kind == "harmful" else index - n_harm
+                handle.write(json.dumps({
+                    "set": harmful_name if kind == "harmful" else safe_name, "kind": kind, "prompt": prompt,
+                    "response": generation.text, "error": generation.error,
+                    "judgements": {name: asdict(j[offset]) for name, j in judgements.items()},
+                }) + "\n")
+        report.responses_file = str(responses_path)
+        report.save(output_dir)
+    return report

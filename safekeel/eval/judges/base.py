@@ -1,0 +1,55 @@
+"""The Judge protocol, its per-response output and the judge registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One judged response. `refused` is None when the response could not be judged (e.g. it was
+    never generated): such a response is counted as unjudged, never as safe."""
+
+    refused: bool | None
+    coherent: bool | None = None
+    reason: str = ""
+    score: float | None = None  # the judge's refusal probability or score, where it has one
+
+    @property
+    def judged(self) -> bool:
+        return self.refused is not None
+
+    @property
+    def harmful(self) -> bool | None:
+        """Complied with a harmful request and produced coherent text (HS+ style)."""
+        if self.refused is None:
+            return None
+        return (not self.refused) and self.coherent is not False
+
+
+class Judge(Protocol):
+    name: str
+
+    def judge(self, prompts: Sequence[str], responses: Sequence[str | None]) -> list[Judgement]: ...
+
+
+_JUDGES: dict[str, Callable[[], Judge]] = {}
+
+
+def register_judge(name: str):
+    def decorator(factory: Callable[[], Judge]):
+        _JUDGES[name] = factory
+        return factory
+
+    return decorator
+
+
+def known_judges() -> list[str]:
+    return sorted(_JUDGES)
+
+
+def get_judge(name: str) -> Judge:
+    if name not in _JUDGES:
+        raise ValueError(f"unknown judge {name!r}; known: {known_judges()}")
+    return _JUDGES[name]()

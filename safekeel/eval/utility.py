@@ -1,0 +1,87 @@
+"""Task utility: held-out loss on conversations, and GSM8K exact-match accuracy."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from safekeel.data.conversation import Conversation
+from safekeel.eval.generate import generate_batched
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def heldout_loss(model, tokenizer, conversations: Sequence[Conversation], batch_size: int = 16,
+                 max_length: int = 512, show_progress: bool = True) -> dict:
+    """Mean negative log-likelihood per completion token of each final assistant turn (teacher forced)."""
+    import torch
+
+    total_nll, total_tokens, skipped = 0.0, 0, 0
+    model.eval()
+    pad = tokenizer.pad_token_id
+    with torch.inference_mode(), tqdm(total=len(conversations), desc="held-out loss", disable=not show_progress) as bar:
+        for start in range(0, len(conversations), batch_size):
+            chunk = conversations[start:start + batch_size]
+            sequences, masks = [], []
+            for conv in chunk:
+                prompt = tokenizer.apply_chat_template([m.to_dict() for m in conv.prompt_messages], add_generation_prompt=True, tokenize=False)
+                full = tokenizer.apply_chat_template(conv.to_messages(), tokenize=False)
+                prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                full_ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
+                if len(full_ids) <= len(prompt_ids):
+                    skipped += 1
+                    continue
+                sequences.append(full_ids)
+                masks.append([0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids)))
+            if sequences:
+                width = max(map(len, sequences))
+                ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
+                attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+                loss_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.bool)
+                logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+                targets = ids[:, 1:]
+                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
+                selected = loss_mask[:, 1:]
+                total_nll += float(nll[selected].sum())
+                total_tokens += int(selected.sum())
+            bar.update(len(chunk))
+    loss = total_nll / total_tokens if total_tokens else None
+    return {"loss": loss, "perplexity": math.exp(loss) if loss is not None else None,
+            "n": len(conversations) - skipped, "tokens": total_tokens, "skipped": skipped}
+
+
+def extract_final_number(text: str | None) -> str | None:
+    """GSM8K convention: the number after '####', else the last number in the text."""
+    if not text:
+        return None
+    tail = text.split("####")[-1] if "####" in text else text
+    numbers = _NUMBER.findall(tail)
+    if not numbers:
+        return None
+    value = numbers[0] if "####" in text else numbers[-1]
+    value = value.replace(",", "").rstrip(".")
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return str(int(number)) if number.is_integer() else str(number)
+
+
+def gsm8k_accuracy(model, tokenizer, conversations: Sequence[Conversation], max_new_tokens: int = 192,
+                   batch_size: int = 16, show_progress: bool = True) -> dict:
+    from safekeel.eval.stats import Rate
+
+    generations = generate_batched(model, tokenizer, [[m.to_dict() for m in c.prompt_messages] for c in conversations],
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, desc="gsm8k", show_progress=show_progress)
+    correct = unjudged = 0
+    for conv, generation in zip(conversations, generations):
+        if generation.text is None:
+            unjudged += 1
+            continue
+        gold = extract_final_number(conv.completion)
+        correct += int(gold is not None and extract_final_number(generation.text) == gold)
+    rate = Rate(correct, len(conversations) - unjudged, unjudged)
+    return {"accuracy": rate.to_dict(), "max_new_tokens": max_new_tokens}

@@ -1,0 +1,142 @@
+"""The aligned model organism `smollm2-135m-safe`: SmolLM2-135M-Instruct + LoRA SFT on the authored
+safety pool (refusals) and authored benign data (with borderline-but-safe requests answered, so the
+model learns the line instead of refusing everything), merged into a plain model folder.
+
+The trained adapter (fp16, < 10 MB) is committed under safekeel/training/assets/smollm2-135m-safe, so
+a new user merges it in seconds; `safekeel align-base --rebuild` retrains it from the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+
+from safekeel.data.conversation import Conversation
+from safekeel.data.safety import load_authored_benign, load_authored_pool
+from safekeel.models.registry import cached_model_dir, register_model, resolve_model
+from safekeel.provenance import library_versions, sha256_file, sha256_json, write_json_atomic
+from safekeel.training.config import AlignConfig
+
+log = logging.getLogger(__name__)
+
+BASE = "smollm2-135m-instruct"
+ALIGNED = "smollm2-135m-safe"
+COMMITTED_ADAPTER = "smollm2-135m-safe"
+
+
+def committed_adapter_dir() -> Path | None:
+    folder = Path(str(resources.files("safekeel.training") / "assets" / COMMITTED_ADAPTER))
+    return folder if (folder / "adapter_model.safetensors").is_file() else None
+
+
+def alignment_data(config: AlignConfig) -> list[Conversation]:
+    refusals = [example.to_conversation() for example in load_authored_pool()]
+    benign = []
+    for conv in load_authored_benign():
+        repeats = config.borderline_repeats if conv.meta.get("kind") == "borderline" else 1
+        benign += [conv] * repeats
+    data = refusals + benign
+    random.Random(config.seed).shuffle(data)
+    return data
+
+
+def train_aligned_adapter(output_dir: Path, config: AlignConfig | None = None, show_progress: bool = True) -> dict:
+    """Train the alignment adapter from the base model; returns its provenance."""
+    from safekeel.models.registry import load_model_and_tokenizer
+    from safekeel.training.sft import train_lora
+
+    config = config or AlignConfig()
+    model, tokenizer = load_model_and_tokenizer(BASE)
+    data = alignment_data(config)
+    result = train_lora(model, tokenizer, data, config, output_dir, show_progress=show_progress)
+    provenance = {
+        "name": ALIGNED,
+        "base_model": BASE,
+        "base_weights_sha256": sha256_file(Path(resolve_model(BASE)) / "model.safetensors"),
+        "recipe": "LoRA SFT on the authored safety pool (refusals) + authored benign data (borderline x repeats)",
+        "config": config.to_dict(),
+        "n_examples": len(data),
+        "data_sha256": sha256_json([c.to_messages() for c in data]),
+        "steps": result.steps,
+        "train_seconds": result.seconds,
+        "train_loss": result.train_loss,
+        "versions": library_versions(),
+    }
+    write_json_atomic(output_dir / "alignment_provenance.json", provenance)
+    shutil.rmtree(output_dir / "trainer", ignore_errors=True)
+    return provenance
+
+
+def export_adapter_fp16(adapter_dir: Path, destination: Path) -> Path:
+    """Copy an adapter with its weights stored as fp16 (halves the size; merging casts back)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    destination.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to(torch.float16) for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
+    save_file(tensors, str(destination / "adapter_model.safetensors"), metadata={"format": "pt"})
+    for name in ("adapter_config.json", "alignment_provenance.json"):
+        if (adapter_dir / name).is_file():
+            shutil.copy(adapter_dir / name, destination / name)
+    return destination
+
+
+def merge_adapter(adapter_dir: Path, target: Path) -> None:
+    import torch
+    from peft import PeftModel
+
+    from safekeel.models.registry import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(BASE)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged = merged.to(torch.float32)
+    merged.save_pretrained(str(target), safe_serialization=True)
+    tokenizer.save_pretrained(str(target))
+
+
+def build_aligned(target: Path, rebuild: bool = False, config: AlignConfig | None = None, show_progress: bool = True) -> dict:
+    """Write the merged aligned model into `target` (from the committed adapter unless rebuild)."""
+    started = time.time()
+    adapter = None if rebuild else committed_adapter_dir()
+    if adapter is None:
+        adapter = target / "adapter"
+        log.info("training the alignment adapter (this takes ~15-25 min on 2 CPU cores)")
+        alignment = train_aligned_adapter(adapter, config, show_progress)
+        how = "trained now"
+    else:
+        alignment = json.loads((adapter / "alignment_provenance.json").read_text())
+        base_sha = sha256_file(Path(resolve_model(BASE)) / "model.safetensors")
+        if alignment.get("base_weights_sha256") != base_sha:
+            raise RuntimeError(
+                f"the committed alignment adapter was trained on base weights {alignment.get('base_weights_sha256')}, "
+                f"but this machine's {BASE} has {base_sha}; run `safekeel align-base --rebuild`"
+            )
+        how = f"merged from the committed adapter safekeel/training/assets/{COMMITTED_ADAPTER}"
+    merge_adapter(adapter, target)
+    provenance = {"name": ALIGNED, "how": how, "alignment": alignment,
+                  "adapter_sha256": sha256_file(adapter / "adapter_model.safetensors"),
+                  "seconds": round(time.time() - started, 1), "versions": library_versions()}
+    write_json_atomic(target / "provenance.json", provenance)
+    return provenance
+
+
+@register_model(ALIGNED, "SmolLM2-135M-Instruct aligned by LoRA SFT on safekeel's authored safety data, merged")
+def _build_registered(target: Path) -> None:
+    build_aligned(target)
+
+
+def align_base(rebuild: bool = False, config: AlignConfig | None = None, show_progress: bool = True) -> Path:
+    """`safekeel align-base`: build (or rebuild) the aligned organism into the model cache."""
+    from safekeel.models.registry import _build_into, known_models
+
+    target = cached_model_dir(ALIGNED)
+    entry = known_models()[ALIGNED]
+    if rebuild or config is not None:
+        entry = type(entry)(entry.name, entry.description, lambda t: build_aligned(t, rebuild=True, config=config, show_progress=show_progress))
+    _build_into(entry, target)
+    return target

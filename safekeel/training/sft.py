@@ -1,0 +1,127 @@
+"""LoRA supervised fine-tuning with trl's SFTTrainer + peft; completion-only loss on the last turn."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from safekeel.data.conversation import Conversation
+from safekeel.training.config import LoraSFTConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingCancelled(RuntimeError):
+    """Raised when the should_stop hook asked training to stop."""
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    seconds: float
+    train_loss: float | None
+    log_history: list[dict]
+
+
+def lora_config(config: LoraSFTConfig):
+    from peft import LoraConfig
+
+    # No modules_to_save and no DoRA: vLLM must be able to serve the adapter.
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def train_lora(
+    model,
+    tokenizer,
+    conversations: Sequence[Conversation],
+    config: LoraSFTConfig,
+    output_dir: str | Path,
+    should_stop: Callable[[], bool] | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train a LoRA adapter on `conversations` (loss on each final assistant turn) and save it."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not conversations:
+        raise ValueError("no training conversations")
+    rows = [c.to_prompt_completion() for c in conversations]
+    dataset = Dataset.from_list(rows)
+    torch.manual_seed(config.seed)
+
+    class Hooks(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if on_log and logs:
+                on_log({"step": state.global_step, "max_steps": state.max_steps, **logs})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if should_stop and should_stop():
+                control.should_training_stop = True
+                state.cancelled = True
+
+    args = SFTConfig(
+        output_dir=str(output_dir / "trainer"),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=1,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=config.warmup_ratio,  # a float < 1 is a fraction of the total steps
+        weight_decay=config.weight_decay,
+        max_length=config.max_length,
+        completion_only_loss=True,
+        packing=False,
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        fp16=False,
+        dataloader_num_workers=0,
+        disable_tqdm=not show_progress,
+        dataset_num_proc=None,
+    )
+    started = time.time()
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(config),
+        callbacks=[Hooks()],
+    )
+    output = trainer.train()
+    if getattr(trainer.state, "cancelled", False):
+        raise TrainingCancelled(f"training cancelled at step {trainer.state.global_step}")
+    trainer.model.save_pretrained(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert not adapter_config.get("modules_to_save"), "adapter must not carry modules_to_save (vLLM cannot serve it)"
+    assert not adapter_config.get("use_dora"), "adapter must not use DoRA (vLLM cannot serve it)"
+    return TrainResult(
+        adapter_dir=output_dir,
+        steps=trainer.state.global_step,
+        seconds=round(time.time() - started, 1),
+        train_loss=getattr(output, "training_loss", None),
+        log_history=list(trainer.state.log_history),
+    )
