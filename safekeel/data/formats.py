@@ -202,7 +202,7 @@ def load_conversations(
                     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                     raise _FieldError("", f"unrecognised record {keys}; expected one of: messages | prompt+completion | instruction+output | question+answer")
                 detected = record_fmt
-            elif record_fmt != detected and isinstance(record, dict):
+            elif record_fmt is not None and record_fmt != detected:
                 raise _FieldError("", f"record looks like {record_fmt or 'no known format'}, but the file is {detected}")
             conversations.append(record_to_conversation(record, detected, f"{path.name}:{number}", require_assistant))
         except _FieldError as error:

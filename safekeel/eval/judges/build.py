@@ -1,0 +1,51 @@
+"""Rebuild the shipped refusal classifier (safekeel/eval/assets/refusal_classifier.json).
+
+Training texts, none from any evaluation set:
+- refusals: every refusal in the authored safety pool (both styles);
+- compliance: every answer in the authored benign data, plus the raw base model's own replies to the
+  authored pool's harmful requests (it is not aligned and complies), minus any reply that contains a
+  refusal marker, so that "talks about a harmful topic" is not mistaken for "refuses".
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from importlib import resources
+from pathlib import Path
+
+from safekeel.data.safety import load_authored_benign, load_authored_pool
+from safekeel.eval.judges.classifier import ASSET, train_refusal_classifier
+from safekeel.eval.judges.keyword import keyword_refusal
+from safekeel.models.embedder import DEFAULT_EMBEDDER
+from safekeel.provenance import sha256_json
+
+REFUSAL_MARKERS = re.compile(r"\b(can't|cannot|can not|won't|unable to|not able to|I'm sorry|apologi[sz]e|decline)\b", re.I)
+
+
+def build_classifier(base_model: str = "smollm2-135m-instruct", max_new_tokens: int = 64, output: Path | None = None) -> dict:
+    from safekeel.eval.generate import generate_batched
+    from safekeel.models.registry import load_model_and_tokenizer
+
+    started = time.time()
+    pool = load_authored_pool()
+    refusals = [e.refusal for e in pool]
+    benign_answers = [c.completion for c in load_authored_benign()]
+    model, tokenizer = load_model_and_tokenizer(base_model)
+    replies = generate_batched(model, tokenizer, [[{"role": "user", "content": e.request}] for e in pool],
+                               max_new_tokens=max_new_tokens, desc="base-model replies")
+    base_compliance = [g.text for g in replies if g.text and not keyword_refusal(g.text) and not REFUSAL_MARKERS.search(g.text)]
+    compliances = benign_answers + base_compliance
+    meta = {
+        "built_with": f"safekeel.eval.judges.build.build_classifier(base_model={base_model!r}, max_new_tokens={max_new_tokens})",
+        "embedder": DEFAULT_EMBEDDER,
+        "n_base_model_replies": len(replies),
+        "n_base_model_replies_kept_as_compliance": len(base_compliance),
+        "training_texts_sha256": sha256_json([refusals, compliances]),
+        "seconds": None,
+    }
+    classifier, stats = train_refusal_classifier(refusals, compliances, DEFAULT_EMBEDDER, meta=meta)
+    classifier.meta["seconds"] = round(time.time() - started, 1)
+    target = output or Path(str(resources.files("safekeel.eval") / "assets" / ASSET))
+    classifier.save(target)
+    return {**stats, "path": str(target), **classifier.meta}

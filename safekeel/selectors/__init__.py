@@ -1,0 +1,9 @@
+"""Selectors pick k safety examples from a pool. Registry: a new selector is one file with
+@register_selector. (A subpackage on purpose: a top-level `selectors` would shadow the stdlib's.)"""
+
+from safekeel.selectors.base import Selection, SelectionContext, Selector, get_selector, known_selectors, register_selector
+
+# importing the built-in families registers them
+from safekeel.selectors import random_choice as _random_choice  # noqa: F401,E402
+
+__all__ = ["Selection", "SelectionContext", "Selector", "get_selector", "known_selectors", "register_selector"]
