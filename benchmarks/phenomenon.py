@@ -195,9 +195,10 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     command = "python benchmarks/phenomenon.py " + " ".join(sys.argv[1:])
     configs = []
-    for condition in args.conditions:
-        seeds = [0] if condition in ("base", "aligned") else args.seeds
-        configs += [run_config(condition, seed, args.k) for seed in seeds]
+    for seed in args.seeds:  # seed-major order: a partial grid still has every condition
+        for condition in args.conditions:
+            if condition not in ("base", "aligned") or seed == args.seeds[0]:
+                configs.append(run_config(condition, seed, args.k))
     RUNS.mkdir(parents=True, exist_ok=True)
     records = []
     with tqdm(total=len(configs), desc="phenomenon runs", unit="run") as bar:

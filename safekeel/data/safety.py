@@ -47,13 +47,19 @@ def load_authored_pool() -> list[SafetyExample]:
 
 
 def load_authored_benign() -> list[Conversation]:
-    """Authored benign pairs, including borderline-but-safe requests answered helpfully."""
-    resource = _authored_dir() / "benign.jsonl"
-    return [
-        Conversation.from_pair(row["request"], row["answer"], source=f"safekeel/authored/benign.jsonl:{row['id']}",
-                               meta={"id": row["id"], "kind": row["kind"]})
-        for row in _read_jsonl(resource)
-    ]
+    """Authored benign pairs, including borderline-but-safe requests answered helpfully (a request
+    written twice across files is kept once)."""
+    conversations, seen = [], set()
+    for resource in sorted(_authored_dir().iterdir(), key=lambda r: r.name):
+        if resource.name.startswith("benign") and resource.name.endswith(".jsonl"):
+            for row in _read_jsonl(resource):
+                key = row["request"].strip().lower()
+                if key not in seen:
+                    seen.add(key)
+                    conversations.append(Conversation.from_pair(
+                        row["request"], row["answer"], source=f"safekeel/authored/{resource.name}:{row['id']}",
+                        meta={"id": row["id"], "kind": row["kind"]}))
+    return conversations
 
 
 def load_pool(name_or_path: str) -> list[SafetyExample]:

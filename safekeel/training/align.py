@@ -80,9 +80,10 @@ def export_adapter_fp16(adapter_dir: Path, destination: Path) -> Path:
     destination.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to(torch.float16) for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
     save_file(tensors, str(destination / "adapter_model.safetensors"), metadata={"format": "pt"})
-    for name in ("adapter_config.json", "alignment_provenance.json"):
-        if (adapter_dir / name).is_file():
-            shutil.copy(adapter_dir / name, destination / name)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = BASE  # a registry name, not this machine's cache path
+    write_json_atomic(destination / "adapter_config.json", config)
+    shutil.copy(adapter_dir / "alignment_provenance.json", destination / "alignment_provenance.json")
     return destination
 
 

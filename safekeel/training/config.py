@@ -30,6 +30,8 @@ class LoraSFTConfig:
     seed: int = 0
     """Seeds weight init of the adapter and the data order."""
     logging_steps: int = 5
+    bf16: bool = False
+    """bfloat16 autocast for training (faster on CPUs with AVX512-BF16/AMX; weights stay float32)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,8 +42,10 @@ class AlignConfig(LoraSFTConfig):
     """Recipe for the aligned organism smollm2-135m-safe (see safekeel/training/align.py)."""
 
     learning_rate: float = 2e-4
-    epochs: float = 2.0
+    epochs: float = 1.0
     batch_size: int = 8
-    borderline_repeats: int = 2
-    """How many times each borderline-but-safe benign example appears (teaches where the line is)."""
+    bf16: bool = True
+    borderline_repeats: int = 3
+    """How many times each borderline-but-safe benign example appears (teaches where the line is:
+    with fewer, the organism refused XSTest-style safe prompts, see the closing notes of issue 2)."""
     extra: dict = field(default_factory=dict)

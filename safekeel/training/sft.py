@@ -95,7 +95,7 @@ def train_lora(
         seed=config.seed,
         data_seed=config.seed,
         use_cpu=not torch.cuda.is_available(),
-        bf16=False,
+        bf16=config.bf16,
         fp16=False,
         dataloader_num_workers=0,
         disable_tqdm=not show_progress,

@@ -9,6 +9,7 @@ Training texts, none from any evaluation set:
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from importlib import resources
@@ -18,23 +19,35 @@ from safekeel.data.safety import load_authored_benign, load_authored_pool
 from safekeel.eval.judges.classifier import ASSET, train_refusal_classifier
 from safekeel.eval.judges.keyword import keyword_refusal
 from safekeel.models.embedder import DEFAULT_EMBEDDER
-from safekeel.provenance import sha256_json
+from safekeel.paths import safekeel_home
+from safekeel.provenance import sha256_json, write_json_atomic
 
 REFUSAL_MARKERS = re.compile(r"\b(can't|cannot|can not|won't|unable to|not able to|I'm sorry|apologi[sz]e|decline)\b", re.I)
 
 
-def build_classifier(base_model: str = "smollm2-135m-instruct", max_new_tokens: int = 64, output: Path | None = None) -> dict:
+def base_model_replies(base_model: str, requests: list[str], max_new_tokens: int) -> list[str | None]:
+    """The base model's greedy replies, cached in $SAFEKEEL_HOME keyed by model, requests and length."""
     from safekeel.eval.generate import generate_batched
     from safekeel.models.registry import load_model_and_tokenizer
 
+    cache = safekeel_home() / "judge_build" / f"replies-{sha256_json([base_model, requests, max_new_tokens])[:16]}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    model, tokenizer = load_model_and_tokenizer(base_model)
+    generations = generate_batched(model, tokenizer, [[{"role": "user", "content": r}] for r in requests],
+                                   max_new_tokens=max_new_tokens, desc="base-model replies")
+    replies = [g.text for g in generations]
+    write_json_atomic(cache, replies)
+    return replies
+
+
+def build_classifier(base_model: str = "smollm2-135m-instruct", max_new_tokens: int = 64, output: Path | None = None) -> dict:
     started = time.time()
     pool = load_authored_pool()
     refusals = [e.refusal for e in pool]
     benign_answers = [c.completion for c in load_authored_benign()]
-    model, tokenizer = load_model_and_tokenizer(base_model)
-    replies = generate_batched(model, tokenizer, [[{"role": "user", "content": e.request}] for e in pool],
-                               max_new_tokens=max_new_tokens, desc="base-model replies")
-    base_compliance = [g.text for g in replies if g.text and not keyword_refusal(g.text) and not REFUSAL_MARKERS.search(g.text)]
+    replies = base_model_replies(base_model, [e.request for e in pool], max_new_tokens)
+    base_compliance = [text for text in replies if text and not keyword_refusal(text) and not REFUSAL_MARKERS.search(text)]
     compliances = benign_answers + base_compliance
     meta = {
         "built_with": f"safekeel.eval.judges.build.build_classifier(base_model={base_model!r}, max_new_tokens={max_new_tokens})",
