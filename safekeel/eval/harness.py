@@ -141,6 +141,16 @@ def judge_responses(prompts: Sequence[str], responses: Sequence[str | None], jud
     return summary, per_response
 
 
+def rejudge(responses_file: str | Path, judges: Sequence[str]) -> tuple[dict, dict]:
+    """Re-apply judges to a saved responses.jsonl (no generation): (harmful summary, over-refusal summary)."""
+    rows = [json.loads(line) for line in Path(responses_file).read_text().splitlines() if line.strip()]
+    harmful_rows = [r for r in rows if r["kind"] == "harmful"]
+    safe_rows = [r for r in rows if r["kind"] == "safe"]
+    harmful, _ = judge_responses([r["prompt"] for r in harmful_rows], [r["response"] for r in harmful_rows], judges, harmful=True)
+    overrefusal, _ = judge_responses([r["prompt"] for r in safe_rows], [r["response"] for r in safe_rows], judges, harmful=False)
+    return harmful, overrefusal
+
+
 def evaluate(model, tokenizer, settings: EvalSettings, model_name: str = "", adapter: str | None = None,
              output_dir: str | Path | None = None, show_progress: bool = True) -> EvalReport:
     started = time.time()

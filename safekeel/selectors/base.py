@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from safekeel.data.conversation import Conversation, SafetyExample
+from safekeel.registry import Registry
 
 
 @dataclass
@@ -54,22 +55,7 @@ class Selector(Protocol):
     def select(self, context: SelectionContext) -> Selection: ...
 
 
-_SELECTORS: dict[str, Callable[[], Selector]] = {}
-
-
-def register_selector(name: str):
-    def decorator(factory: Callable[[], Selector]):
-        _SELECTORS[name] = factory
-        return factory
-
-    return decorator
-
-
-def known_selectors() -> list[str]:
-    return sorted(_SELECTORS)
-
-
-def get_selector(name: str) -> Selector:
-    if name not in _SELECTORS:
-        raise ValueError(f"unknown selector {name!r}; known: {known_selectors()}")
-    return _SELECTORS[name]()
+_SELECTORS: Registry[Selector] = Registry("selector")
+register_selector = _SELECTORS.register
+known_selectors = _SELECTORS.names
+get_selector = _SELECTORS.get

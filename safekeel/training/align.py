@@ -16,7 +16,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from safekeel.data.conversation import Conversation
+from safekeel.data.conversation import Conversation, SafetyExample
 from safekeel.data.safety import load_authored_benign, load_authored_pool
 from safekeel.models.registry import cached_model_dir, register_model, resolve_model
 from safekeel.provenance import library_versions, sha256_file, sha256_json, write_json_atomic
@@ -34,8 +34,21 @@ def committed_adapter_dir() -> Path | None:
     return folder if (folder / "adapter_model.safetensors").is_file() else None
 
 
+def alignment_refusals(config: AlignConfig) -> list[SafetyExample]:
+    """A seeded, category-stratified share (config.refusal_fraction) of the authored safety pool."""
+    by_category: dict[str, list[SafetyExample]] = {}
+    for example in load_authored_pool():
+        by_category.setdefault(example.category, []).append(example)
+    rng = random.Random(config.seed)
+    chosen = []
+    for category in sorted(by_category):
+        members = by_category[category]
+        chosen += rng.sample(members, round(len(members) * config.refusal_fraction))
+    return chosen
+
+
 def alignment_data(config: AlignConfig) -> list[Conversation]:
-    refusals = [example.to_conversation() for example in load_authored_pool()]
+    refusals = [example.to_conversation() for example in alignment_refusals(config)]
     benign = []
     for conv in load_authored_benign():
         repeats = config.borderline_repeats if conv.meta.get("kind") == "borderline" else 1
@@ -61,6 +74,7 @@ def train_aligned_adapter(output_dir: Path, config: AlignConfig | None = None, s
         "recipe": "LoRA SFT on the authored safety pool (refusals) + authored benign data (borderline x repeats)",
         "config": config.to_dict(),
         "n_examples": len(data),
+        "refusal_ids": sorted(e.id for e in alignment_refusals(config)),
         "data_sha256": sha256_json([c.to_messages() for c in data]),
         "steps": result.steps,
         "train_seconds": result.seconds,

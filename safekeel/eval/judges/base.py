@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
+
+from safekeel.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -34,22 +36,7 @@ class Judge(Protocol):
     def judge(self, prompts: Sequence[str], responses: Sequence[str | None]) -> list[Judgement]: ...
 
 
-_JUDGES: dict[str, Callable[[], Judge]] = {}
-
-
-def register_judge(name: str):
-    def decorator(factory: Callable[[], Judge]):
-        _JUDGES[name] = factory
-        return factory
-
-    return decorator
-
-
-def known_judges() -> list[str]:
-    return sorted(_JUDGES)
-
-
-def get_judge(name: str) -> Judge:
-    if name not in _JUDGES:
-        raise ValueError(f"unknown judge {name!r}; known: {known_judges()}")
-    return _JUDGES[name]()
+_JUDGES: Registry[Judge] = Registry("judge")
+register_judge = _JUDGES.register
+known_judges = _JUDGES.names
+get_judge = _JUDGES.get
