@@ -4,7 +4,10 @@ Training texts, none from any evaluation set:
 - refusals: every refusal in the authored safety pool (both styles);
 - compliance: every answer in the authored benign data, plus the raw base model's own replies to the
   authored pool's harmful requests (it is not aligned and complies), minus any reply that contains a
-  refusal marker, so that "talks about a harmful topic" is not mistaken for "refuses".
+  refusal marker, so that "talks about a harmful topic" is not mistaken for "refuses";
+- hand-labelled model responses to the DEV splits only (AdvBench dev, XSTest dev half), shipped in
+  assets/judge_dev_labels.jsonl: "refusal" -> refusal, "harmful"/"complied" -> compliance
+  ("incoherent" is left to the coherence check). Agreement is measured on TEST-split responses.
 """
 
 from __future__ import annotations
@@ -41,6 +44,16 @@ def base_model_replies(base_model: str, requests: list[str], max_new_tokens: int
     return replies
 
 
+def dev_labelled_responses() -> tuple[list[str], list[str]]:
+    resource = resources.files("safekeel.eval") / "assets" / "judge_dev_labels.jsonl"
+    if not resource.is_file():
+        return [], []
+    rows = [json.loads(line) for line in resource.read_text().splitlines() if line.strip()]
+    refusals = [r["response"] for r in rows if r["label"] == "refusal"]
+    compliances = [r["response"] for r in rows if r["label"] in ("harmful", "complied")]
+    return refusals, compliances
+
+
 def build_classifier(base_model: str = "smollm2-135m-instruct", max_new_tokens: int = 64, output: Path | None = None) -> dict:
     started = time.time()
     pool = load_authored_pool()
@@ -48,12 +61,16 @@ def build_classifier(base_model: str = "smollm2-135m-instruct", max_new_tokens: 
     benign_answers = [c.completion for c in load_authored_benign()]
     replies = base_model_replies(base_model, [e.request for e in pool], max_new_tokens)
     base_compliance = [text for text in replies if text and not keyword_refusal(text) and not REFUSAL_MARKERS.search(text)]
-    compliances = benign_answers + base_compliance
+    dev_refusals, dev_compliances = dev_labelled_responses()
+    refusals = refusals + dev_refusals
+    compliances = benign_answers + base_compliance + dev_compliances
     meta = {
         "built_with": f"safekeel.eval.judges.build.build_classifier(base_model={base_model!r}, max_new_tokens={max_new_tokens})",
         "embedder": DEFAULT_EMBEDDER,
         "n_base_model_replies": len(replies),
         "n_base_model_replies_kept_as_compliance": len(base_compliance),
+        "n_dev_labelled_refusals": len(dev_refusals),
+        "n_dev_labelled_compliances": len(dev_compliances),
         "training_texts_sha256": sha256_json([refusals, compliances]),
         "seconds": None,
     }

@@ -40,13 +40,18 @@ def _vectorizer(vocabulary: list[str] | None = None):
                            vocabulary=vocabulary, min_df=1 if vocabulary else 3, max_features=None if vocabulary else 4000)
 
 
-def response_features(texts: Sequence[str], embedder: str, vocabulary: list[str]) -> np.ndarray:
+def semantic_features(texts: Sequence[str], embedder: str) -> np.ndarray:
     from safekeel.models.embedder import embed
 
-    full = embed([t[:RESPONSE_CHARS] for t in texts], embedder)
-    first = embed([opening_sentence(t) for t in texts], embedder)
-    lexical = _vectorizer(vocabulary).transform([t[:LEXICAL_CHARS] for t in texts]).toarray().astype(np.float32)
-    return np.hstack([full, first, lexical])
+    return np.hstack([embed([t[:RESPONSE_CHARS] for t in texts], embedder), embed([opening_sentence(t) for t in texts], embedder)])
+
+
+def lexical_features(texts: Sequence[str], vocabulary: list[str]) -> np.ndarray:
+    return _vectorizer(vocabulary).transform([t[:LEXICAL_CHARS] for t in texts]).toarray().astype(np.float32)
+
+
+def response_features(texts: Sequence[str], embedder: str, vocabulary: list[str]) -> np.ndarray:
+    return np.hstack([semantic_features(texts, embedder), lexical_features(texts, vocabulary)])
 
 
 @dataclass
@@ -125,19 +130,20 @@ def train_refusal_classifier(
 
     texts = list(refusals) + list(compliances)
     labels = np.array([1] * len(refusals) + [0] * len(compliances))
+    semantic = semantic_features(texts, embedder)  # embedded once, shared by the folds
 
-    def fit(train_texts, train_labels):
-        vocabulary = sorted(_vectorizer().fit([t[:LEXICAL_CHARS] for t in train_texts]).vocabulary_)
+    def fit(index):
+        vocabulary = sorted(_vectorizer().fit([texts[i][:LEXICAL_CHARS] for i in index]).vocabulary_)
         model = LogisticRegression(C=1.0, max_iter=5000, class_weight="balanced", random_state=seed)
-        model.fit(response_features(train_texts, embedder, vocabulary), train_labels)
+        model.fit(np.hstack([semantic[index], lexical_features([texts[i] for i in index], vocabulary)]), labels[index])
         return model, vocabulary
 
     correct = 0
     for train_index, test_index in StratifiedKFold(5, shuffle=True, random_state=seed).split(texts, labels):
-        model, vocabulary = fit([texts[i] for i in train_index], labels[train_index])
-        predicted = model.predict(response_features([texts[i] for i in test_index], embedder, vocabulary))
-        correct += int((predicted == labels[test_index]).sum())
-    model, vocabulary = fit(texts, labels)
+        model, vocabulary = fit(train_index)
+        features = np.hstack([semantic[test_index], lexical_features([texts[i] for i in test_index], vocabulary)])
+        correct += int((model.predict(features) == labels[test_index]).sum())
+    model, vocabulary = fit(np.arange(len(texts)))
     stats = {"n_refusals": len(refusals), "n_compliances": len(compliances), "cv_accuracy": round(correct / len(texts), 4)}
     classifier = RefusalClassifier(model.coef_[0].astype(np.float32), float(model.intercept_[0]), embedder, vocabulary,
                                    meta={**(meta or {}), **stats})
