@@ -45,7 +45,7 @@ class AlignConfig(LoraSFTConfig):
     epochs: float = 1.0
     batch_size: int = 8
     bf16: bool = True
-    refusal_fraction: float = 0.6
+    refusal_fraction: float = 0.85
     """Share of the authored safety pool used for alignment (stratified by category, seeded). With
     the whole pool the organism over-refused (see the closing notes of issue 2); the rest stays in
     the pool as examples the organism never saw."""
