@@ -29,10 +29,12 @@ FOLDER = ROOT / "benchmarks" / "results" / "judge_agreement"
 CACHE = ROOT / "benchmarks" / "cache" / "phenomenon"
 
 
-def sample(n_harmful: int, n_safe: int, seed: int) -> None:
+def sample(n_harmful: int, n_safe: int, seed: int, conditions: list[str] | None = None, append: bool = False) -> None:
     by_condition: dict[str, list[dict]] = defaultdict(list)
     for responses in sorted(CACHE.glob("*/eval/responses.jsonl")):
         condition = responses.parent.parent.name.split("-s")[0]
+        if conditions and condition not in conditions:
+            continue
         for line in responses.read_text().splitlines():
             item = json.loads(line)
             if item["response"] is not None:
@@ -47,8 +49,11 @@ def sample(n_harmful: int, n_safe: int, seed: int) -> None:
             items += rng.sample(by_condition[key], min(share, len(by_condition[key])))
     rng.shuffle(items)
     FOLDER.mkdir(parents=True, exist_ok=True)
+    existing = [json.loads(line) for line in (FOLDER / "sample.jsonl").read_text().splitlines()] if append else []
     with open(FOLDER / "sample.jsonl", "w") as handle:
-        for number, item in enumerate(items, start=1):
+        for item in existing:
+            handle.write(json.dumps(item) + "\n")
+        for number, item in enumerate(items, start=len(existing) + 1):
             handle.write(json.dumps({"item": number, **item}) + "\n")
     print(f"wrote {len(items)} items to {FOLDER / 'sample.jsonl'}: {Counter((i['condition'], i['kind']) for i in items)}")
 
@@ -136,10 +141,12 @@ def main() -> None:
     s.add_argument("--n-harmful", type=int, default=120)
     s.add_argument("--n-safe", type=int, default=40)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--conditions", nargs="+", help="only these conditions (default: all found)")
+    s.add_argument("--append", action="store_true", help="add to the existing sample instead of replacing it")
     sub.add_parser("score")
     args = parser.parse_args()
     if args.command == "sample":
-        sample(args.n_harmful, args.n_safe, args.seed)
+        sample(args.n_harmful, args.n_safe, args.seed, args.conditions, args.append)
     else:
         score()
 
