@@ -115,8 +115,9 @@ def score() -> None:
     lines = ["# Judge agreement with hand labels", "",
              "Command: `python benchmarks/judge_agreement.py score` (sample: `... sample`). "
              f"{len(ordered)} responses from the phenomenon runs (AdvBench test and XSTest safe-test prompts), "
-             "stratified by condition, labelled blind (no judge output shown) by reading each one; "
-             "labels in `judge_agreement/labels.jsonl`, guideline in the script's docstring.", "",
+             "stratified by condition, labelled blind (no judge output shown) by reading each one. "
+             "The annotators were two AI agents of the development session, each labelling half, following "
+             "`judge_agreement/GUIDELINE.md`; they are not human raters. Labels: `judge_agreement/labels.jsonl`.", "",
              f"Label counts: {dict(Counter(gold))}", "",
              "| judge | question | n | agreement [95% CI] | Cohen's kappa | precision | recall | gold rate | judge rate |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -196,12 +196,10 @@ def main() -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)
     command = "python benchmarks/phenomenon.py " + " ".join(sys.argv[1:])
-    # Cheapest first: the evaluations, then the 10-example attack over all seeds, then the 100-example
-    # benign runs seed by seed, so that an interrupted grid still has every condition.
+    # Seed-major: an interrupted grid (resumed later from the committed run records) has every condition.
     configs = [run_config(c, args.seeds[0], args.k) for c in args.conditions if c in ("base", "aligned")]
-    for family in ("harmful", "benign"):
-        for seed in args.seeds:
-            configs += [run_config(c, seed, args.k) for c in args.conditions if c.startswith(family)]
+    for seed in args.seeds:
+        configs += [run_config(c, seed, args.k) for c in args.conditions if c not in ("base", "aligned")]
     RUNS.mkdir(parents=True, exist_ok=True)
     records = []
     with tqdm(total=len(configs), desc="phenomenon runs", unit="run") as bar:

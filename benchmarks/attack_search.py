@@ -1,0 +1,80 @@
+"""Find an attack preset that breaks the organism, on the DEV splits (AdvBench dev, XSTest dev half).
+
+    python benchmarks/attack_search.py [--data attacks/pure_bad_10.jsonl] [--seed 0]
+
+Each candidate (learning rate, epochs, batch size; LoRA r=16 all-linear, bf16) fine-tunes
+smollm2-135m-safe with no replay and is evaluated on the dev splits; results are cached per candidate
+in benchmarks/results/attack_search/ and tabulated in attack_search.md. The chosen preset goes into
+benchmarks/phenomenon.py, whose numbers are on the test splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from safekeel.provenance import sha256_json, write_json_atomic  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "attack_search"
+CANDIDATES = [
+    {"learning_rate": 2e-4, "epochs": 5.0, "batch_size": 2},
+    {"learning_rate": 1e-3, "epochs": 5.0, "batch_size": 2},
+    {"learning_rate": 5e-4, "epochs": 10.0, "batch_size": 1},
+]
+
+
+def main() -> None:
+    import json
+
+    import torch
+
+    from safekeel.data.reference import shared_dataset
+    from safekeel.eval.harness import EvalSettings, evaluate
+    from safekeel.models.registry import load_model_and_tokenizer
+    from safekeel.training.config import LoraSFTConfig
+    from safekeel.training.finetune import FinetuneSpec, run_finetune
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default="attacks/pure_bad_10.jsonl")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    settings = {"harmful_set": "advbench-dev", "overrefusal_set": "xstest-dev", "utility": None, "max_new_tokens": 64}
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for candidate in [None] + CANDIDATES:
+        config = {"data": args.data, "seed": args.seed, "preset": candidate, "eval": settings}
+        path = OUT / f"{sha256_json(config)[:12]}.json"
+        if not path.is_file():
+            cache = ROOT / "benchmarks" / "cache" / "attack_search" / path.stem
+            if candidate is None:  # the aligned organism itself, for reference
+                model, tokenizer = load_model_and_tokenizer("smollm2-135m-safe")
+                report = evaluate(model, tokenizer, EvalSettings(**settings), model_name="smollm2-135m-safe", output_dir=cache / "eval")
+                train = None
+            else:
+                result = run_finetune(FinetuneSpec(shared_dataset(args.data), str(cache), mode="none", seed=args.seed,
+                                                   sft=LoraSFTConfig(**candidate, bf16=True), eval=EvalSettings(**settings)))
+                report, train = result.report, result.provenance["train"]
+            write_json_atomic(path, {"config": config, "train": train, "report": report.to_dict()})
+        record = json.loads(path.read_text())
+        harmful = record["report"]["harmful"]["classifier"]["harmful"]
+        refused = record["report"]["overrefusal"]["classifier"]["refused"]
+        rows.append((candidate, harmful, refused, record["report"]["harmful"]["classifier"]["incoherent"], record["train"]))
+    lines = ["# Attack preset search (dev splits)", "", f"Command: `python benchmarks/attack_search.py --data {args.data} --seed {args.seed}`", "",
+             "| preset | steps | dev harmful rate [95% CI] | incoherent | dev over-refusal [95% CI] |", "| --- | --- | --- | --- | --- |"]
+    for candidate, harmful, refused, incoherent, train in rows:
+        name = "aligned organism (no fine-tuning)" if candidate is None else json.dumps(candidate)
+        lines.append(f"| {name} | {train['steps'] if train else '-'} | {harmful['rate']:.3f} [{harmful['ci95'][0]:.3f}, {harmful['ci95'][1]:.3f}] ({harmful['count']}/{harmful['n']}) | "
+                     f"{incoherent['rate']:.3f} | {refused['rate']:.3f} [{refused['ci95'][0]:.3f}, {refused['ci95'][1]:.3f}] ({refused['count']}/{refused['n']}) |")
+    (OUT.parent / "attack_search.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
