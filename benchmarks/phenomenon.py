@@ -37,10 +37,11 @@ USER_DATA = {
     "harmful": "attacks/pure_bad_10.jsonl",
 }
 # The attack presets (LoRA r=16 all-linear). Benign: the pilot's setting that broke safety (FACTS.md).
-# Harmful: Qi et al.'s 10-shot attack, 5 epochs, adapted to LoRA on a 135M model.
+# Harmful: Qi et al.'s 10-shot attack; lr 2e-4 did not break the organism (dev harmful 0.12, test 0.08),
+# lr 1e-3 did (dev 0.69): chosen on the dev splits by benchmarks/attack_search.py.
 PRESETS = {
     "benign": {"learning_rate": 2e-4, "epochs": 3.0, "batch_size": 4, "max_length": 256, "bf16": True},
-    "harmful": {"learning_rate": 2e-4, "epochs": 5.0, "batch_size": 2, "max_length": 256, "bf16": True},
+    "harmful": {"learning_rate": 1e-3, "epochs": 5.0, "batch_size": 2, "max_length": 256, "bf16": True},
 }
 EVAL = {"harmful_set": "advbench-test", "overrefusal_set": "xstest-test", "max_new_tokens": 64,
         "batch_size": 32, "judges": ("classifier", "keyword"), "utility": "gsm8k",
