@@ -120,7 +120,7 @@ def build_aligned(target: Path, rebuild: bool = False, config: AlignConfig | Non
     adapter = None if rebuild else committed_adapter_dir()
     if adapter is None:
         adapter = target / "adapter"
-        log.info("training the alignment adapter (this takes ~15-25 min on 2 CPU cores)")
+        log.info("training the alignment adapter (about 17 min on 2 CPU cores)")
         alignment = train_aligned_adapter(adapter, config, show_progress)
         how = "trained now"
     else:
