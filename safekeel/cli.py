@@ -183,6 +183,75 @@ def build_judge_command(
     typer.echo(json.dumps(stats, indent=2))
 
 
+@app.command("serve")
+def serve_command(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="TCP port."),
+    model: Optional[str] = typer.Option(None, help="Base model to serve and fine-tune (default: $SAFEKEEL_BASE_MODELS or smollm2-135m-safe)."),
+    engine: Optional[str] = typer.Option(None, help="Serving engine: vllm (default) or transformers."),
+    workers: int = typer.Option(1, help="Worker processes that run fine-tuning jobs (0: run `safekeel worker` yourself)."),
+    service_dir: Optional[Path] = typer.Option(None, help="Database, files and jobs folder (default: $SAFEKEEL_HOME/service)."),
+) -> None:
+    """Start the OpenAI-compatible API (files, fine-tuning jobs, models, chat) with job workers.
+
+    API keys come from SAFEKEEL_API_KEYS ("tenant:key,..."; default one local key, sk-safekeel-local)."""
+    logging.basicConfig(level=os.environ.get("SAFEKEEL_LOG", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from safekeel.service.app import create_app
+    from safekeel.service.settings import ServiceSettings
+
+    overrides = {}
+    if model:
+        overrides["base_models"] = [model]
+    if engine:
+        overrides["engine"] = engine
+    if service_dir:
+        overrides["service_dir"] = service_dir
+    try:
+        settings = ServiceSettings(**overrides)
+        settings.tenants_by_key()
+    except ValueError as error:
+        _fail(str(error))
+    from safekeel.models.registry import ModelNotFoundError, resolve_model
+
+    try:
+        resolve_model(settings.base_models[0])
+    except ModelNotFoundError as error:
+        _fail(str(error))
+    typer.echo(f"safekeel serving {settings.base_models[0]} with {settings.engine} on http://{host}:{port}/v1 "
+               f"(state in {settings.root}, {workers} worker(s))")
+    uvicorn.run(create_app(settings, start_engine=True, start_workers=workers), host=host, port=port, log_level="info")
+
+
+@app.command("demo")
+def demo_command(
+    data: Path = typer.Option(Path(__file__).resolve().parent.parent / "examples" / "spokes_support.jsonl", help="Training data to upload."),
+    k: int = typer.Option(10, help="Safety examples replayed."),
+    epochs: int = typer.Option(2, help="Training epochs."),
+    engine: str = typer.Option("vllm", help="Serving engine of the demo server."),
+    n_harmful: Optional[int] = typer.Option(None, help="Gate on only the first n AdvBench dev prompts (default: all 52)."),
+) -> None:
+    """The main job: start the service, upload the sample dataset, fine-tune with safety replay behind the
+    safety gate, print the before/after safety report, and chat with the result (needs ../shared/data)."""
+    from safekeel.paths import shared_data_dir
+    from safekeel.service.demo import run_demo
+
+    if shared_data_dir() is None:
+        _fail("the demo's safety gate evaluates on AdvBench/XSTest from ../shared/data, which is not present")
+    summary = run_demo(data=data, k=k, epochs=epochs, engine=engine, n_harmful=n_harmful, echo=typer.echo)
+    if summary.get("status") != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command("worker")
+def worker_command() -> None:
+    """Run a fine-tuning job worker against the service database (same settings as `serve`)."""
+    from safekeel.service.worker import main as worker_main
+
+    worker_main()
+
+
 def main() -> None:
     app()
 

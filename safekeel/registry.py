@@ -28,3 +28,9 @@ class Registry(Generic[T]):
         if name not in self._factories:
             raise ValueError(f"unknown {self.kind} {name!r}; known: {self.names()}")
         return self._factories[name]()
+
+    def factory(self, name: str) -> Callable[..., T]:
+        """The registered factory itself (for implementations that take constructor arguments)."""
+        if name not in self._factories:
+            raise ValueError(f"unknown {self.kind} {name!r}; known: {self.names()}")
+        return self._factories[name]

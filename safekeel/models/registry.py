@@ -73,6 +73,9 @@ def resolve_model(name: str, build: bool = True) -> Path | str:
             raise ModelNotFoundError(f"model {name!r} is registered but not built yet")
         _build_into(registry[name], target)
         return target
+    installed = models_dir() / name
+    if "/" not in name and name not in (".", "..") and (installed / "config.json").is_file():
+        return installed  # a model folder placed in $SAFEKEEL_HOME/models/<name> is addressable by name
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -45,6 +45,8 @@ class FinetuneSpec:
     sft: LoraSFTConfig = field(default_factory=LoraSFTConfig)
     eval: EvalSettings | None = field(default_factory=EvalSettings)
     """None skips evaluation."""
+    checkpoint_steps: int | None = None
+    """Save a resumable trainer checkpoint every n steps (under checkpoints/); a rerun resumes from it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.sft, dict):
@@ -104,7 +106,10 @@ def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = No
     model, tokenizer = load_model_and_tokenizer(spec.model)
     adapter_dir = out / "adapter"
     result = train_lora(model, tokenizer, training_data, spec.sft, adapter_dir, should_stop=should_stop,
-                        on_log=lambda logs: emit("train_log", logs), show_progress=show_progress)
+                        on_log=lambda logs: emit("train_log", logs), show_progress=show_progress,
+                        checkpoint_dir=out / "checkpoints" if spec.checkpoint_steps else None,
+                        checkpoint_steps=spec.checkpoint_steps,
+                        on_checkpoint=lambda step, path: emit("checkpoint", {"step": step, "path": str(path)}))
     shutil.rmtree(adapter_dir / "trainer", ignore_errors=True)
     model_location = resolve_model(spec.model)
     provenance = {
@@ -116,7 +121,8 @@ def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = No
         "selected_ids": selection["ids"] if selection else [],
         "base_model": spec.model,
         "base_model_provenance": _read_json(Path(model_location) / "provenance.json") if isinstance(model_location, Path) else None,
-        "train": {"steps": result.steps, "seconds": result.seconds, "train_loss": result.train_loss},
+        "train": {"steps": result.steps, "seconds": result.seconds, "train_loss": result.train_loss,
+                  "resumed_from": result.resumed_from},
         "versions": library_versions(),
     }
     write_json_atomic(out / "provenance.json", provenance)

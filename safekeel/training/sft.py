@@ -26,6 +26,16 @@ class TrainResult:
     seconds: float
     train_loss: float | None
     log_history: list[dict]
+    resumed_from: str | None = None
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The newest complete trainer checkpoint (checkpoint-N with its trainer_state.json), if any."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def lora_config(config: LoraSFTConfig):
@@ -51,8 +61,15 @@ def train_lora(
     should_stop: Callable[[], bool] | None = None,
     on_log: Callable[[dict], None] | None = None,
     show_progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_steps: int | None = None,
+    on_checkpoint: Callable[[int, Path], None] | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on `conversations` (loss on each final assistant turn) and save it."""
+    """Train a LoRA adapter on `conversations` (loss on each final assistant turn) and save it.
+
+    With `checkpoint_dir` and `checkpoint_steps`, the trainer state (adapter, optimizer, scheduler,
+    RNG) is saved every `checkpoint_steps` steps (the last two kept), and a run that finds a
+    checkpoint there resumes from the latest one instead of starting over."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -71,13 +88,20 @@ def train_lora(
             if on_log and logs:
                 on_log({"step": state.global_step, "max_steps": state.max_steps, **logs})
 
+        def on_save(self, args, state, control, **kwargs):
+            if on_checkpoint:
+                on_checkpoint(state.global_step, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
         def on_step_end(self, args, state, control, **kwargs):
             if should_stop and should_stop():
                 control.should_training_stop = True
                 state.cancelled = True
 
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir / "trainer"
+    saving = bool(checkpoint_steps) and checkpoint_steps > 0
+    resume_from = latest_checkpoint(checkpoint_dir) if saving else None
     args = SFTConfig(
-        output_dir=str(output_dir / "trainer"),
+        output_dir=str(checkpoint_dir),
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=1,
         num_train_epochs=config.epochs,
@@ -90,7 +114,9 @@ def train_lora(
         completion_only_loss=True,
         packing=False,
         logging_steps=config.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if saving else "no",
+        save_steps=checkpoint_steps if saving else 500,
+        save_total_limit=2 if saving else None,
         report_to="none",
         seed=config.seed,
         data_seed=config.seed,
@@ -110,7 +136,9 @@ def train_lora(
         peft_config=lora_config(config),
         callbacks=[Hooks()],
     )
-    output = trainer.train()
+    if resume_from is not None:
+        log.info("resuming training from %s", resume_from)
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if getattr(trainer.state, "cancelled", False):
         raise TrainingCancelled(f"training cancelled at step {trainer.state.global_step}")
     trainer.model.save_pretrained(str(output_dir))
@@ -119,6 +147,7 @@ def train_lora(
     assert not adapter_config.get("modules_to_save"), "adapter must not carry modules_to_save (vLLM cannot serve it)"
     assert not adapter_config.get("use_dora"), "adapter must not use DoRA (vLLM cannot serve it)"
     return TrainResult(
+        resumed_from=str(resume_from) if resume_from else None,
         adapter_dir=output_dir,
         steps=trainer.state.global_step,
         seconds=round(time.time() - started, 1),

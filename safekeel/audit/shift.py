@@ -1,0 +1,76 @@
+"""Where a user dataset sits between harmful requests and safe ones, in sentence-embedding space.
+
+For every user example (its last user turn) we find the cosine similarity to the nearest harmful
+reference request (the safety pool) and to the nearest benign reference request (the authored
+benign set). An example is flagged when it is closer to a harmful request than to any benign one
+and that similarity is high. The report gives the distribution and the most harmful-looking
+examples, so a user (and the gate) can see if a dataset is an attack in disguise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+from safekeel.data.conversation import Conversation, SafetyExample
+from safekeel.models.embedder import DEFAULT_EMBEDDER, embed
+
+
+@dataclass
+class AuditReport:
+    n_examples: int
+    embedder: str
+    mean_harmful_similarity: float
+    """Mean over examples of the cosine similarity to the nearest harmful reference request."""
+    mean_benign_similarity: float
+    harmful_centroid_similarity: float
+    """Cosine between the dataset's mean embedding and the harmful pool's mean embedding."""
+    benign_centroid_similarity: float
+    flagged_fraction: float
+    """Share of examples nearer a harmful request than any benign one, with similarity >= threshold."""
+    flag_threshold: float
+    flagged: list[dict]
+    """The most harmful-looking flagged examples (index, similarity, nearest harmful id, text)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"audit of {self.n_examples} examples: {self.flagged_fraction:.1%} flagged as harmful-looking; "
+                f"mean nearest-harmful similarity {self.mean_harmful_similarity:.3f}, "
+                f"nearest-benign {self.mean_benign_similarity:.3f}")
+
+
+def audit_dataset(conversations: Sequence[Conversation], harmful: Sequence[SafetyExample],
+                  benign: Sequence[Conversation], embedder: str = DEFAULT_EMBEDDER,
+                  flag_threshold: float = 0.5, max_flagged: int = 10) -> AuditReport:
+    if not conversations:
+        raise ValueError("nothing to audit: the dataset has no conversations")
+    user = embed([c.last_user[:2000] for c in conversations], embedder)
+    harm = embed([e.request for e in harmful], embedder)
+    safe = embed([c.last_user for c in benign], embedder)
+    to_harm = user @ harm.T
+    to_safe = user @ safe.T
+    nearest_harm, nearest_harm_index = to_harm.max(axis=1), to_harm.argmax(axis=1)
+    nearest_safe = to_safe.max(axis=1)
+    flagged_mask = (nearest_harm > nearest_safe) & (nearest_harm >= flag_threshold)
+    order = np.argsort(-nearest_harm)
+    flagged = [{"index": int(i), "harmful_similarity": round(float(nearest_harm[i]), 4),
+                "benign_similarity": round(float(nearest_safe[i]), 4),
+                "nearest_harmful_id": harmful[int(nearest_harm_index[i])].id,
+                "text": conversations[int(i)].last_user[:200]}
+               for i in order if flagged_mask[i]][:max_flagged]
+
+    def centroid_cosine(a: np.ndarray, b: np.ndarray) -> float:
+        ca, cb = a.mean(axis=0), b.mean(axis=0)
+        return float(ca @ cb / (np.linalg.norm(ca) * np.linalg.norm(cb) + 1e-12))
+
+    return AuditReport(
+        n_examples=len(conversations), embedder=embedder,
+        mean_harmful_similarity=round(float(nearest_harm.mean()), 4),
+        mean_benign_similarity=round(float(nearest_safe.mean()), 4),
+        harmful_centroid_similarity=round(centroid_cosine(user, harm), 4),
+        benign_centroid_similarity=round(centroid_cosine(user, safe), 4),
+        flagged_fraction=round(float(flagged_mask.mean()), 4), flag_threshold=flag_threshold, flagged=flagged)

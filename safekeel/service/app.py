@@ -1,0 +1,121 @@
+"""The FastAPI application: OpenAI-shaped routes, auth, errors, metrics; engines and workers wired in.
+
+`create_app(settings)` builds the app; the lifespan starts the serving engine for the first base
+model and (optionally) supervised worker processes that run fine-tuning jobs from the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from safekeel.service.metrics import ServiceMetrics
+from safekeel.service.protocol import APIError
+from safekeel.service.settings import ServiceSettings, Tenant
+from safekeel.service.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def current_tenant(request: Request) -> Tenant:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'", "missing_api_key", type="authentication_error")
+    tenant = request.app.state.tenants.get(key.strip())
+    if tenant is None:
+        raise APIError(401, "Incorrect API key provided", "invalid_api_key", type="authentication_error")
+    return tenant
+
+
+class MetricsMiddleware:
+    """Counts requests and observes latency to the last byte (streaming included), by route template."""
+
+    def __init__(self, app, metrics: ServiceMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def wrapped_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                route = scope.get("route")
+                endpoint = getattr(route, "path", "unmatched")
+                self.metrics.requests.labels(endpoint, scope["method"], str(status["code"])).inc()
+                self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+        await self.app(scope, receive, wrapped_send)
+
+
+def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    problems, first_param = [], None
+    for item in error.errors():
+        location = [str(part) for part in item.get("loc", ()) if part not in ("body", "query", "path")]
+        param = ".".join(location) or None
+        first_param = first_param or param
+        problems.append(f"{param or 'body'}: {item.get('msg')}")
+    return "Invalid request: " + "; ".join(problems[:5]), first_param
+
+
+def create_app(settings: ServiceSettings | None = None, start_engine: bool = True, start_workers: int = 0) -> FastAPI:
+    settings = settings or ServiceSettings()
+    store = Store(settings.db_path)
+    metrics = ServiceMetrics(store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from safekeel.service.worker import WorkerSupervisor
+
+        app.state.engine = None
+        if start_engine:
+            from safekeel.models.registry import resolve_model
+            from safekeel.service.engines import create_engine
+
+            model_path = str(resolve_model(settings.base_models[0]))
+            engine = create_engine(settings.engine, model_path, settings)
+            log.info("starting %s engine for %s", settings.engine, settings.base_models[0])
+            await engine.start()
+            app.state.engine = engine
+        supervisor = WorkerSupervisor(settings, start_workers) if start_workers else None
+        if supervisor:
+            supervisor.start()
+        app.state.supervisor = supervisor
+        try:
+            yield
+        finally:
+            if supervisor:
+                supervisor.stop()
+            if app.state.engine is not None:
+                await app.state.engine.shutdown()
+
+    app = FastAPI(title="safekeel", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible fine-tuning and serving that keeps fine-tuned models safe.")
+    app.state.settings, app.state.store, app.state.metrics = settings, store, metrics
+    app.state.tenants = settings.tenants_by_key()
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError):
+        message, param = _validation_message(error)
+        return JSONResponse(APIError(400, message, "invalid_request", param).body(), status_code=400)
+
+    from safekeel.service.routers import completions, files, fine_tuning, models, ops
+
+    for router in (files.router, fine_tuning.router, models.router, completions.router, ops.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,61 @@
+"""Prometheus metrics (safekeel_ prefix, base units, _total counters, low-cardinality labels).
+
+Request metrics live in the API process. Job metrics (counts by status, selection and training
+durations) are read from the database at scrape time, so they include work done by worker
+processes and survive restarts without prometheus multiprocess files.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+DURATION_BUCKETS = (0.01, 0.1, 1, 5, 15, 60, 300, 900, 1800, 3600, 7200)
+
+
+class JobCollector:
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def collect(self):
+        jobs = GaugeMetricFamily("safekeel_fine_tuning_jobs", "Fine-tuning jobs by status", labels=["status"])
+        for status, count in self.store.count_jobs_by_status().items():
+            jobs.add_metric([status], count)
+        yield jobs
+        stages = {"selection": "selection_seconds", "training": "training_seconds", "gate": "gate_seconds", "audit": "audit_seconds"}
+        results = [r["result"] for r in self.store.finished_job_results()]
+        for stage, key in stages.items():
+            values = [t[key] for t in (r.get("timings", {}) for r in results if r) if key in t]
+            buckets, cumulative = [], 0
+            for bound in DURATION_BUCKETS:
+                cumulative = sum(1 for v in values if v <= bound)
+                buckets.append((str(bound), cumulative))
+            buckets.append(("+Inf", len(values)))
+            yield HistogramMetricFamily(f"safekeel_job_{stage}_duration_seconds", f"Time fine-tuning jobs spent in {stage}",
+                                        buckets=buckets, sum_value=float(sum(values)))
+
+
+class ServiceMetrics:
+    def __init__(self, store) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("safekeel_http_requests_total", "HTTP requests by endpoint and status code",
+                                ["endpoint", "method", "status"], registry=self.registry)
+        self.latency = Histogram("safekeel_http_request_duration_seconds", "HTTP request latency (to the last byte)",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram("safekeel_time_to_first_token_seconds", "Time from request to the first generated token",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tokens = Counter("safekeel_generated_tokens_total", "Completion tokens generated", ["model"], registry=self.registry)
+        self.prompt_tokens = Counter("safekeel_prompt_tokens_total", "Prompt tokens processed (guard demonstrations included)",
+                                     ["model"], registry=self.registry)
+        self.guard_actions = Counter("safekeel_guard_actions_total", "Test-time guard actions applied to requests",
+                                     ["action"], registry=self.registry)
+        self.registry.register(JobCollector(store))
+
+    @staticmethod
+    def model_label(model_id: str, base_models: list[str]) -> str:
+        """Fine-tunes are many: label them by their base model ("ft:<base>") to keep cardinality low."""
+        if model_id in base_models:
+            return model_id
+        parts = model_id.split(":")
+        return f"ft:{parts[1]}" if len(parts) > 2 and parts[0] == "ft" else "unknown"

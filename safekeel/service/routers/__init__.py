@@ -1,0 +1,1 @@
+"""One router per endpoint family (files, fine_tuning, models, completions, ops)."""

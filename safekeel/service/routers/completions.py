@@ -1,0 +1,195 @@
+"""/v1/chat/completions and /v1/completions, streaming (SSE) and not, through the serving engine.
+
+A fine-tuned model is its base model plus its LoRA adapter; its guard (safety system prompt,
+in-context demonstrations) is applied to chat requests before they reach the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from safekeel.service.app import current_tenant
+from safekeel.service.engines import Adapter, GenerationChunk, GenerationParams
+from safekeel.service.guard import GuardAction, apply_guard
+from safekeel.service.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, not_found
+from safekeel.service.settings import Tenant
+
+router = APIRouter(prefix="/v1", tags=["completions"])
+
+
+def resolve(request: Request, model_id: str, tenant: Tenant) -> tuple[Adapter | None, dict | None]:
+    """(adapter, guard) for a model id the caller may use; 404 for anything else."""
+    settings, engine = request.app.state.settings, request.app.state.engine
+    if engine is None:
+        raise APIError(503, "No serving engine is running on this server", "engine_unavailable", type="server_error")
+    served = settings.base_models[0]
+    if model_id == served:
+        return None, None
+    record = request.app.state.store.get_model(model_id, None if tenant.admin else tenant.name)
+    if record is None:
+        raise not_found("model", model_id, "model")
+    if record["parent"] != served:
+        raise APIError(400, f"Model {model_id!r} is a fine-tune of {record['parent']!r}, which this server does not serve "
+                            f"(it serves {served!r})", "model_not_served", "model")
+    return Adapter(record["id"], int(record["lora_int_id"]), record["adapter_path"]), record["guard"]
+
+
+def sampling(body: SamplingFields, settings) -> GenerationParams:
+    max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
+    return GenerationParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                            stop=body.stop_list(), seed=body.seed)
+
+
+def check_context(request: Request, prompt: str, params: GenerationParams) -> None:
+    """Reject (400, as OpenAI does) a request whose prompt plus max_tokens exceeds the context length."""
+    limit = request.app.state.settings.max_model_len
+    n_prompt = len(request.app.state.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if n_prompt + params.max_tokens > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens; the request has {n_prompt} prompt tokens "
+                            f"(guard included) + max_tokens {params.max_tokens}", "context_length_exceeded", "max_tokens")
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    positions = [text.find(s) for s in stops if s and s in text]
+    return (text[: min(positions)], True) if positions else (text, False)
+
+
+async def _run(request: Request, prompt: str, params: GenerationParams, adapter: Adapter | None,
+               model_id: str, request_id: str) -> AsyncIterator[GenerationChunk]:
+    """The engine's chunks, with first-token and token metrics observed."""
+    metrics, settings = request.app.state.metrics, request.app.state.settings
+    label = metrics.model_label(model_id, settings.base_models)
+    started, first = time.perf_counter(), True
+    last = GenerationChunk("")
+    async for chunk in request.app.state.engine.generate(prompt, params, request_id, adapter):
+        if first and chunk.text:
+            metrics.ttft.labels(label).observe(time.perf_counter() - started)
+            first = False
+        last = chunk
+        yield chunk
+    metrics.tokens.labels(label).inc(last.completion_tokens)
+    metrics.prompt_tokens.labels(label).inc(last.prompt_tokens)
+
+
+def _count_guard(request: Request, action: GuardAction) -> None:
+    counter = request.app.state.metrics.guard_actions
+    if action.system_prompt:
+        counter.labels("system_prompt").inc()
+    if action.demonstrations:
+        counter.labels(f"{action.mode}_demonstrations").inc()
+
+
+def _usage(chunk: GenerationChunk) -> dict:
+    return {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens,
+            "total_tokens": chunk.prompt_tokens + chunk.completion_tokens}
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, body: ChatCompletionRequest, tenant: Tenant = Depends(current_tenant)):
+    adapter, guard = resolve(request, body.model, tenant)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    guarded, action = apply_guard(messages, guard)
+    _count_guard(request, action)
+    engine = request.app.state.engine
+    try:
+        prompt = engine.render_chat(guarded)
+    except Exception as error:  # a template that rejects this message order, for example
+        raise APIError(400, f"The messages cannot be rendered with the model's chat template: {error}", "invalid_messages", "messages")
+    params = sampling(body, request.app.state.settings)
+    check_context(request, prompt, params)
+    request_id = f"chatcmpl-{secrets.token_hex(12)}"
+    created = int(time.time())
+    meta = {"guard": {"system_prompt": action.system_prompt, "demonstrations": action.demonstrations, "mode": action.mode}}
+
+    if not body.stream:
+        text, last = "", GenerationChunk("")
+        async for chunk in _run(request, prompt, params, adapter, body.model, request_id):
+            text += chunk.text
+            last = chunk
+        text, stopped = _cut_at_stop(text, params.stop)
+        return {"id": request_id, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                             "finish_reason": "stop" if stopped else (last.finish_reason or "stop"), "logprobs": None}],
+                "usage": _usage(last), "system_fingerprint": None, "safekeel": meta}
+
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+    async def events() -> AsyncIterator[str]:
+        base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": body.model, "system_fingerprint": None}
+        yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}],
+                    "safekeel": meta})
+        text, last, finished = "", GenerationChunk(""), None
+        async for chunk in _run(request, prompt, params, adapter, body.model, request_id):
+            last = chunk
+            if finished:
+                continue
+            new_text, stopped = _cut_at_stop(text + chunk.text, params.stop)
+            delta, text = new_text[len(text):], new_text
+            if delta:
+                yield _sse({**base, "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None, "logprobs": None}]})
+            if stopped:
+                finished = "stop"
+        reason = finished or last.finish_reason or "stop"
+        yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": reason, "logprobs": None}]})
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(last)})
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.post("/completions")
+async def completions(request: Request, body: CompletionRequest, tenant: Tenant = Depends(current_tenant)):
+    adapter, guard = resolve(request, body.model, tenant)
+    if guard and (guard.get("system_prompt") or guard.get("demonstrations") != "none"):
+        raise APIError(400, f"Model {body.model!r} has a test-time guard, which applies to chat messages: use /v1/chat/completions",
+                       "guarded_model", "model")
+    if isinstance(body.prompt, list):
+        if len(body.prompt) != 1:
+            raise APIError(400, "Only one prompt per request is supported", "invalid_prompt", "prompt")
+        prompt = body.prompt[0]
+    else:
+        prompt = body.prompt
+    params = sampling(body, request.app.state.settings)
+    check_context(request, prompt, params)
+    request_id = f"cmpl-{secrets.token_hex(12)}"
+    created = int(time.time())
+
+    if not body.stream:
+        text, last = "", GenerationChunk("")
+        async for chunk in _run(request, prompt, params, adapter, body.model, request_id):
+            text += chunk.text
+            last = chunk
+        text, stopped = _cut_at_stop(text, params.stop)
+        return {"id": request_id, "object": "text_completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "text": (prompt if body.echo else "") + text, "logprobs": None,
+                             "finish_reason": "stop" if stopped else (last.finish_reason or "stop")}],
+                "usage": _usage(last)}
+
+    async def events() -> AsyncIterator[str]:
+        base = {"id": request_id, "object": "text_completion", "created": created, "model": body.model}
+        text, last, finished = "", GenerationChunk(""), None
+        async for chunk in _run(request, prompt, params, adapter, body.model, request_id):
+            last = chunk
+            if finished:
+                continue
+            new_text, stopped = _cut_at_stop(text + chunk.text, params.stop)
+            delta, text = new_text[len(text):], new_text
+            if delta:
+                yield _sse({**base, "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": None}]})
+            if stopped:
+                finished = "stop"
+        yield _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": finished or last.finish_reason or "stop"}]})
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,0 +1,112 @@
+"""/v1/files: upload (validated, size-limited, content-addressed), list, retrieve, content, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Form, Request, UploadFile
+from fastapi.responses import FileResponse
+
+from safekeel.service.app import current_tenant
+from safekeel.service.jobs import blob_path
+from safekeel.service.protocol import APIError, file_object, not_found
+from safekeel.service.settings import Tenant
+from safekeel.service.store import new_id, now
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+PURPOSES = ("fine-tune", "evals")
+"""fine-tune: training data (every record needs an assistant reply); evals: prompt sets for the safety gate."""
+SAFE_NAME = re.compile(r"^[^/\\\x00-\x1f]{1,255}$")
+CHUNK = 1 << 20
+
+
+def check_filename(name: str | None) -> str:
+    name = (name or "").strip()
+    if not name or not SAFE_NAME.match(name) or name in (".", "..") or ".." in name.split("."):
+        raise APIError(400, f"Invalid file name {name!r}: use a plain name without path separators, '..' or control characters",
+                       "invalid_file_name", "file")
+    return name
+
+
+@router.post("")
+async def upload_file(request: Request, file: UploadFile, purpose: str = Form(""), tenant: Tenant = Depends(current_tenant)):
+    settings, store = request.app.state.settings, request.app.state.store
+    if purpose not in PURPOSES:
+        raise APIError(400, f"Invalid purpose {purpose!r}: supported purposes are {', '.join(PURPOSES)}", "invalid_purpose", "purpose")
+    filename = check_filename(file.filename)
+    limit = settings.max_upload_bytes
+    tmp_dir = settings.blobs_dir / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    digest, size = hashlib.sha256(), 0
+    handle = tempfile.NamedTemporaryFile(dir=tmp_dir, suffix=".upload", delete=False)
+    tmp = Path(handle.name)
+    try:
+        with handle:
+            while chunk := await file.read(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"File {filename!r} is larger than the limit of {limit} bytes", "file_too_large", "file")
+                digest.update(chunk)
+                handle.write(chunk)
+        if size == 0:
+            raise APIError(400, f"File {filename!r} is empty", "invalid_file", "file")
+        from safekeel.data.formats import DatasetError, load_conversations
+
+        try:
+            loaded = load_conversations(tmp, strict=True, require_assistant=purpose == "fine-tune")
+        except DatasetError as error:
+            message = str(error).replace(str(tmp), filename)
+            raise APIError(400, f"Invalid {'training' if purpose == 'fine-tune' else 'prompt'} file: {message}", "invalid_file", "file") from None
+        sha = digest.hexdigest()
+        target = blob_path(settings, sha)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            tmp.unlink()
+        else:
+            os.replace(tmp, target)
+        record = store.add_file({"id": new_id("file"), "tenant": tenant.name, "filename": filename, "purpose": purpose,
+                                 "bytes": size, "sha256": sha, "created_at": now(), "status": "processed",
+                                 "format": loaded.format, "n_examples": len(loaded.conversations)})
+    finally:
+        tmp.unlink(missing_ok=True)
+    return file_object(record)
+
+
+def _owned(request: Request, file_id: str, tenant: Tenant) -> dict:
+    record = request.app.state.store.get_file(file_id, None if tenant.admin else tenant.name)
+    if record is None:
+        raise not_found("file", file_id, "file_id")
+    return record
+
+
+@router.get("")
+async def list_files(request: Request, purpose: str | None = None, limit: int = 10000, tenant: Tenant = Depends(current_tenant)):
+    records = request.app.state.store.list_files(None if tenant.admin else tenant.name, purpose, limit)
+    return {"object": "list", "data": [file_object(r) for r in records], "has_more": False}
+
+
+@router.get("/{file_id}")
+async def retrieve_file(request: Request, file_id: str, tenant: Tenant = Depends(current_tenant)):
+    return file_object(_owned(request, file_id, tenant))
+
+
+@router.get("/{file_id}/content")
+async def file_content(request: Request, file_id: str, tenant: Tenant = Depends(current_tenant)):
+    record = _owned(request, file_id, tenant)
+    return FileResponse(blob_path(request.app.state.settings, record["sha256"]), media_type="application/jsonl",
+                        filename=record["filename"])
+
+
+@router.delete("/{file_id}")
+async def delete_file(request: Request, file_id: str, tenant: Tenant = Depends(current_tenant)):
+    record = _owned(request, file_id, tenant)
+    store = request.app.state.store
+    store.delete_file(file_id)
+    # The content stays while another file record or any job still refers to it.
+    if not store.blob_in_use(record["sha256"]) and not store.file_used_by_job(file_id):
+        blob_path(request.app.state.settings, record["sha256"]).unlink(missing_ok=True)
+    return {"id": file_id, "object": "file", "deleted": True}

@@ -1,0 +1,23 @@
+"""/healthz and /metrics (Prometheus text format)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/healthz")
+async def healthz(request: Request):
+    engine = request.app.state.engine
+    supervisor = request.app.state.supervisor
+    return {"status": "ok", "engine": engine.name if engine else None,
+            "served_model": request.app.state.settings.base_models[0] if engine else None,
+            "workers": supervisor.alive() if supervisor else 0,
+            "jobs": request.app.state.store.count_jobs_by_status()}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
