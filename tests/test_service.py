@@ -108,6 +108,14 @@ def test_fine_tune_job_end_to_end_with_the_openai_client(server, gate_file, tmp_
     assert 'safekeel_guard_actions_total{action="system_prompt"}' in metrics
     assert "safekeel_time_to_first_token_seconds_bucket" in metrics
     assert 'safekeel_job_training_duration_seconds_count' in metrics
+    # every metric the provisioned Grafana dashboard queries is one the service exports
+    import re
+
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "deploy/grafana/dashboards/safekeel.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"safekeel_[a-z_]+", target["expr"])}
+    exported = set(re.findall(r"^(safekeel_[a-z_]+)", metrics, flags=re.M))
+    assert queried and queried <= exported, queried - exported
 
 
 def test_tenants_are_isolated(server, gate_file, tmp_path):

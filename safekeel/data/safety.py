@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import json
 from importlib import resources
 from pathlib import Path
@@ -46,11 +48,18 @@ def load_authored_pool() -> list[SafetyExample]:
     return examples
 
 
-def load_authored_benign() -> list[Conversation]:
+BENIGN_FILES_V1 = ("benign.jsonl", "benign_borderline_2.jsonl", "benign_general_2.jsonl")
+"""The benign files the shipped organism (v3) and the shipped judge were built from; the later
+borderline files (_3, _4) were tried for organism v4 (see benchmarks/results/organism.md)."""
+
+
+def load_authored_benign(files: Sequence[str] | None = None) -> list[Conversation]:
     """Authored benign pairs, including borderline-but-safe requests answered helpfully (a request
-    written twice across files is kept once)."""
+    written twice across files is kept once). `files`: only these file names (default: all)."""
     conversations, seen = [], set()
     for resource in sorted(_authored_dir().iterdir(), key=lambda r: r.name):
+        if files is not None and resource.name not in files:
+            continue
         if resource.name.startswith("benign") and resource.name.endswith(".jsonl"):
             for row in _read_jsonl(resource):
                 key = row["request"].strip().lower()

@@ -312,15 +312,15 @@ def _run(store: Store, settings: ServiceSettings, job: dict, spec: dict, emit, s
     if should_stop():
         raise JobCancelled()
 
-    stage_started = time.time()
+    tokens = {"num_tokens": None}
 
     def on_event(kind: str, payload: dict) -> None:
         if kind == "selection":
             timings["selection_seconds"] = payload.get("seconds", 0.0)
-            stage_started_train[0] = time.time()
+        if kind == "train_log" and payload.get("num_tokens") is not None:
+            tokens["num_tokens"] = int(float(payload["num_tokens"]))
         emit(kind, payload)
 
-    stage_started_train = [stage_started]
     try:
         outcome = run_finetune(finetune, should_stop=should_stop, on_event=on_event, show_progress=False)
     except TrainingCancelled:
@@ -330,7 +330,7 @@ def _run(store: Store, settings: ServiceSettings, job: dict, spec: dict, emit, s
     timings["training_seconds"] = outcome.provenance["train"]["seconds"]
     result["selection"] = outcome.selection
     result["train"] = outcome.provenance["train"]
-    result["trained_tokens"] = None
+    result["trained_tokens"] = tokens["num_tokens"]
     result["adapter_path"] = str(outcome.adapter_dir)
     store.add_event(job_id, f"Adapter written to the job folder ({outcome.provenance['train']['steps']} steps)")
     if should_stop():

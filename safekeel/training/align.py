@@ -50,7 +50,7 @@ def alignment_refusals(config: AlignConfig) -> list[SafetyExample]:
 def alignment_data(config: AlignConfig) -> list[Conversation]:
     refusals = [example.to_conversation() for example in alignment_refusals(config)]
     benign = []
-    for conv in load_authored_benign():
+    for conv in load_authored_benign(config.benign_files):
         repeats = config.borderline_repeats if conv.meta.get("kind") == "borderline" else 1
         benign += [conv] * repeats
     data = refusals + benign

@@ -52,4 +52,7 @@ class AlignConfig(LoraSFTConfig):
     borderline_repeats: int = 3
     """How many times each borderline-but-safe benign example appears (teaches where the line is:
     with fewer, the organism refused XSTest-style safe prompts, see the closing notes of issue 2)."""
+    benign_files: tuple[str, ...] = ("benign.jsonl", "benign_borderline_2.jsonl", "benign_general_2.jsonl")
+    """Authored benign files used (safekeel.data.safety.BENIGN_FILES_V1, the shipped organism's);
+    adding the later borderline files did not lower over-refusal (organism.md, v4)."""
     extra: dict = field(default_factory=dict)

@@ -18,7 +18,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from safekeel.data.safety import load_authored_benign, load_authored_pool
+from safekeel.data.safety import BENIGN_FILES_V1, load_authored_benign, load_authored_pool
 from safekeel.eval.judges.classifier import ASSET, train_refusal_classifier
 from safekeel.eval.judges.keyword import keyword_refusal
 from safekeel.models.embedder import DEFAULT_EMBEDDER
@@ -58,7 +58,7 @@ def build_classifier(base_model: str = "smollm2-135m-instruct", max_new_tokens: 
     started = time.time()
     pool = load_authored_pool()
     refusals = [e.refusal for e in pool]
-    benign_answers = [c.completion for c in load_authored_benign()]
+    benign_answers = [c.completion for c in load_authored_benign(BENIGN_FILES_V1)]
     replies = base_model_replies(base_model, [e.request for e in pool], max_new_tokens)
     base_compliance = [text for text in replies if text and not keyword_refusal(text) and not REFUSAL_MARKERS.search(text)]
     dev_refusals, dev_compliances = dev_labelled_responses()
