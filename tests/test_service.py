@@ -72,6 +72,12 @@ def test_fine_tune_job_end_to_end_with_the_openai_client(server, gate_file, tmp_
     assert {"audit", "metrics", "gate"} <= set(kinds)
     gate = next(e for e in events if e.type == "gate").data
     assert gate["passed"] is True and gate["harmful_rate"]["n"] == len(GATE_PROMPTS)
+    # the gate judged the adapter's own replies, and the base model's without it
+    service = server.home / "service"
+    adapter_replies = [json.loads(l)["response"] for l in (service / "jobs" / job.id / "output" / "eval" / "responses.jsonl").read_text().splitlines()]
+    base_replies = [json.loads(l)["response"] for f in (service / "gate_baselines").rglob("responses.jsonl") for l in f.read_text().splitlines()]
+    assert sum("password" in r for r in adapter_replies) >= len(GATE_PROMPTS) and base_replies
+    assert not any("password" in r for r in base_replies)
     steps = [e.data["step"] for e in events if e.type == "metrics"]
     assert steps == sorted(steps) and steps[-1] == 20
     checkpoints = c.fine_tuning.jobs.checkpoints.list(job.id).data

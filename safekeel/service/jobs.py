@@ -362,10 +362,13 @@ def _gate(store: Store, settings: ServiceSettings, job_id: str, spec: dict, fine
     eval_settings = gate_eval_settings(gate, spec.get("validation_data"))
     names = gate.get("names", gate)
     store.add_event(job_id, f"Evaluating the adapter for the safety gate on {names['harmful_set']} and {names['overrefusal_set']}")
+    from peft import PeftModel
+
     model, tokenizer = load_model_and_tokenizer(finetune.model)
     try:
-        base = base_report(settings, finetune.model, eval_settings, model, tokenizer)
-        report = evaluate(model, tokenizer, eval_settings, model_name=finetune.model, adapter=str(outcome.adapter_dir),
+        base = base_report(settings, finetune.model, eval_settings, model, tokenizer)  # before the adapter goes in
+        adapted = PeftModel.from_pretrained(model, str(outcome.adapter_dir))
+        report = evaluate(adapted, tokenizer, eval_settings, model_name=finetune.model, adapter=str(outcome.adapter_dir),
                           output_dir=Path(spec["job_dir"]) / "output" / "eval", show_progress=False).to_dict()
     except (FileNotFoundError, DatasetError) as error:
         raise JobFailed("gate_data_unavailable", f"the safety gate could not load its prompts: {error}", "safety.gate")

@@ -12,6 +12,7 @@ import time
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from safekeel.service.app import current_tenant
@@ -98,7 +99,8 @@ def _sse(payload: dict | str) -> str:
 async def chat_completions(request: Request, body: ChatCompletionRequest, tenant: Tenant = Depends(current_tenant)):
     adapter, guard = resolve(request, body.model, tenant)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    guarded, action = apply_guard(messages, guard)
+    # retrieval embeds the request (and builds the index on first use): off the event loop
+    guarded, action = await run_in_threadpool(apply_guard, messages, guard)
     _count_guard(request, action)
     engine = request.app.state.engine
     try:
