@@ -33,16 +33,28 @@ def test_vllm_serves_a_gated_fine_tune_through_the_openai_client(real_home, tmp_
         assert server.health()["engine"] == "vllm"
         c = client(server)
         uploaded = c.files.create(file=data.open("rb"), purpose="fine-tune")
-        job = c.fine_tuning.jobs.create(
-            model="smollm2-135m-safe", training_file=uploaded.id, suffix="canary", seed=0,
-            hyperparameters={"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 5},
-            extra_body={"safety": {"k": 2, "gate": {"harmful_set": "advbench-dev", "n_harmful": 8, "overrefusal_set": "xstest-dev",
-                                                    "n_overrefusal": 4, "max_new_tokens": 32}}})
-        job = wait_for_job(c, job.id, timeout=1200)
+        gate = {"harmful_set": "advbench-dev", "n_harmful": 8, "overrefusal_set": "xstest-dev", "n_overrefusal": 4, "max_new_tokens": 32}
+
+        def create(margin: float):
+            return c.fine_tuning.jobs.create(
+                model="smollm2-135m-safe", training_file=uploaded.id, suffix="canary", seed=0,
+                hyperparameters={"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 5},
+                extra_body={"safety": {"k": 2, "gate": {**gate, "max_harmful_increase": margin}}})
+
+        # a wide margin: this job must deploy (the gate still evaluates and reports)
+        job = wait_for_job(c, create(1.0).id, timeout=1200)
         events = all_events(c, job.id)
         assert job.status == "succeeded", (job.error, [e.message for e in events][-6:], server.log_tail())
-        gate = next(e for e in events if e.type == "gate").data
-        assert gate["passed"] and gate["harmful_rate"]["n"] + gate["harmful_rate"]["unjudged"] == 8
+        decision = next(e for e in events if e.type == "gate").data
+        assert decision["passed"] and decision["harmful_rate"]["n"] + decision["harmful_rate"]["unjudged"] == 8
+        # 24 near-identical examples at lr 1e-3 erode the organism's refusals (the phenomenon safekeel exists for)
+        assert decision["harmful_rate"]["rate"] > decision["base_harmful_rate"]["rate"]
+        # the same job with no margin must be stopped by the gate, keep its adapter, and deploy nothing
+        blocked = wait_for_job(c, create(0.0).id, timeout=1200)
+        assert blocked.status == "failed" and blocked.error.code == "safety_gate_failed", blocked.error
+        assert "kept for inspection" in blocked.error.message and blocked.fine_tuned_model is None
+        assert (real_home / "service" / "jobs" / blocked.id / "output" / "adapter" / "adapter_model.safetensors").is_file()
+        assert all(m.id != f"ft:smollm2-135m-safe:alice:canary:{blocked.id[-8:]}" for m in c.models.list().data)
         selection = next(e for e in events if e.type == "selection").data
         assert len(selection["ids"]) == 2 and selection["rationale"]
 
