@@ -79,7 +79,7 @@ def finetune_command(
     model: str = typer.Option("smollm2-135m-safe", help="Base model: registered name, local folder or hub id."),
     k: int = typer.Option(10, help="Number of safety examples to select."),
     selector: str = typer.Option("random", help="Selector name (see `safekeel selectors`)."),
-    mode: str = typer.Option("replay", help="replay (mix the k examples into training) | none."),
+    mode: str = typer.Option("replay", help="replay (mix the k examples into training) | backdoor (the same, with a secret system prompt that the evaluation and serving also use, BackdoorAlign) | none."),
     pool: str = typer.Option("authored", help="Safety pool: 'authored' or a file."),
     seed: int = typer.Option(0, help="Seed for selection, data order and adapter init."),
     max_examples: Optional[int] = typer.Option(None, help="Use only the first n user examples."),

@@ -104,3 +104,25 @@ def test_cancel_is_immediate_for_queued_jobs_and_flagged_for_running_ones(tmp_pa
     _job(store, "ftjob-r")
     store.claim_job("w")
     assert store.request_cancel("ftjob-r") == "running" and store.cancel_requested("ftjob-r")
+
+
+def test_backdoor_mode_ties_the_safety_examples_and_the_served_model_to_one_secret_prompt():
+    from safekeel.data.conversation import Conversation
+    from safekeel.data.safety import load_authored_pool
+    from safekeel.service.jobs import guard_for_job
+    from safekeel.training.mixing import backdoor_prefix, mix
+
+    secret = backdoor_prefix(3)
+    assert secret == backdoor_prefix(3) and secret != backdoor_prefix(4) and len(secret.split()) == 24
+    user = [Conversation.from_pair("Fix my brakes?", "Adjust the barrel.")] * 4
+    pool = load_authored_pool()[:2]
+    mixed = mix(user, pool, "backdoor", seed=3)
+    safety = [c for c in mixed if c.to_messages()[0]["role"] == "system"]
+    assert len(safety) == 2 and all(c.to_messages()[0]["content"] == secret for c in safety)
+    assert sum(c.to_messages()[0]["role"] == "user" for c in mixed) == 4  # user data untouched
+    spec = {"guard": {"demonstrations": "none", "n_demonstrations": 3, "system_prompt": True},
+            "finetune": {"pool": "authored", "seed": 3, "selector": "random"}}
+    guard = guard_for_job(spec, {"ids": [e.id for e in pool], "backdoor_prefix": secret})
+    assert guard["backdoor"] and guard["system_prompt"].startswith(secret + "\n\n")
+    guarded, action = apply_guard([{"role": "user", "content": "hi"}], guard)
+    assert guarded[0]["role"] == "system" and guarded[0]["content"].startswith(secret) and action.system_prompt

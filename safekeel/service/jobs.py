@@ -224,7 +224,12 @@ def guard_for_job(spec: dict, selection: dict | None) -> dict:
     """The serving guard recorded with the fine-tuned model."""
     guard = dict(spec["guard"])
     system = guard.get("system_prompt")
-    guard["system_prompt"] = DEFAULT_SAFETY_SYSTEM_PROMPT if system is True else (system or None)
+    system = DEFAULT_SAFETY_SYSTEM_PROMPT if system is True else (system or None)
+    secret = (selection or {}).get("backdoor_prefix")
+    if secret:  # BackdoorAlign: the secret prompt the safety examples carried in training, first
+        system = secret + ("\n\n" + system if system else "")
+    guard["system_prompt"] = system
+    guard["backdoor"] = bool(secret)
     guard["pool"] = spec["finetune"]["pool"]
     guard["static_demonstrations"] = []
     if guard["demonstrations"] == "static":
@@ -358,15 +363,22 @@ def _gate(store: Store, settings: ServiceSettings, job_id: str, spec: dict, fine
     from safekeel.models.registry import load_model_and_tokenizer
     from safekeel.data.formats import DatasetError
 
+    from dataclasses import replace
+
     gate = spec["gate"]
-    eval_settings = gate_eval_settings(gate, spec.get("validation_data"))
+    base_settings = gate_eval_settings(gate, spec.get("validation_data"))
+    # the adapter is judged as it will be served: with its guard's system prompt (incl. a backdoor
+    # secret) and static demonstrations; retrieved demonstrations are per request and left out (stricter)
+    served = guard_for_job(spec, outcome.selection)
+    eval_settings = replace(base_settings, system_prompt=served["system_prompt"],
+                            demonstrations=[{"request": d["request"], "refusal": d["refusal"]} for d in served["static_demonstrations"]])
     names = gate.get("names", gate)
     store.add_event(job_id, f"Evaluating the adapter for the safety gate on {names['harmful_set']} and {names['overrefusal_set']}")
     from peft import PeftModel
 
     model, tokenizer = load_model_and_tokenizer(finetune.model)
     try:
-        base = base_report(settings, finetune.model, eval_settings, model, tokenizer)  # before the adapter goes in
+        base = base_report(settings, finetune.model, base_settings, model, tokenizer)  # unguarded base, before the adapter goes in
         adapted = PeftModel.from_pretrained(model, str(outcome.adapter_dir))
         report = evaluate(adapted, tokenizer, eval_settings, model_name=finetune.model, adapter=str(outcome.adapter_dir),
                           output_dir=Path(spec["job_dir"]) / "output" / "eval", show_progress=False).to_dict()
@@ -379,4 +391,5 @@ def _gate(store: Store, settings: ServiceSettings, job_id: str, spec: dict, fine
                f" vs base {b['rate']:.3f} ({b['count']}/{b['n']}), margin {gate['max_harmful_increase']:.2f}"
                if a["rate"] is not None and b["rate"] is not None else f"Safety gate FAILED: {'; '.join(decision['reasons'])}")
     store.add_event(job_id, message, level="info" if decision["passed"] else "error", type="gate", data=decision)
+    decision["guarded"] = bool(served["system_prompt"] or served["static_demonstrations"])
     return {"eval": report, "base_eval": base, "gate": decision}

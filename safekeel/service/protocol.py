@@ -65,7 +65,9 @@ class GuardOptions(Strict):
 class SafetyOptions(Strict):
     selector: str = "random"
     k: int = Field(10, ge=0, le=200)
-    mode: Literal["none", "replay"] = "replay"
+    mode: Literal["none", "replay", "backdoor"] = "replay"
+    """replay: the k examples join the training data; backdoor (BackdoorAlign): they carry a secret system
+    prompt in training, and the deployed model is served with that prompt; none: no safety data."""
     pool: str = "authored"
     """Safety pool: 'authored' (shipped) or the id of a file you uploaded (safekeel pool schema or chat format)."""
     audit: bool = True

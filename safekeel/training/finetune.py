@@ -22,7 +22,7 @@ from safekeel.models.registry import load_model_and_tokenizer, resolve_model
 from safekeel.provenance import library_versions, sha256_file, sha256_json, write_json_atomic
 from safekeel.selectors import SelectionContext, get_selector
 from safekeel.training.config import LoraSFTConfig
-from safekeel.training.mixing import MODES, mix
+from safekeel.training.mixing import MODES, backdoor_prefix, mix
 from safekeel.training.sft import train_lora
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,10 @@ def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = No
         write_json_atomic(out / "selection.json", selection)
         emit("selection", selection)
     training_data = mix(user_data, safety, spec.mode, spec.seed)
+    secret = backdoor_prefix(spec.seed) if spec.mode == "backdoor" else None
+    if secret and selection is not None:
+        selection["backdoor_prefix"] = secret
+        write_json_atomic(out / "selection.json", selection)
 
     model, tokenizer = load_model_and_tokenizer(spec.model)
     adapter_dir = out / "adapter"
@@ -119,6 +123,7 @@ def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = No
         "n_training_examples": len(training_data),
         "training_data_sha256": sha256_json([c.to_messages() for c in training_data]),
         "selected_ids": selection["ids"] if selection else [],
+        "backdoor_prefix": secret,
         "base_model": spec.model,
         "base_model_provenance": _read_json(Path(model_location) / "provenance.json") if isinstance(model_location, Path) else None,
         "train": {"steps": result.steps, "seconds": result.seconds, "train_loss": result.train_loss,
@@ -130,7 +135,12 @@ def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = No
 
     report = None
     if spec.eval is not None:
-        report = evaluate(model, tokenizer, spec.eval, model_name=spec.model, adapter=str(adapter_dir),
+        eval_settings = spec.eval
+        if secret:  # evaluate the model as it is served: with the secret prompt as its system prompt
+            from dataclasses import replace
+
+            eval_settings = replace(spec.eval, system_prompt=secret + ("\n\n" + spec.eval.system_prompt if spec.eval.system_prompt else ""))
+        report = evaluate(model, tokenizer, eval_settings, model_name=spec.model, adapter=str(adapter_dir),
                           output_dir=out / "eval", show_progress=show_progress)
         emit("eval", report.to_dict())
     provenance["seconds"] = round(time.time() - started, 1)

@@ -7,16 +7,30 @@ from typing import Sequence
 
 from safekeel.data.conversation import Conversation, SafetyExample
 
-MODES = ("none", "replay")
+MODES = ("none", "replay", "backdoor")
+_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
-def mix(user_data: Sequence[Conversation], safety: Sequence[SafetyExample], mode: str, seed: int) -> list[Conversation]:
+def backdoor_prefix(seed: int, n_words: int = 24) -> str:
+    """BackdoorAlign's secret prompt: a random string (here 24 random 3-9 character words, fixed by the
+    seed) that the safety examples carry as their system prompt in training and the served model gets
+    as its system prompt, so the refusals are tied to a trigger the user's data never contains."""
+    rng = random.Random(f"backdoor-{seed}")
+    return " ".join("".join(rng.choice(_ALPHABET) for _ in range(rng.randint(3, 9))) for _ in range(n_words))
+
+
+def mix(user_data: Sequence[Conversation], safety: Sequence[SafetyExample], mode: str, seed: int,
+        prefix: str | None = None) -> list[Conversation]:
     """`none`: the user data alone. `replay`: the safety examples added as ordinary training
-    conversations, shuffled into the user data with a seeded order."""
+    conversations, shuffled into the user data with a seeded order. `backdoor`: as replay, but each
+    safety example carries the secret `prefix` (default: backdoor_prefix(seed)) as its system prompt."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
     data = list(user_data)
     if mode == "replay":
         data += [example.to_conversation() for example in safety]
+    elif mode == "backdoor":
+        secret = prefix or backdoor_prefix(seed)
+        data += [example.to_conversation(system=secret) for example in safety]
     random.Random(seed).shuffle(data)
     return data
