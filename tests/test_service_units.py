@@ -126,3 +126,21 @@ def test_backdoor_mode_ties_the_safety_examples_and_the_served_model_to_one_secr
     assert guard["backdoor"] and guard["system_prompt"].startswith(secret + "\n\n")
     guarded, action = apply_guard([{"role": "user", "content": "hi"}], guard)
     assert guarded[0]["role"] == "system" and guarded[0]["content"].startswith(secret) and action.system_prompt
+
+
+def test_transformers_engine_exposes_the_residual_stream(tiny_model_dir):
+    import asyncio
+
+    from transformers import AutoConfig
+
+    from safekeel.service.engines import create_engine
+
+    engine = create_engine("transformers", str(tiny_model_dir), ServiceSettings())
+    asyncio.run(engine.start())
+    prompt = engine.render_chat([{"role": "user", "content": "hello there"}])
+    states = asyncio.run(engine.hidden_states(prompt))
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    n_tokens = len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert len(states) == config.num_hidden_layers + 1
+    assert tuple(states[-1].shape) == (1, n_tokens, config.hidden_size)
+    assert not __import__("torch").allclose(states[0], states[-1])

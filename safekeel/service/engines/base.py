@@ -59,6 +59,15 @@ class Engine(abc.ABC):
     def generate(self, prompt: str, params: GenerationParams, request_id: str,
                  adapter: Adapter | None = None) -> AsyncIterator[GenerationChunk]: ...
 
+    supports_hidden_states: bool = False
+
+    async def hidden_states(self, prompt: str, adapter: Adapter | None = None):
+        """The residual stream for `prompt`: a tuple of (1, tokens, hidden) tensors, where element N is
+        the stream entering block N (element 0: the embeddings; the last: after the final block).
+        Engines that cannot expose activations (vLLM) raise NotImplementedError; monitors then use a
+        transformers engine beside the serving one."""
+        raise NotImplementedError(f"the {self.name} engine does not expose hidden states")
+
     async def shutdown(self) -> None:
         return None
 

@@ -45,6 +45,19 @@ class TransformersEngine(Engine):
         self.model.set_adapter(key)
         return _null_context()
 
+    supports_hidden_states = True
+
+    async def hidden_states(self, prompt: str, adapter: Adapter | None = None):
+        import torch
+
+        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+
+        def run():
+            with self.lock, torch.inference_mode(), self._select_adapter(adapter):
+                return self.model(**inputs, output_hidden_states=True).hidden_states
+
+        return await asyncio.get_running_loop().run_in_executor(None, run)
+
     async def generate(self, prompt: str, params: GenerationParams, request_id: str,
                        adapter: Adapter | None = None) -> AsyncIterator[GenerationChunk]:
         import torch
