@@ -353,6 +353,8 @@ def _run(store: Store, settings: ServiceSettings, job: dict, spec: dict, emit, s
         store.add_event(job_id, "Safety gate disabled by the request: deployed without a safety evaluation", level="warn", type="gate",
                         data={"passed": None, "enabled": False})
     result["timings"] = timings
+    if should_stop():  # a cancel that arrived during the evaluation still wins over deployment
+        raise JobCancelled()
     guard = guard_for_job(spec, outcome.selection)
     store.add_model(spec["fine_tuned_model"], job["tenant"], job["model"], job_id, str(outcome.adapter_dir), guard)
     return result
