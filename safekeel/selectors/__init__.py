@@ -6,5 +6,6 @@ from safekeel.selectors.base import Selection, SelectionContext, Selector, get_s
 # importing the built-in families registers them
 from safekeel.selectors import random_choice as _random_choice  # noqa: F401,E402
 from safekeel.selectors import representation as _representation  # noqa: F401,E402
+from safekeel.selectors import model_aware as _model_aware  # noqa: F401,E402
 
 __all__ = ["Selection", "SelectionContext", "Selector", "get_selector", "known_selectors", "register_selector"]
