@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from safekeel.eval.bench import git_commit  # noqa: E402
 from safekeel.eval.harness import EvalSettings, evaluate  # noqa: E402
 from safekeel.provenance import library_versions, sha256_json, write_json_atomic  # noqa: E402
 
@@ -170,16 +170,6 @@ def write_outputs(records: list[dict], command: str) -> None:
                      f"{r['harmful_rate']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] ({r['n_harmful_prompts']}) | "
                      f"{r['overrefusal_rate']:.3f} [{oci[0]:.3f}, {oci[1]:.3f}] ({r['n_overrefusal_prompts']}) | {inc} | {r['n_unjudged']} |")
     (RESULTS / "phenomenon.md").write_text("\n".join(lines) + "\n")
-
-
-def git_commit(paths: list[Path], message: str) -> None:
-    for attempt in range(5):
-        added = subprocess.run(["git", "-C", str(ROOT), "add", *map(str, paths)], capture_output=True, text=True)
-        done = subprocess.run(["git", "-C", str(ROOT), "commit", "-q", "-m", message, "--", *map(str, paths)], capture_output=True, text=True)
-        if added.returncode == 0 and done.returncode == 0:
-            return
-        time.sleep(2 + attempt)
-    logging.warning("could not commit %s: %s", paths, done.stderr.strip())
 
 
 def main() -> None:

@@ -17,6 +17,9 @@ HARM_CATEGORIES = (
     "privacy_violation", "tailored_financial_advice",
 )
 AUTHORED_POOL = "authored"
+SHARED_POOLS = {"safety_tuned_llamas": "safety_pool/safety_tuned_llamas_2483.json"}
+"""Named pools read from the shared reference data (../shared/data), never shipped: Bianchi et al.'s
+Safety-Tuned LLaMAs safety-only instructions (2,483 harmful requests with refusals; CC BY-NC 4.0)."""
 
 
 def _authored_dir():
@@ -71,15 +74,30 @@ def load_authored_benign(files: Sequence[str] | None = None) -> list[Conversatio
     return conversations
 
 
+def shared_pool_path(name: str) -> Path:
+    """The file of a named shared pool (SHARED_POOLS); FileNotFoundError saying what is missing."""
+    from safekeel.paths import shared_data_dir
+
+    root = shared_data_dir()
+    if root is None or not (root / SHARED_POOLS[name]).is_file():
+        where = root / SHARED_POOLS[name] if root is not None else f"../shared/data/{SHARED_POOLS[name]}"
+        raise FileNotFoundError(f"safety pool {name!r} reads {where}, which is not present (the shared reference "
+                                "data beside the checkout, or $SAFEKEEL_SHARED_DATA)")
+    return root / SHARED_POOLS[name]
+
+
 def load_pool(name_or_path: str) -> list[SafetyExample]:
-    """A safety pool by name ('authored') or from a file: safekeel's own JSONL schema
-    ({id, category, request, refusal[, style]}) or any dataset format (chat, Alpaca, ...), whose
-    examples get ids '<file stem>-<n>' and category 'unknown'."""
+    """A safety pool by name ('authored', or a shared pool in SHARED_POOLS) or from a file: safekeel's
+    own JSONL schema ({id, category, request, refusal[, style]}) or any dataset format (chat,
+    Alpaca, ...), whose examples get ids '<file stem>-<n>' and category 'unknown'."""
     if name_or_path == AUTHORED_POOL:
         return load_authored_pool()
+    if name_or_path in SHARED_POOLS:
+        name_or_path = str(shared_pool_path(name_or_path))
     path = Path(name_or_path)
     if not path.is_file():
-        raise DatasetError(name_or_path, None, None, f"no such safety pool (known: {AUTHORED_POOL!r} or a file path)")
+        raise DatasetError(name_or_path, None, None, f"no such safety pool (known: {AUTHORED_POOL!r}, "
+                           f"{', '.join(map(repr, SHARED_POOLS))} or a file path)")
     with open(path, encoding="utf-8") as handle:
         first = handle.readline().strip()
     if first.startswith("{") and '"refusal"' in first:

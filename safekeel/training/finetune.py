@@ -3,15 +3,22 @@
 A FinetuneSpec is self-contained and serialisable (the service's job spec wraps it). Every run
 writes, into its output folder: adapter/ (vLLM-servable LoRA), selection.json, provenance.json,
 eval/eval_report.json + eval/responses.jsonl, and prints a short human summary.
+
+The mode decides where the selected examples go (safekeel.training.mixing): into training (replay,
+backdoor) or into the evaluated chats (icl demonstrations; ptst's safety system prompt, no
+selection). With `adapter_cache`, adapters are cached by a hash of the training inputs (base model,
+the mixed training data, the SFT config with its seed): runs whose training does not depend on the
+selector (none, icl, ptst) train once and share the adapter.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +29,7 @@ from safekeel.models.registry import load_model_and_tokenizer, resolve_model
 from safekeel.provenance import library_versions, sha256_file, sha256_json, write_json_atomic
 from safekeel.selectors import SelectionContext, get_selector
 from safekeel.training.config import LoraSFTConfig
-from safekeel.training.mixing import MODES, backdoor_prefix, mix
+from safekeel.training.mixing import MODES, SELECTING_MODES, TRAINING_MODES, backdoor_prefix, eval_overrides, mix
 from safekeel.training.sft import train_lora
 
 log = logging.getLogger(__name__)
@@ -35,8 +42,10 @@ class FinetuneSpec:
     output_dir: str
     model: str = "smollm2-135m-safe"
     k: int = 10
+    """Safety examples to select (modes replay, backdoor, icl); recorded as 0 for ptst, which selects none."""
     selector: str = "random"
     mode: str = "replay"
+    """none | replay | backdoor | icl | ptst (see safekeel.training.mixing.MODES)."""
     pool: str = AUTHORED_POOL
     seed: int = 0
     """One seed for selection, data order and adapter init."""
@@ -55,6 +64,8 @@ class FinetuneSpec:
             self.eval = EvalSettings(**{k: tuple(v) if k == "judges" else v for k, v in self.eval.items()})
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; known: {MODES}")
+        if self.mode == "ptst":
+            self.k = 0
         self.sft.seed = self.seed
 
     def to_dict(self) -> dict:
@@ -74,8 +85,18 @@ class FinetuneResult:
     report: EvalReport | None
 
 
+def adapter_key(model: str, training_data_sha256: str, sft: LoraSFTConfig, base_provenance: dict | None = None) -> str:
+    """The adapter cache key: everything training depends on (the base model, by name and by its build
+    provenance when it has one, so a rebuilt organism does not reuse stale adapters; the mixed
+    training data in its order; the SFT config including its seed)."""
+    return sha256_json({"model": model, "base": base_provenance, "training_data": training_data_sha256,
+                        "sft": sft.to_dict()})[:20]
+
+
 def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = None,
-                 on_event: Callable[[str, dict], None] | None = None, show_progress: bool = True) -> FinetuneResult:
+                 on_event: Callable[[str, dict], None] | None = None, show_progress: bool = True,
+                 adapter_cache: str | Path | None = None) -> FinetuneResult:
+    """Select, mix, train (or reuse a cached adapter from `adapter_cache/<adapter_key>`), evaluate."""
     started = time.time()
     emit = on_event or (lambda kind, payload: None)
     out = Path(spec.output_dir)
@@ -90,7 +111,7 @@ def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = No
 
     selection = None
     safety = []
-    if spec.mode != "none":
+    if spec.mode in SELECTING_MODES:
         pool = load_pool(spec.pool)
         context = SelectionContext(pool, user_data, spec.k, spec.seed, model_name=spec.model)
         selection_started = time.time()
@@ -107,27 +128,58 @@ def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = No
         selection["backdoor_prefix"] = secret
         write_json_atomic(out / "selection.json", selection)
 
-    model, tokenizer = load_model_and_tokenizer(spec.model)
-    adapter_dir = out / "adapter"
-    result = train_lora(model, tokenizer, training_data, spec.sft, adapter_dir, should_stop=should_stop,
-                        on_log=lambda logs: emit("train_log", logs), show_progress=show_progress,
-                        checkpoint_dir=out / "checkpoints" if spec.checkpoint_steps else None,
-                        checkpoint_steps=spec.checkpoint_steps,
-                        on_checkpoint=lambda step, path: emit("checkpoint", {"step": step, "path": str(path)}))
-    shutil.rmtree(adapter_dir / "trainer", ignore_errors=True)
     model_location = resolve_model(spec.model)
+    base_provenance = _read_json(Path(model_location) / "provenance.json") if isinstance(model_location, Path) else None
+    training_sha = sha256_json([c.to_messages() for c in training_data])
+    key = adapter_key(spec.model, training_sha, spec.sft, base_provenance)
+    overrides = eval_overrides(spec.mode, safety, spec.eval.system_prompt if spec.eval else None, spec.seed)
+    model, tokenizer = load_model_and_tokenizer(spec.model)
+    cached = Path(adapter_cache) / key if adapter_cache is not None else None
+    if cached is not None and (cached / "train.json").is_file():
+        from peft import PeftModel
+
+        adapter_dir = cached
+        train = {**json.loads((cached / "train.json").read_text())["train"], "cached": True}
+        model = PeftModel.from_pretrained(model, str(cached))
+        log.info("reusing the cached adapter %s (same training inputs)", cached)
+    else:
+        adapter_dir = cached.with_name(f".{key}.{os.getpid()}.tmp") if cached is not None else out / "adapter"
+        result = train_lora(model, tokenizer, training_data, spec.sft, adapter_dir, should_stop=should_stop,
+                            on_log=lambda logs: emit("train_log", logs), show_progress=show_progress,
+                            checkpoint_dir=out / "checkpoints" if spec.checkpoint_steps else None,
+                            checkpoint_steps=spec.checkpoint_steps,
+                            on_checkpoint=lambda step, path: emit("checkpoint", {"step": step, "path": str(path)}))
+        shutil.rmtree(adapter_dir / "trainer", ignore_errors=True)
+        train = {"steps": result.steps, "seconds": result.seconds, "train_loss": result.train_loss,
+                 "resumed_from": result.resumed_from}
+        if cached is not None:
+            write_json_atomic(adapter_dir / "train.json", {"model": spec.model, "training_data_sha256": training_sha,
+                                                           "sft": spec.sft.to_dict(), "train": train})
+            if cached.exists():  # another process cached the same adapter meanwhile
+                shutil.rmtree(adapter_dir)
+            else:
+                os.replace(adapter_dir, cached)
+            adapter_dir = cached
     provenance = {
         "spec": spec.to_dict(),
         "data_sha256": sha256_file(spec.data),
         "n_user_examples": len(user_data),
         "n_training_examples": len(training_data),
-        "training_data_sha256": sha256_json([c.to_messages() for c in training_data]),
+        "training_data_sha256": training_sha,
         "selected_ids": selection["ids"] if selection else [],
         "backdoor_prefix": secret,
+        "mode_effect": {
+            "mode": spec.mode,
+            "selects": spec.mode in SELECTING_MODES,
+            "trains_on_selection": spec.mode in TRAINING_MODES,
+            "eval_system_prompt": overrides.get("system_prompt"),
+            "eval_demonstration_ids": [d["id"] for d in overrides.get("demonstrations", [])],
+        },
+        "adapter_key": key,
+        "adapter_dir": str(adapter_dir),
         "base_model": spec.model,
-        "base_model_provenance": _read_json(Path(model_location) / "provenance.json") if isinstance(model_location, Path) else None,
-        "train": {"steps": result.steps, "seconds": result.seconds, "train_loss": result.train_loss,
-                  "resumed_from": result.resumed_from},
+        "base_model_provenance": base_provenance,
+        "train": train,
         "versions": library_versions(),
     }
     write_json_atomic(out / "provenance.json", provenance)
@@ -135,11 +187,9 @@ def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = No
 
     report = None
     if spec.eval is not None:
-        eval_settings = spec.eval
-        if secret:  # evaluate the model as it is served: with the secret prompt as its system prompt
-            from dataclasses import replace
-
-            eval_settings = replace(spec.eval, system_prompt=secret + ("\n\n" + spec.eval.system_prompt if spec.eval.system_prompt else ""))
+        # evaluate the model as it is served: backdoor's secret / ptst's safety prompt as the system
+        # prompt, icl's selected examples as demonstrations
+        eval_settings = replace(spec.eval, **overrides)
         report = evaluate(model, tokenizer, eval_settings, model_name=spec.model, adapter=str(adapter_dir),
                           output_dir=out / "eval", show_progress=show_progress)
         emit("eval", report.to_dict())

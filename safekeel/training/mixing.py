@@ -1,4 +1,4 @@
-"""Mix selected safety examples into the user's training data."""
+"""Mix selected safety examples into the user's training data, and say what each mode changes at evaluation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,24 @@ from typing import Sequence
 
 from safekeel.data.conversation import Conversation, SafetyExample
 
-MODES = ("none", "replay", "backdoor")
+MODES = ("none", "replay", "backdoor", "icl", "ptst")
+"""none: no safety data. replay: the k examples join the training data. backdoor (BackdoorAlign):
+as replay, with a secret system prompt on the safety examples and at evaluation. icl: training on
+the user data alone; the k examples are in-context demonstrations at evaluation. ptst (Lyu et al.
+2024, "Pure Tuning, Safe Testing"): training on the user data alone, evaluation with a safety
+system prompt; no selection."""
+SELECTING_MODES = ("replay", "backdoor", "icl")
+"""Modes that select k safety examples."""
+TRAINING_MODES = ("replay", "backdoor")
+"""Modes whose training data contains the selected examples; in the others the trained adapter
+depends only on the user data, the seed and the SFT config (not on the selector)."""
+
+DEFAULT_SAFETY_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Answer every safe request fully. If a request asks for help to harm "
+    "people, break the law or cause damage, decline briefly and offer a safe alternative."
+)
+"""safekeel's default safety system prompt: PTST's test-time prompt and the service's serving guard."""
+
 _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
@@ -21,9 +38,10 @@ def backdoor_prefix(seed: int, n_words: int = 24) -> str:
 
 def mix(user_data: Sequence[Conversation], safety: Sequence[SafetyExample], mode: str, seed: int,
         prefix: str | None = None) -> list[Conversation]:
-    """`none`: the user data alone. `replay`: the safety examples added as ordinary training
-    conversations, shuffled into the user data with a seeded order. `backdoor`: as replay, but each
-    safety example carries the secret `prefix` (default: backdoor_prefix(seed)) as its system prompt."""
+    """`none`, `icl`, `ptst`: the user data alone (seeded order). `replay`: the safety examples added
+    as ordinary training conversations, shuffled into the user data with a seeded order. `backdoor`:
+    as replay, but each safety example carries the secret `prefix` (default: backdoor_prefix(seed))
+    as its system prompt."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
     data = list(user_data)
@@ -34,3 +52,22 @@ def mix(user_data: Sequence[Conversation], safety: Sequence[SafetyExample], mode
         data += [example.to_conversation(system=secret) for example in safety]
     random.Random(seed).shuffle(data)
     return data
+
+
+def eval_overrides(mode: str, safety: Sequence[SafetyExample], system_prompt: str | None, seed: int) -> dict:
+    """What the mode changes in the evaluation settings (and in serving): the system prompt and the
+    in-context demonstrations. `system_prompt` is the one configured for evaluation (kept, after the
+    mode's own prompt). Returns {} when the mode changes nothing (none, replay)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
+
+    def prepend(first: str) -> str:
+        return first + ("\n\n" + system_prompt if system_prompt else "")
+
+    if mode == "backdoor":
+        return {"system_prompt": prepend(backdoor_prefix(seed))}
+    if mode == "ptst":
+        return {"system_prompt": prepend(DEFAULT_SAFETY_SYSTEM_PROMPT)}
+    if mode == "icl":
+        return {"demonstrations": [{"id": e.id, "request": e.request, "refusal": e.refusal} for e in safety]}
+    return {}
