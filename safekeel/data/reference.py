@@ -54,3 +54,49 @@ def shared_dataset(relative: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found in the shared reference data")
     return str(path)
+
+
+def alpaca_harmless() -> PromptSet:
+    """Benign Alpaca instructions (18,793; the harmless split of Arditi et al.'s refusal-direction work),
+    in file order. Callers split them with `split_prompts` so train / calibration / test never overlap."""
+    rows = json.loads((require_shared_data() / "benign" / "alpaca_instructions_harmless_18793.json").read_text())
+    return PromptSet("alpaca-harmless", [r["instruction"] for r in rows], [f"alpaca-harmless-{i}" for i in range(len(rows))])
+
+
+def harmbench(functional_category: str = "standard") -> PromptSet:
+    """HarmBench text behaviours of one functional category (standard 200, contextual 100, copyright 100).
+    Contextual behaviours are given with their context before the request, as HarmBench poses them."""
+    with open(require_shared_data() / "harmful_eval" / "harmbench_behaviors_text_all.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["FunctionalCategory"] == functional_category]
+    if not rows:
+        raise ValueError(f"no HarmBench behaviours in functional category {functional_category!r}")
+    prompts = [(r["ContextString"] + "\n\n" + r["Behavior"]) if r["ContextString"] else r["Behavior"] for r in rows]
+    return PromptSet(f"harmbench-{functional_category}", prompts, [f"harmbench-{r['BehaviorID']}" for r in rows])
+
+
+def jbb_harmful() -> PromptSet:
+    """JailbreakBench JBB-Behaviors, harmful half (100 goals)."""
+    with open(require_shared_data() / "harmful_eval" / "jbb_harmful_behaviors.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return PromptSet("jbb-harmful", [r["Goal"] for r in rows], [f"jbb-{i}" for i in range(len(rows))])
+
+
+def xstest_unsafe() -> PromptSet:
+    """XSTest v2 unsafe contrast prompts (200): the harmful twins of the safe-but-scary prompts."""
+    with open(require_shared_data() / "overrefusal" / "xstest_prompts.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["label"] == "unsafe"]
+    return PromptSet("xstest-unsafe", [r["prompt"] for r in rows], [f"xstest-{r['id']}" for r in rows])
+
+
+def split_prompts(prompts: PromptSet, sizes: dict[str, int], seed: int = 0) -> dict[str, PromptSet]:
+    """Disjoint seeded subsets of a prompt set, e.g. {"train": 800, "calibration": 1000, "test": 500}."""
+    if sum(sizes.values()) > len(prompts.prompts):
+        raise ValueError(f"{prompts.name} has {len(prompts.prompts)} prompts, fewer than the {sum(sizes.values())} asked for")
+    order = list(range(len(prompts.prompts)))
+    random.Random(f"{prompts.name}-{seed}").shuffle(order)
+    out, start = {}, 0
+    for name, size in sizes.items():
+        chosen = order[start:start + size]
+        out[name] = PromptSet(f"{prompts.name}-{name}", [prompts.prompts[i] for i in chosen], [prompts.ids[i] for i in chosen])
+        start += size
+    return out

@@ -87,6 +87,17 @@ def create_app(settings: ServiceSettings | None = None, start_engine: bool = Tru
             log.info("starting %s engine for %s", settings.engine, settings.base_models[0])
             await engine.start()
             app.state.engine = engine
+        app.state.monitors = None
+        monitor_dir = settings.resolved_monitor_dir()
+        if start_engine and monitor_dir is not None and settings.monitor_policy != "off":
+            from fastapi.concurrency import run_in_threadpool
+
+            from safekeel.models.registry import resolve_model
+            from safekeel.monitors.runtime import MonitorRuntime
+
+            app.state.monitors = await run_in_threadpool(MonitorRuntime, monitor_dir, resolve_model(settings.base_models[0]),
+                                                         tuple(settings.monitor_deciders))
+            log.info("monitors loaded from %s: %s", monitor_dir, sorted(app.state.monitors.monitors))
         supervisor = WorkerSupervisor(settings, start_workers) if start_workers else None
         if supervisor:
             supervisor.start()

@@ -341,10 +341,17 @@ def _run(store: Store, settings: ServiceSettings, job: dict, spec: dict, emit, s
     if should_stop():
         raise JobCancelled()
 
+    drift = _drift(store, settings, job_id, spec, finetune, outcome)
+    if drift is not None:
+        result["monitor_drift"] = drift
+    if should_stop():
+        raise JobCancelled()
+
+    guard = guard_for_job(spec, outcome.selection)
     gate = spec["gate"]
     if gate["enabled"]:
         started = time.time()
-        result.update(_gate(store, settings, job_id, spec, finetune, outcome))
+        result.update(_gate(store, settings, job_id, spec, finetune, outcome, guard))
         timings["gate_seconds"] = round(time.time() - started, 1)
         if not result["gate"]["passed"]:
             raise JobFailed("safety_gate_failed", "The fine-tuned model failed the safety gate: " + "; ".join(result["gate"]["reasons"])
@@ -355,12 +362,41 @@ def _run(store: Store, settings: ServiceSettings, job: dict, spec: dict, emit, s
     result["timings"] = timings
     if should_stop():  # a cancel that arrived during the evaluation still wins over deployment
         raise JobCancelled()
-    guard = guard_for_job(spec, outcome.selection)
     store.add_model(spec["fine_tuned_model"], job["tenant"], job["model"], job_id, str(outcome.adapter_dir), guard)
     return result
 
 
-def _gate(store: Store, settings: ServiceSettings, job_id: str, spec: dict, finetune, outcome) -> dict:
+def _drift(store: Store, settings: ServiceSettings, job_id: str, spec: dict, finetune, outcome) -> dict | None:
+    """The monitor drift check (monitors/drift.py) on the gate's prompts, when the server has monitors
+    for this base model. It informs and never fails the job."""
+    folder = settings.resolved_monitor_dir()
+    if folder is None or finetune.model != settings.base_models[0]:
+        return None
+    from peft import PeftModel
+
+    from safekeel.eval.harness import load_prompt_set
+    from safekeel.models.registry import load_model_and_tokenizer, resolve_model
+    from safekeel.monitors.capture import model_fingerprint
+    from safekeel.monitors.drift import drift_report, summarise
+    from safekeel.monitors.runtime import load_monitors
+
+    gate = spec["gate"]
+    try:
+        probes = load_monitors(folder, expected_model=model_fingerprint(resolve_model(finetune.model)))
+        harmful = load_prompt_set(gate["harmful_set"])[1][: gate["n_harmful"] or None]
+        benign = load_prompt_set(gate["overrefusal_set"])[1][: gate["n_overrefusal"] or None]
+        model, tokenizer = load_model_and_tokenizer(finetune.model)
+        adapted = PeftModel.from_pretrained(model, str(outcome.adapter_dir)).eval()
+        report = drift_report(probes, model, adapted, tokenizer, harmful, benign)
+    except Exception as error:  # the check informs; a broken monitor folder must not sink the job
+        store.add_event(job_id, f"Monitor drift check skipped: {error}", level="warn", type="monitor_drift")
+        return None
+    report["prompts"] = {"harmful": gate.get("names", gate)["harmful_set"], "benign": gate.get("names", gate)["overrefusal_set"]}
+    store.add_event(job_id, summarise(report), type="monitor_drift", data=report)
+    return report
+
+
+def _gate(store: Store, settings: ServiceSettings, job_id: str, spec: dict, finetune, outcome, served: dict) -> dict:
     from safekeel.eval.harness import evaluate
     from safekeel.models.registry import load_model_and_tokenizer
     from safekeel.data.formats import DatasetError
@@ -371,7 +407,6 @@ def _gate(store: Store, settings: ServiceSettings, job_id: str, spec: dict, fine
     base_settings = gate_eval_settings(gate, spec.get("validation_data"))
     # the adapter is judged as it will be served: with its guard's system prompt (incl. a backdoor
     # secret) and static demonstrations; retrieved demonstrations are per request and left out (stricter)
-    served = guard_for_job(spec, outcome.selection)
     eval_settings = replace(base_settings, system_prompt=served["system_prompt"],
                             demonstrations=[{"request": d["request"], "refusal": d["refusal"]} for d in served["static_demonstrations"]])
     names = gate.get("names", gate)

@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+SCORE_BUCKETS = (-16, -8, -4, -2, -1, 0, 1, 2, 4, 8, 16)
+MONITOR_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1)
 DURATION_BUCKETS = (0.01, 0.1, 1, 5, 15, 60, 300, 900, 1800, 3600, 7200)
 
 
@@ -24,13 +26,10 @@ class JobCollector:
             jobs.add_metric([status], count)
         yield jobs
         stages = {"selection": "selection_seconds", "training": "training_seconds", "gate": "gate_seconds", "audit": "audit_seconds"}
-        results = [r["result"] for r in self.store.finished_job_results()]
+        timings = self.store.job_timings()
         for stage, key in stages.items():
-            values = [t[key] for t in (r.get("timings", {}) for r in results if r) if key in t]
-            buckets, cumulative = [], 0
-            for bound in DURATION_BUCKETS:
-                cumulative = sum(1 for v in values if v <= bound)
-                buckets.append((str(bound), cumulative))
+            values = [t[key] for t in timings if key in t]
+            buckets = [(str(bound), sum(1 for v in values if v <= bound)) for bound in DURATION_BUCKETS]
             buckets.append(("+Inf", len(values)))
             yield HistogramMetricFamily(f"safekeel_job_{stage}_duration_seconds", f"Time fine-tuning jobs spent in {stage}",
                                         buckets=buckets, sum_value=float(sum(values)))
@@ -50,6 +49,12 @@ class ServiceMetrics:
                                      ["model"], registry=self.registry)
         self.guard_actions = Counter("safekeel_guard_actions_total", "Test-time guard actions applied to requests",
                                      ["action"], registry=self.registry)
+        self.monitor_scores = Histogram("safekeel_monitor_score", "Monitor scores of chat requests (logit scale; compare with the threshold)",
+                                        ["monitor", "model"], buckets=SCORE_BUCKETS, registry=self.registry)
+        self.monitor_decisions = Counter("safekeel_monitor_decisions_total", "Monitor policy decisions on chat requests",
+                                         ["model", "decision"], registry=self.registry)
+        self.monitor_latency = Histogram("safekeel_monitor_duration_seconds", "Time to score one request with all monitors",
+                                         buckets=MONITOR_BUCKETS, registry=self.registry)
         self.registry.register(JobCollector(store))
 
     @staticmethod

@@ -11,10 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-DEFAULT_SAFETY_SYSTEM_PROMPT = (
-    "You are a helpful assistant. Answer every safe request fully. If a request asks for help to harm "
-    "people, break the law or cause damage, decline briefly and offer a safe alternative."
-)
+from safekeel.training.mixing import DEFAULT_SAFETY_SYSTEM_PROMPT  # noqa: F401 (re-exported; defined beside the modes)
+
 SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
 
@@ -60,6 +58,9 @@ class GuardOptions(Strict):
     n_demonstrations: int = Field(3, ge=1, le=20)
     system_prompt: bool | str = False
     """A safety system prompt at serving time (PTST): True for safekeel's default, or your own text."""
+    monitor_policy: Literal["default", "off", "log", "flag", "block"] = "default"
+    """What the server's hidden-state monitors do with this model's requests: log scores, flag flagged
+    requests in the response, or block them with a refusal; default: the server's SAFEKEEL_MONITOR_POLICY."""
 
 
 class SafetyOptions(Strict):

@@ -49,6 +49,31 @@ class ServiceSettings(BaseSettings):
     """A running job whose worker has not beaten for this long is taken over (resumed or failed)."""
     max_job_attempts: int = 3
     worker_poll_seconds: float = 1.0
+    monitor_dir: Path | None = None
+    """Saved monitors (probes, SAE probes) for the served base model, e.g. the output of `safekeel monitor
+    train-probe`. Default: $SAFEKEEL_HOME/monitors/<base model> if it exists; none there: no monitoring."""
+    monitor_policy: str = "log"
+    """Default per-request policy when monitors are loaded: off, log (scores and metrics only), flag (the
+    response says so: `safekeel.monitor` field and X-Safekeel-Monitor header) or block (a refusal is
+    returned and the engine is not called). A fine-tune's job can set its own (safety.monitor.policy)."""
+    monitor_deciders: list[str] = Field(default_factory=lambda: ["harm_probe"])
+    """The monitors whose threshold decides flag/block; the others are scored and exported only."""
+    monitor_block_message: str = "I can't help with that request."
+
+    @field_validator("monitor_policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        from safekeel.monitors.runtime import POLICIES
+
+        if value not in POLICIES:
+            raise ValueError(f"unknown monitor policy {value!r}: use one of {', '.join(POLICIES)}")
+        return value
+
+    def resolved_monitor_dir(self) -> Path | None:
+        if self.monitor_dir is not None:
+            return self.monitor_dir
+        default = safekeel_home() / "monitors" / self.base_models[0]
+        return default if default.is_dir() else None
 
     @field_validator("engine")
     @classmethod

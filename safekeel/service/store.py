@@ -217,16 +217,10 @@ class Store:
             return db.execute("UPDATE jobs SET heartbeat=? WHERE id=? AND worker=? AND status='running'",
                               (time.time(), job_id, worker)).rowcount == 1
 
-    def stale_jobs(self, stale_seconds: float) -> list[dict]:
+    def running_jobs(self) -> list[dict]:
         with self.connect() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE status='running' AND (heartbeat IS NULL OR heartbeat < ?)",
-                              (time.time() - stale_seconds,)).fetchall()
+            rows = db.execute("SELECT * FROM jobs WHERE status='running'").fetchall()
         return [_row(r) for r in rows]
-
-    def requeue_if_stale(self, job_id: str, stale_seconds: float) -> bool:
-        with self.connect(immediate=True) as db:
-            return db.execute("UPDATE jobs SET status='queued', worker=NULL WHERE id=? AND status='running'"
-                              " AND (heartbeat IS NULL OR heartbeat < ?)", (job_id, time.time() - stale_seconds)).rowcount == 1
 
     def count_jobs_by_status(self) -> dict[str, int]:
         with self.connect() as db:
@@ -235,10 +229,12 @@ class Store:
         counts.update({r["status"]: r["n"] for r in rows})
         return counts
 
-    def finished_job_results(self) -> list[dict]:
+    def job_timings(self) -> list[dict]:
+        """Each finished job's stage timings (only that part of the result: the eval reports stay on disk)."""
         with self.connect() as db:
-            rows = db.execute("SELECT status, result FROM jobs WHERE result IS NOT NULL").fetchall()
-        return [_row(r) for r in rows]
+            rows = db.execute("SELECT json_extract(result, '$.timings') AS timings FROM jobs"
+                              " WHERE json_extract(result, '$.timings') IS NOT NULL").fetchall()
+        return [json.loads(r["timings"]) for r in rows]
 
     # ---- events ----
     def add_event(self, job_id: str, message: str, type: str = "message", level: str = "info", data: Any = None) -> dict:

@@ -9,6 +9,7 @@ this module: it only needs to claim jobs and call `execute_job`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -50,8 +51,7 @@ def worker_is_dead(worker: str | None) -> bool:
 def recover_jobs(store: Store, settings: ServiceSettings) -> list[str]:
     """Requeue (or fail) running jobs whose worker is gone. Returns the ids acted on."""
     acted = []
-    candidates = store.stale_jobs(0.0)
-    for job in candidates:
+    for job in store.running_jobs():
         dead = worker_is_dead(job["worker"])
         stale = job["heartbeat"] is None or job["heartbeat"] < time.time() - settings.worker_stale_seconds
         if not (dead or stale):
@@ -128,7 +128,7 @@ class WorkerSupervisor:
     def _spawn(self) -> subprocess.Popen:
         env = dict(os.environ)
         env["SAFEKEEL_SERVICE_DIR"] = str(self.settings.root)
-        env["SAFEKEEL_BASE_MODELS"] = __import__("json").dumps(self.settings.base_models)
+        env["SAFEKEEL_BASE_MODELS"] = json.dumps(self.settings.base_models)
         return subprocess.Popen([sys.executable, "-m", "safekeel.service.worker"], env=env)
 
     def start(self) -> None:

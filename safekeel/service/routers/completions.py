@@ -13,7 +13,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from safekeel.service.app import current_tenant
 from safekeel.service.engines import Adapter, GenerationChunk, GenerationParams
@@ -78,6 +78,59 @@ async def _run(request: Request, prompt: str, params: GenerationParams, adapter:
     metrics.prompt_tokens.labels(label).inc(last.prompt_tokens)
 
 
+async def _trimmed(request: Request, prompt: str, params: GenerationParams, adapter: Adapter | None,
+                   model_id: str, request_id: str) -> AsyncIterator[GenerationChunk]:
+    """The generation with stop sequences cut (the stop string and what follows are dropped, as OpenAI
+    does); text arrives in pieces, and a final empty chunk carries finish_reason and the token counts."""
+    text, last, stopped = "", GenerationChunk(""), False
+    async for chunk in _run(request, prompt, params, adapter, model_id, request_id):
+        last = chunk
+        if stopped:
+            continue  # keep draining so the counts are the engine's
+        new_text, stopped = _cut_at_stop(text + chunk.text, params.stop)
+        delta, text = new_text[len(text):], new_text
+        if delta:
+            yield GenerationChunk(delta)
+    yield GenerationChunk("", "stop" if stopped else (last.finish_reason or "stop"), last.prompt_tokens, last.completion_tokens)
+
+
+async def _collect(chunks: AsyncIterator[GenerationChunk]) -> tuple[str, GenerationChunk]:
+    text, last = "", GenerationChunk("")
+    async for chunk in chunks:
+        text += chunk.text
+        last = chunk
+    return text, last
+
+
+async def _blocked(message: str, prompt_tokens: int) -> AsyncIterator[GenerationChunk]:
+    """What a request blocked by a monitor gets instead of a generation (the engine is not called)."""
+    yield GenerationChunk(message)
+    yield GenerationChunk("", "content_filter", prompt_tokens, 0)
+
+
+async def _monitor(request: Request, model_id: str, guard: dict | None, messages: list[dict]) -> dict | None:
+    """Score the request's last user message with the loaded monitors and apply the model's policy.
+    Returns the `safekeel.monitor` record (None when no monitor runs for this model)."""
+    runtime, settings, metrics = request.app.state.monitors, request.app.state.settings, request.app.state.metrics
+    if runtime is None:
+        return None
+    policy = (guard or {}).get("monitor_policy", "default")
+    policy = settings.monitor_policy if policy == "default" else policy
+    user_turns = [m["content"] for m in messages if m["role"] == "user"]
+    if policy == "off" or not user_turns:
+        return None
+    from safekeel.monitors.runtime import decide
+
+    result = await run_in_threadpool(runtime.score, user_turns[-1])
+    label = metrics.model_label(model_id, settings.base_models)
+    for name, score in result.scores.items():
+        metrics.monitor_scores.labels(name, label).observe(score)
+    decision = decide(policy, result)
+    metrics.monitor_decisions.labels(label, decision).inc()
+    metrics.monitor_latency.observe(result.seconds)
+    return {"policy": policy, **result.to_dict(decision)}
+
+
 def _count_guard(request: Request, action: GuardAction) -> None:
     counter = request.app.state.metrics.guard_actions
     if action.system_prompt:
@@ -109,20 +162,27 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, tenant
         raise APIError(400, f"The messages cannot be rendered with the model's chat template: {error}", "invalid_messages", "messages")
     params = sampling(body, request.app.state.settings)
     check_context(request, prompt, params)
+    monitor = await _monitor(request, body.model, guard, messages)
     request_id = f"chatcmpl-{secrets.token_hex(12)}"
     created = int(time.time())
     meta = {"guard": {"system_prompt": action.system_prompt, "demonstrations": action.demonstrations, "mode": action.mode}}
+    headers = {}
+    if monitor is not None:
+        meta["monitor"] = monitor
+        headers["X-Safekeel-Monitor"] = monitor["decision"]
+
+    def generation() -> AsyncIterator[GenerationChunk]:
+        if monitor is not None and monitor["decision"] == "blocked":
+            n_prompt = len(request.app.state.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            return _blocked(request.app.state.settings.monitor_block_message, n_prompt)
+        return _trimmed(request, prompt, params, adapter, body.model, request_id)
 
     if not body.stream:
-        text, last = "", GenerationChunk("")
-        async for chunk in _run(request, prompt, params, adapter, body.model, request_id):
-            text += chunk.text
-            last = chunk
-        text, stopped = _cut_at_stop(text, params.stop)
-        return {"id": request_id, "object": "chat.completion", "created": created, "model": body.model,
+        text, last = await _collect(generation())
+        return JSONResponse(headers=headers, content={"id": request_id, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                             "finish_reason": "stop" if stopped else (last.finish_reason or "stop"), "logprobs": None}],
-                "usage": _usage(last), "system_fingerprint": None, "safekeel": meta}
+                             "finish_reason": last.finish_reason, "logprobs": None}],
+                "usage": _usage(last), "system_fingerprint": None, "safekeel": meta})
 
     include_usage = bool((body.stream_options or {}).get("include_usage"))
 
@@ -130,24 +190,16 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, tenant
         base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": body.model, "system_fingerprint": None}
         yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}],
                     "safekeel": meta})
-        text, last, finished = "", GenerationChunk(""), None
-        async for chunk in _run(request, prompt, params, adapter, body.model, request_id):
+        async for chunk in generation():
+            if chunk.finish_reason is None:
+                yield _sse({**base, "choices": [{"index": 0, "delta": {"content": chunk.text}, "finish_reason": None, "logprobs": None}]})
             last = chunk
-            if finished:
-                continue
-            new_text, stopped = _cut_at_stop(text + chunk.text, params.stop)
-            delta, text = new_text[len(text):], new_text
-            if delta:
-                yield _sse({**base, "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None, "logprobs": None}]})
-            if stopped:
-                finished = "stop"
-        reason = finished or last.finish_reason or "stop"
-        yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": reason, "logprobs": None}]})
+        yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": last.finish_reason, "logprobs": None}]})
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(last)})
         yield _sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
 @router.post("/completions")
@@ -156,6 +208,11 @@ async def completions(request: Request, body: CompletionRequest, tenant: Tenant 
     if guard and (guard.get("system_prompt") or guard.get("demonstrations") != "none"):
         raise APIError(400, f"Model {body.model!r} has a test-time guard, which applies to chat messages: use /v1/chat/completions",
                        "guarded_model", "model")
+    if request.app.state.monitors is not None:
+        policy = (guard or {}).get("monitor_policy", "default")
+        if (request.app.state.settings.monitor_policy if policy == "default" else policy) == "block":
+            raise APIError(400, f"Model {body.model!r} is served with monitor policy 'block', which scores chat messages: "
+                                "use /v1/chat/completions", "monitored_model", "model")
     if isinstance(body.prompt, list):
         if len(body.prompt) != 1:
             raise APIError(400, "Only one prompt per request is supported", "invalid_prompt", "prompt")
@@ -168,30 +225,16 @@ async def completions(request: Request, body: CompletionRequest, tenant: Tenant 
     created = int(time.time())
 
     if not body.stream:
-        text, last = "", GenerationChunk("")
-        async for chunk in _run(request, prompt, params, adapter, body.model, request_id):
-            text += chunk.text
-            last = chunk
-        text, stopped = _cut_at_stop(text, params.stop)
+        text, last = await _collect(_trimmed(request, prompt, params, adapter, body.model, request_id))
         return {"id": request_id, "object": "text_completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "text": (prompt if body.echo else "") + text, "logprobs": None,
-                             "finish_reason": "stop" if stopped else (last.finish_reason or "stop")}],
+                             "finish_reason": last.finish_reason}],
                 "usage": _usage(last)}
 
     async def events() -> AsyncIterator[str]:
         base = {"id": request_id, "object": "text_completion", "created": created, "model": body.model}
-        text, last, finished = "", GenerationChunk(""), None
-        async for chunk in _run(request, prompt, params, adapter, body.model, request_id):
-            last = chunk
-            if finished:
-                continue
-            new_text, stopped = _cut_at_stop(text + chunk.text, params.stop)
-            delta, text = new_text[len(text):], new_text
-            if delta:
-                yield _sse({**base, "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": None}]})
-            if stopped:
-                finished = "stop"
-        yield _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": finished or last.finish_reason or "stop"}]})
+        async for chunk in _trimmed(request, prompt, params, adapter, body.model, request_id):
+            yield _sse({**base, "choices": [{"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": chunk.finish_reason}]})
         yield _sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")

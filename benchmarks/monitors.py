@@ -1,0 +1,219 @@
+"""Measure the monitors on the aligned organism: harm probes and the refusal direction, TopK SAEs
+trained on streamed activations, an SAE sweep with early kills, SAE-latent probes against the dense
+probe, and (separately, through the service) the serving overhead. Writes
+benchmarks/results/monitors.{json,md}.
+
+    python benchmarks/monitors.py                      # probes + SAEs + sweep + SAE probes (~20 min here)
+    python benchmarks/guard_overhead.py --suite monitors --monitor-dir $SAFEKEEL_HOME/monitors/smollm2-135m-safe
+    python benchmarks/monitors.py --render-only        # re-render the .md (merges monitor_overhead.json)
+
+The monitors are saved to $SAFEKEEL_HOME/monitors/<model> (or --monitor-dir), where `safekeel serve`
+loads them. Hygiene: layers, poolings and SAE-probe settings are chosen on validation splits
+(AdvBench dev vs Alpaca), thresholds on a separate benign calibration sample, numbers reported on
+splits never used before (AdvBench test, HarmBench, JBB, XSTest). The SAE corpus holds no prompt of
+any reported split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-safe")
+    parser.add_argument("--monitor-dir", type=Path, default=None)
+    parser.add_argument("--layers", default="3,6,9,12,15,18,21,24,27", help="candidate probe layers")
+    parser.add_argument("--sae-tokens", type=int, default=600_000, help="training tokens per SAE")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    if args.render_only:
+        render(json.loads((RESULTS / "monitors.json").read_text()))
+        return
+
+    import numpy as np
+    import torch
+
+    from safekeel.models.registry import load_model_and_tokenizer, resolve_model
+    from safekeel.monitors.capture import ActivationReader, model_fingerprint, render_requests
+    from safekeel.monitors.probes import calibrate_threshold, detection_metrics
+    from safekeel.monitors.sae import SaeConfig, SaeTrainer, evaluate_sae
+    from safekeel.monitors.sae_probe import SaeProbeConfig, fit_sae_probe
+    from safekeel.monitors.suite import ProbeSuiteConfig, activation_stream, reference_splits, sae_corpus, train_probe_suite
+    from safekeel.monitors.sweep import KillRule, run_sweep
+    from safekeel.paths import safekeel_home
+    from safekeel.provenance import library_versions, write_json_atomic
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.time()
+    monitor_dir = args.monitor_dir or safekeel_home() / "monitors" / args.model
+    work = ROOT / "runs" / "monitors"
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    model.eval()
+    fingerprint = model_fingerprint(resolve_model(args.model))
+
+    # 1. dense probes and the refusal direction
+    suite_config = ProbeSuiteConfig(model=args.model, layers=[int(x) for x in args.layers.split(",")])
+    splits = reference_splits(suite_config.n_benign, suite_config.seed)
+    suite = train_probe_suite(suite_config, monitor_dir, splits=splits, model=model, tokenizer=tokenizer)
+    print(f"probes done in {suite.report['seconds']:.0f} s", flush=True)
+    harm_layer = int(suite.probes["harm_probe"].config.hookpoint.split(".")[1])
+    middle = model.config.num_hidden_layers // 2
+    hookpoints = sorted({f"layers.{harm_layer}", f"layers.{middle}"}, key=lambda h: int(h.split(".")[1]))
+    d_in = model.config.hidden_size
+
+    # 2. SAEs: several hookpoints and sizes share each forward
+    texts = sae_corpus(tokenizer, splits, n_alpaca=12000, n_gsm8k=1500)
+    held_out, train_texts = texts[:300], texts[300:]
+    reader = ActivationReader(model, tokenizer, hookpoints)
+    configs = [SaeConfig(hookpoint=h, d_in=d_in, expansion_factor=8, k=32, batch_size=2048, max_tokens=args.sae_tokens,
+                         dead_tokens=200_000) for h in hookpoints]
+    configs.append(SaeConfig(hookpoint=f"layers.{harm_layer}", d_in=d_in, expansion_factor=16, k=32, batch_size=2048,
+                             max_tokens=args.sae_tokens, dead_tokens=200_000))
+    sae_started = time.time()
+    trainer = SaeTrainer(configs, work / "saes", model_hash=fingerprint, progress=True,
+                         extra={"corpus": "Alpaca (unused by probes) + GSM8K train + AdvBench train + authored", "model": args.model})
+    results = trainer.fit(activation_stream(reader, train_texts, epochs=3))
+    sae_seconds = time.time() - sae_started
+    saes = []
+    for result in results:
+        metrics = evaluate_sae(result.sae, reader.token_batches(held_out, 32))
+        saes.append({"name": result.name, "hookpoint": result.config.hookpoint, "num_latents": result.config.n_latents,
+                     "k": result.config.k, "status": result.status, "train_tokens": result.stats.tokens,
+                     "steps": result.stats.steps, "train": result.stats.summary(),
+                     "held_out": {"fvu": round(metrics.fvu, 4), "l0": round(metrics.l0, 2),
+                                  "dead_fraction": round(metrics.dead_fraction, 4), "tokens": metrics.tokens},
+                     "folder": str(result.folder)})
+        print(saes[-1], flush=True)
+
+    # 3. a sweep queue with early kills: bounds a good run meets easily (see the rows above), and
+    # configurations that cannot meet them (k too small, a learning rate far too high or low)
+    sweep_configs = [
+        SaeConfig(hookpoint=f"layers.{harm_layer}", d_in=d_in, expansion_factor=8, k=k, lr=lr, batch_size=2048,
+                  max_tokens=args.sae_tokens // 2, dead_tokens=100_000, name=name)
+        for name, k, lr in [("k32-default-lr", 32, None), ("k2-too-sparse", 2, None), ("k32-lr-0.1", 32, 0.1),
+                            ("k16-default-lr", 16, None), ("k32-lr-1e-6", 32, 1e-6), ("k64-default-lr", 64, None)]]
+    rules = [KillRule("fvu_ema", 0.5, after_steps=20), KillRule("dead_fraction", 0.5, after_steps=60)]
+    sweep_started = time.time()
+    sweep = run_sweep(sweep_configs, activation_stream(reader, train_texts, epochs=3), work / "sweep", kill_rules=rules, parallel=2,
+                      model_hash=fingerprint, progress=True)
+    sweep_seconds = time.time() - sweep_started
+    sweep_json = json.loads(sweep.path.read_text())
+
+    # 4. SAE-latent probes vs the dense probe at the same hookpoint (settings chosen on validation)
+    sae_result = next(r for r in results if r.config.hookpoint == f"layers.{harm_layer}" and r.config.expansion_factor == 8)
+    hook = sae_result.config.hookpoint
+    token_reader = ActivationReader(model, tokenizer, [hook])
+    hidden = {name: token_reader.sequences(render_requests(tokenizer, prompts), 16)[hook] for name, prompts in splits.sets.items()}
+    candidates = []
+    for pooling in ("max", "mean", "last"):
+        for n_features in (None, 32):
+            probe = fit_sae_probe(SaeProbeConfig(hook, pooling, n_features), sae_result.sae, hidden["harmful_train"], hidden["benign_train"])
+            val = detection_metrics([probe.score_sequence(h) for h in hidden["harmful_val"]],
+                                    [probe.score_sequence(h) for h in hidden["benign_val"]])
+            candidates.append({"probe": probe.config.name, "val": val, "_probe": probe})
+    chosen = max(candidates, key=lambda c: (c["val"]["auroc"], c["val"]["tpr_at_0.01_fpr_oracle"]))
+    sae_probe = chosen["_probe"]
+    scores = {name: np.array([sae_probe.score_sequence(h) for h in hidden[name]]) for name in hidden}
+    sae_probe.threshold = calibrate_threshold(scores["benign_calibration"], 0.01)
+    sae_tests = {name: detection_metrics(scores[h], scores[b], sae_probe.threshold) for name, (h, b) in splits.pairs.items()}
+    sae_probe.metadata.update({"role": "sae_probe", "model": args.model, "model_fingerprint": fingerprint,
+                               "training_data_sha256": splits.sha256(), "validation": chosen["val"], "tests": sae_tests,
+                               "sae": sae_result.name})
+    sae_probe.save(monitor_dir / "sae_probe")
+    dense_same_layer = [row for row in suite.report["grid"] if row["layer"] == harm_layer and row["method"] == "logistic"]
+
+    report = {
+        "command": "python benchmarks/monitors.py " + " ".join(sys.argv[1:]), "model": args.model,
+        "model_fingerprint": fingerprint, "monitor_dir": str(monitor_dir), "machine": "2 CPU cores, no GPU",
+        "probe_suite": {k: v for k, v in suite.report.items() if k != "versions"},
+        "saes": saes, "sae_seconds": round(sae_seconds, 1), "sae_corpus_texts": len(train_texts),
+        "sweep": {"rules": sweep_json["kill_rules"], "runs": sweep_json["runs"], "seconds": round(sweep_seconds, 1),
+                  "total_estimated_seconds_saved": sweep_json["total_estimated_seconds_saved"]},
+        "sae_probe": {"chosen": chosen["probe"], "validation": chosen["val"], "threshold": sae_probe.threshold,
+                      "tests": sae_tests, "candidates": [{k: v for k, v in c.items() if k != "_probe"} for c in candidates],
+                      "top_latents": sae_probe.top_latents(), "dense_same_layer_validation": dense_same_layer},
+        "seconds": round(time.time() - started, 1), "versions": library_versions(),
+    }
+    write_json_atomic(RESULTS / "monitors.json", report)
+    render(report)
+
+
+def render(report: dict) -> None:
+    """monitors.md from monitors.json (+ monitor_overhead.json when the overhead run exists)."""
+    overhead_path = RESULTS / "monitor_overhead.json"
+    overhead = json.loads(overhead_path.read_text()) if overhead_path.is_file() else None
+    suite = report["probe_suite"]
+    lines = ["# Monitors on the aligned organism", "", f"Command: `{report['command']}` (model {report['model']}, "
+             f"fingerprint {report['model_fingerprint']}); {report['machine']}; {report['seconds']:.0f} s.", "",
+             "Harmful = 1, benign = 0. AUROC; TPR and FPR at the threshold calibrated on "
+             f"{suite['data']['benign_calibration']} held-out benign Alpaca prompts for 1% FPR (the deployment numbers); "
+             "`oracle` = TPR at 1% FPR read off the test set's own ROC. Layer, pooling and method chosen on AdvBench dev vs "
+             "Alpaca validation; nothing below was seen before the report. `layers.N` = residual stream entering block N.", "",
+             "## Dense probes", "",
+             "| monitor | chosen on validation | test set | n (harmful+benign) | AUROC | TPR at threshold | FPR at threshold | TPR@1%FPR oracle |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    chosen = dict(suite["chosen"])
+    chosen["sae_probe"] = {"probe": report["sae_probe"]["chosen"], "tests": report["sae_probe"]["tests"]}
+    for role, entry in chosen.items():
+        for name, m in entry["tests"].items():
+            lines.append(f"| {role} | {entry['probe']} | {name} | {m['n_harmful']}+{m['n_benign']} | {m['auroc']:.3f} | "
+                         f"{m['tpr_at_threshold']:.3f} | {m['fpr_at_threshold']:.3f} | {m['tpr_at_0.01_fpr_oracle']:.3f} |")
+    lines += ["", "Validation grid (AUROC, AdvBench dev vs Alpaca validation):", "",
+              "| layer | " + " | ".join(sorted({f"{r['method']}/{r['pooling']}" for r in suite["grid"]})) + " |"]
+    columns = sorted({f"{r['method']}/{r['pooling']}" for r in suite["grid"]})
+    lines.append("| --- |" + " --- |" * len(columns))
+    for layer in sorted({r["layer"] for r in suite["grid"]}):
+        cells = {f"{r['method']}/{r['pooling']}": f"{r['val']['auroc']:.3f}" for r in suite["grid"] if r["layer"] == layer}
+        lines.append(f"| {layer} | " + " | ".join(cells.get(c, "") for c in columns) + " |")
+    lines += ["", "## Sparse autoencoders (TopK, AuxK; trained on streamed activations, several per forward)", "",
+              f"{report['sae_corpus_texts']} corpus texts, {report['sae_seconds']:.0f} s for all SAEs together. Held-out: 300 corpus texts.", "",
+              "| SAE | hookpoint | latents | k | train tokens | held-out FVU | L0 | dead fraction (held-out) | dead fraction (train) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in report["saes"]:
+        lines.append(f"| {s['name']} | {s['hookpoint']} | {s['num_latents']} | {s['k']} | {s['train_tokens']} | {s['held_out']['fvu']:.3f} | "
+                     f"{s['held_out']['l0']:.1f} | {s['held_out']['dead_fraction']:.3f} | {s['train']['dead_fraction']:.3f} |")
+    sweep = report["sweep"]
+    lines += ["", "## Sweep with early kills", "", "Rules: " + "; ".join(f"{r['metric']} > {r['above']} after {r['after_steps']} steps"
+                                                                       for r in sweep["rules"]) + f". {sweep['seconds']:.0f} s; "
+              f"estimated time saved by the kills: {sweep['total_estimated_seconds_saved']:.0f} s.", "",
+              "| run | status | steps run / budget | kill reason | final FVU (EMA) | dead fraction | est. seconds saved |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sweep["runs"]:
+        m = r.get("metrics") or {}
+        fvu = f"{m['fvu_ema']:.3f}" if m.get("fvu_ema") is not None else ""
+        dead = f"{m['dead_fraction']:.3f}" if m.get("dead_fraction") is not None else ""
+        saved = f"{r['estimated_seconds_saved']:.0f}" if r.get("estimated_seconds_saved") is not None else ""
+        lines.append(f"| {r['name']} | {r['status']} | {r['steps']} / {r['budget_steps']} | {r.get('kill_reason') or ''} | {fvu} | {dead} | {saved} |")
+    sp = report["sae_probe"]
+    lines += ["", "## SAE-latent probe vs the dense probe", "",
+              f"Chosen on validation: {sp['chosen']} (val AUROC {sp['validation']['auroc']:.3f}). Candidates:", "",
+              "| SAE probe | val AUROC | val TPR@1%FPR |", "| --- | --- | --- |"]
+    for c in sp["candidates"]:
+        lines.append(f"| {c['probe']} | {c['val']['auroc']:.3f} | {c['val']['tpr_at_0.01_fpr_oracle']:.3f} |")
+    lines += ["", "Dense logistic probes at the same layer (validation): " + ", ".join(
+        f"{r['pooling']} {r['val']['auroc']:.3f}" for r in sp["dense_same_layer_validation"]) + ".",
+              "Most harmful-leaning latents: " + ", ".join(f"#{t['latent']} ({t['weight']})" for t in sp["top_latents"]) + "."]
+    if overhead:
+        lines += ["", "## Serving overhead (vLLM; `" + overhead["command"] + "`)", "",
+                  f"{overhead['prompts']} prompts x {overhead['rounds']} rounds per policy, {overhead['concurrency']} concurrent streams, "
+                  f"max_tokens {overhead['max_tokens']}; the same adapter behind every policy; ratios against policy `off` in the same run.", "",
+                  "| policy | token throughput ratio | latency p50 ratio | TTFT p50 (s) | TTFT ratio |", "| --- | --- | --- | --- | --- |"]
+        for r in overhead["rows"]:
+            lines.append(f"| {r['guard']} | {r['token_throughput_ratio']} | {r['latency_p50_ratio']} | {r['ttft_p50_s']} | {r['ttft_p50_ratio']} |")
+    (RESULTS / "monitors.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

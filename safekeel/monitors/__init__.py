@@ -1,0 +1,1 @@
+"""Monitors: activation capture, linear probes and refusal directions, sparse autoencoders, runtime scoring."""
