@@ -50,11 +50,11 @@ run records in benchmarks/results/phenomenon_runs/ (LoRA r=16 bf16):
   dev + 24 XSTest dev) x 0.8 s + held-out loss on 50 (~10 s) + model load and judges (~10 s)
   = ~70 s, x 9 = 630 s. Selection: nearest_user embeds the pool (~15 s) twice. Total ~1,400 s,
   ~24 minutes (< 30).
-The `full` profile (2 datasets x 2 pools x k in {5, 10, 25} x replay/icl x every selector x 5
-seeds, plus none/ptst, test splits) is 1,821 runs with the 15 selectors registered today: 450
-GSM8K replay runs at ~800 s (84 steps x 6 s + 279 prompts), 450 pure_bad replay runs at ~340 s,
-900 icl runs (no training; longer prompts) at ~260 s: ~9 days, plus the model-aware selectors'
-own selection time. Narrow it with a grid file (fewer selectors, k values or pools).
+The `full` profile (2 datasets x 2 pools x k in {10, 20} x replay/icl x every selector x 5 seeds,
+plus none/ptst, test splits) is about 1,200 runs with the 15 selectors registered today (at ~800 s
+per GSM8K replay run, ~340 s per pure_bad replay run, ~260 s per icl run: about 6 days on this CPU),
+plus the model-aware selectors' own selection time. Narrow it with a grid file (fewer selectors,
+one pool), and choose its datasets from the regime map (benchmarks/regimes.py).
 """
 
 from __future__ import annotations
@@ -185,12 +185,12 @@ def quick_grid() -> GridSpec:
 
 def full_grid() -> GridSpec:
     """The comparison: benign GSM8K (He et al.'s random 100) and the 10-shot harmful attack, both pools,
-    k in {5, 10, 25}, every registered selector, replay / icl / ptst, 5 seeds, test splits."""
+    k in {10, 20}, every registered selector, replay / icl / ptst, 5 seeds, test splits."""
     return GridSpec(
         name="full",
         datasets=[DatasetSpec("gsm8k_random100", "benign/gsm8k_random100.jsonl", sft=dict(BENIGN_SFT)),
                   DatasetSpec("pure_bad_10", "attacks/pure_bad_10.jsonl", sft=dict(HARMFUL_SFT))],
-        k_values=[5, 10, 25], pools=["authored", "safety_tuned_llamas"], selectors=None,
+        k_values=[10, 20], pools=["authored", "safety_tuned_llamas"], selectors=None,
         modes=["replay", "icl", "ptst"], seeds=[0, 1, 2, 3, 4],
         eval=EvalSettings(harmful_set="advbench-test", overrefusal_set="xstest-test", max_new_tokens=48,
                           utility="gsm8k", n_utility_loss=100, n_utility_accuracy=0),
