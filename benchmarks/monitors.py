@@ -3,7 +3,7 @@ trained on streamed activations, an SAE sweep with early kills, SAE-latent probe
 probe, and (separately, through the service) the serving overhead. Writes
 benchmarks/results/monitors.{json,md}.
 
-    python benchmarks/monitors.py                      # probes + SAEs + sweep + SAE probes (~20 min here)
+    python benchmarks/monitors.py                      # probes + SAE sweep + SAE probes (~30 min here)
     python benchmarks/guard_overhead.py --suite monitors --monitor-dir $SAFEKEEL_HOME/monitors/smollm2-135m-safe
     python benchmarks/monitors.py --render-only        # re-render the .md (merges monitor_overhead.json)
 
@@ -34,7 +34,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-safe")
     parser.add_argument("--monitor-dir", type=Path, default=None)
     parser.add_argument("--layers", default="3,6,9,12,15,18,21,24,27", help="candidate probe layers")
-    parser.add_argument("--sae-tokens", type=int, default=600_000, help="training tokens per SAE")
+    parser.add_argument("--sae-tokens", type=int, default=300_000, help="training tokens per SAE")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
     if args.render_only:
@@ -47,14 +48,14 @@ def main() -> None:
     from safekeel.models.registry import load_model_and_tokenizer, resolve_model
     from safekeel.monitors.capture import ActivationReader, model_fingerprint, render_requests
     from safekeel.monitors.probes import calibrate_threshold, detection_metrics
-    from safekeel.monitors.sae import SaeConfig, SaeTrainer, evaluate_sae
+    from safekeel.monitors.sae import SaeConfig, TopKSAE, evaluate_sae
     from safekeel.monitors.sae_probe import SaeProbeConfig, fit_sae_probe
     from safekeel.monitors.suite import ProbeSuiteConfig, activation_stream, reference_splits, sae_corpus, train_probe_suite
     from safekeel.monitors.sweep import KillRule, run_sweep
     from safekeel.paths import safekeel_home
     from safekeel.provenance import library_versions, write_json_atomic
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     started = time.time()
     monitor_dir = args.monitor_dir or safekeel_home() / "monitors" / args.model
     work = ROOT / "runs" / "monitors"
@@ -67,58 +68,53 @@ def main() -> None:
     splits = reference_splits(suite_config.n_benign, suite_config.seed)
     suite = train_probe_suite(suite_config, monitor_dir, splits=splits, model=model, tokenizer=tokenizer)
     print(f"probes done in {suite.report['seconds']:.0f} s", flush=True)
-    harm_layer = int(suite.probes["harm_probe"].config.hookpoint.split(".")[1])
+    layer = suite.token_layer  # the layer the mean-pooled probe chose on validation: SAEs read it too
     middle = model.config.num_hidden_layers // 2
-    hookpoints = sorted({f"layers.{harm_layer}", f"layers.{middle}"}, key=lambda h: int(h.split(".")[1]))
+    hook, hook_middle = f"layers.{layer}", f"layers.{middle if middle != layer else max(0, middle - 1)}"
     d_in = model.config.hidden_size
 
-    # 2. SAEs: several hookpoints and sizes share each forward
+    # 2+3. SAEs in ONE pass over the model: a sweep queue run 3 at a time on one activation stream.
+    # The first three are the SAEs we want (two sizes at the probe layer, one at another layer); the
+    # rest are configurations that should not make it (far too sparse, learning rates far off), which
+    # the kill rules stop early so that their slot goes to the next in the queue.
     texts = sae_corpus(tokenizer, splits, n_alpaca=12000, n_gsm8k=1500)
     held_out, train_texts = texts[:300], texts[300:]
-    reader = ActivationReader(model, tokenizer, hookpoints)
-    configs = [SaeConfig(hookpoint=h, d_in=d_in, expansion_factor=8, k=32, batch_size=2048, max_tokens=args.sae_tokens,
-                         dead_tokens=200_000) for h in hookpoints]
-    configs.append(SaeConfig(hookpoint=f"layers.{harm_layer}", d_in=d_in, expansion_factor=16, k=32, batch_size=2048,
-                             max_tokens=args.sae_tokens, dead_tokens=200_000))
-    sae_started = time.time()
-    trainer = SaeTrainer(configs, work / "saes", model_hash=fingerprint, progress=True,
-                         extra={"corpus": "Alpaca (unused by probes) + GSM8K train + AdvBench train + authored", "model": args.model})
-    results = trainer.fit(activation_stream(reader, train_texts, epochs=3))
-    sae_seconds = time.time() - sae_started
-    saes = []
-    for result in results:
-        metrics = evaluate_sae(result.sae, reader.token_batches(held_out, 32))
-        saes.append({"name": result.name, "hookpoint": result.config.hookpoint, "num_latents": result.config.n_latents,
-                     "k": result.config.k, "status": result.status, "train_tokens": result.stats.tokens,
-                     "steps": result.stats.steps, "train": result.stats.summary(),
-                     "held_out": {"fvu": round(metrics.fvu, 4), "l0": round(metrics.l0, 2),
-                                  "dead_fraction": round(metrics.dead_fraction, 4), "tokens": metrics.tokens},
-                     "folder": str(result.folder)})
-        print(saes[-1], flush=True)
+    reader = ActivationReader(model, tokenizer, sorted({hook, hook_middle}, key=lambda h: int(h.split(".")[1])))
 
-    # 3. a sweep queue with early kills: bounds a good run meets easily (see the rows above), and
-    # configurations that cannot meet them (k too small, a learning rate far too high or low)
-    sweep_configs = [
-        SaeConfig(hookpoint=f"layers.{harm_layer}", d_in=d_in, expansion_factor=8, k=k, lr=lr, batch_size=2048,
-                  max_tokens=args.sae_tokens // 2, dead_tokens=100_000, name=name)
-        for name, k, lr in [("k32-default-lr", 32, None), ("k2-too-sparse", 2, None), ("k32-lr-0.1", 32, 0.1),
-                            ("k16-default-lr", 16, None), ("k32-lr-1e-6", 32, 1e-6), ("k64-default-lr", 64, None)]]
-    rules = [KillRule("fvu_ema", 0.5, after_steps=20), KillRule("dead_fraction", 0.5, after_steps=60)]
+    def sae(name, hookpoint, expansion=8, k=32, lr=None):
+        return SaeConfig(hookpoint=hookpoint, d_in=d_in, expansion_factor=expansion, k=k, lr=lr, batch_size=2048,
+                         max_tokens=args.sae_tokens, dead_tokens=100_000, name=name)
+
+    sweep_configs = [sae(f"{hook}-8x-k32", hook), sae(f"{hook}-16x-k32", hook, expansion=16), sae(f"{hook_middle}-8x-k32", hook_middle),
+                     sae(f"{hook}-8x-k1-too-sparse", hook, k=1), sae(f"{hook}-8x-k32-lr0.1", hook, lr=0.1),
+                     sae(f"{hook}-8x-k32-lr1e-6", hook, lr=1e-6)]
+    rules = [KillRule("fvu_ema", 0.6, after_steps=40), KillRule("dead_fraction", 0.5, after_steps=60)]
     sweep_started = time.time()
-    sweep = run_sweep(sweep_configs, activation_stream(reader, train_texts, epochs=3), work / "sweep", kill_rules=rules, parallel=2,
-                      model_hash=fingerprint, progress=True)
+    sweep = run_sweep(sweep_configs, activation_stream(reader, train_texts, epochs=3), work / "sweep", kill_rules=rules,
+                      parallel=3, model_hash=fingerprint, progress=True,
+                      extra={"corpus": "Alpaca (unused by probes) + GSM8K train + AdvBench train + authored", "model": args.model})
     sweep_seconds = time.time() - sweep_started
     sweep_json = json.loads(sweep.path.read_text())
+    saes = []
+    for record in sweep.records:
+        if record.status != "completed":
+            continue
+        trained = TopKSAE.load(record.folder, expected_model_hash=fingerprint)
+        metrics = evaluate_sae(trained, reader.token_batches(held_out, 32))
+        saes.append({"name": record.name, "hookpoint": trained.cfg.hookpoint, "num_latents": trained.num_latents, "k": trained.cfg.k,
+                     "train_tokens": record.tokens, "steps": record.steps, "train": record.metrics,
+                     "held_out": {"fvu": round(metrics.fvu, 4), "l0": round(metrics.l0, 2),
+                                  "dead_fraction": round(metrics.dead_fraction, 4), "tokens": metrics.tokens},
+                     "folder": record.folder})
+        print(saes[-1], flush=True)
 
-    # 4. SAE-latent probes vs the dense probe at the same hookpoint (settings chosen on validation)
-    sae_result = next(r for r in results if r.config.hookpoint == f"layers.{harm_layer}" and r.config.expansion_factor == 8)
-    hook = sae_result.config.hookpoint
-    token_reader = ActivationReader(model, tokenizer, [hook])
-    hidden = {name: token_reader.sequences(render_requests(tokenizer, prompts), 16)[hook] for name, prompts in splits.sets.items()}
+    # 4. SAE-latent probes vs the dense probes at the same layer (settings chosen on validation)
+    main_sae = TopKSAE.load(sweep.record(f"{hook}-8x-k32").folder, expected_model_hash=fingerprint)
+    hidden = suite.sequences
     candidates = []
     for pooling in ("max", "mean", "last"):
         for n_features in (None, 32):
-            probe = fit_sae_probe(SaeProbeConfig(hook, pooling, n_features), sae_result.sae, hidden["harmful_train"], hidden["benign_train"])
+            probe = fit_sae_probe(SaeProbeConfig(hook, pooling, n_features), main_sae, hidden["harmful_train"], hidden["benign_train"])
             val = detection_metrics([probe.score_sequence(h) for h in hidden["harmful_val"]],
                                     [probe.score_sequence(h) for h in hidden["benign_val"]])
             candidates.append({"probe": probe.config.name, "val": val, "_probe": probe})
@@ -129,15 +125,15 @@ def main() -> None:
     sae_tests = {name: detection_metrics(scores[h], scores[b], sae_probe.threshold) for name, (h, b) in splits.pairs.items()}
     sae_probe.metadata.update({"role": "sae_probe", "model": args.model, "model_fingerprint": fingerprint,
                                "training_data_sha256": splits.sha256(), "validation": chosen["val"], "tests": sae_tests,
-                               "sae": sae_result.name})
+                               "sae": f"{hook}-8x-k32"})
     sae_probe.save(monitor_dir / "sae_probe")
-    dense_same_layer = [row for row in suite.report["grid"] if row["layer"] == harm_layer and row["method"] == "logistic"]
+    dense_same_layer = [row for row in suite.report["grid"] if row["layer"] == layer and row["method"] == "logistic"]
 
     report = {
         "command": "python benchmarks/monitors.py " + " ".join(sys.argv[1:]), "model": args.model,
         "model_fingerprint": fingerprint, "monitor_dir": str(monitor_dir), "machine": "2 CPU cores, no GPU",
         "probe_suite": {k: v for k, v in suite.report.items() if k != "versions"},
-        "saes": saes, "sae_seconds": round(sae_seconds, 1), "sae_corpus_texts": len(train_texts),
+        "saes": saes, "sae_corpus_texts": len(train_texts),
         "sweep": {"rules": sweep_json["kill_rules"], "runs": sweep_json["runs"], "seconds": round(sweep_seconds, 1),
                   "total_estimated_seconds_saved": sweep_json["total_estimated_seconds_saved"]},
         "sae_probe": {"chosen": chosen["probe"], "validation": chosen["val"], "threshold": sae_probe.threshold,
@@ -177,7 +173,8 @@ def render(report: dict) -> None:
         cells = {f"{r['method']}/{r['pooling']}": f"{r['val']['auroc']:.3f}" for r in suite["grid"] if r["layer"] == layer}
         lines.append(f"| {layer} | " + " | ".join(cells.get(c, "") for c in columns) + " |")
     lines += ["", "## Sparse autoencoders (TopK, AuxK; trained on streamed activations, several per forward)", "",
-              f"{report['sae_corpus_texts']} corpus texts, {report['sae_seconds']:.0f} s for all SAEs together. Held-out: 300 corpus texts.", "",
+              f"The completed runs of the sweep below (one activation stream, 3 SAEs at a time); {report['sae_corpus_texts']} corpus texts; "
+              "held-out: 300 other corpus texts.", "",
               "| SAE | hookpoint | latents | k | train tokens | held-out FVU | L0 | dead fraction (held-out) | dead fraction (train) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in report["saes"]:

@@ -82,7 +82,11 @@ def reference_splits(n_benign: dict[str, int], seed: int = 0) -> PromptSplits:
 class SuiteResult:
     report: dict
     probes: dict[str, Probe]
-    """'harm_probe' (best on validation) and 'refusal_direction' (diff_means, last token, best layer)."""
+    """'harm_probe' (best on validation), 'refusal_direction' (diff_means, last token, best layer) and
+    'token_probe' (rolling-max over token scores, at the layer the best mean-pooled probe chose)."""
+    token_layer: int | None = None
+    sequences: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    """Every split's full per-prompt activations at `token_layer` (reusable, e.g. for SAE-latent probes)."""
 
 
 def train_probe_suite(config: ProbeSuiteConfig, output_dir: str | Path | None = None, splits: PromptSplits | None = None,
@@ -123,26 +127,29 @@ def train_probe_suite(config: ProbeSuiteConfig, output_dir: str | Path | None = 
     chosen = {"harm_probe": best(grid),
               "refusal_direction": best([r for r in grid if r["method"] == "diff_means" and r["pooling"] == "last"])}
     mean_rows = [r for r in grid if r["pooling"] == "mean" and r["method"] == "logistic"]
+    sequences: dict[str, list[np.ndarray]] = {}
+    token_layer = None
     if mean_rows:  # token-level probe with rolling-max pooling at the layer the mean-pooled probe picked
-        layer = best(mean_rows)["layer"]
-        token_reader = ActivationReader(model, tokenizer, [f"layers.{layer}"])
-        tokens = {name: [h[SKIPPED_POSITIONS:] for h in token_reader.sequences(render_requests(tokenizer, splits.sets[name]),
-                                                                                config.batch_size)[f"layers.{layer}"]]
-                  for name in ("harmful_train", "benign_train", "harmful_val", "benign_val")}
-        rolling_config = ProbeConfig(f"layers.{layer}", "rolling_max", "logistic", C=config.C, window=config.rolling_window,
+        token_layer = best(mean_rows)["layer"]
+        hook = f"layers.{token_layer}"
+        token_reader = ActivationReader(model, tokenizer, [hook])
+        sequences = {name: token_reader.sequences(render_requests(tokenizer, prompts), config.batch_size)[hook]
+                     for name, prompts in splits.sets.items()}
+        tokens = {name: [h[SKIPPED_POSITIONS:] for h in sequences[name]] for name in ("harmful_train", "benign_train")}
+        rolling_config = ProbeConfig(hook, "rolling_max", "logistic", C=config.C, window=config.rolling_window,
                                      target_fpr=config.target_fpr, seed=config.seed)
         probe = fit_probe(rolling_config, tokens["harmful_train"], tokens["benign_train"])
-        val = detection_metrics(probe.score_prompts(tokens=tokens["harmful_val"]), probe.score_prompts(tokens=tokens["benign_val"]),
-                                fpr=config.target_fpr)
-        grid.append({"probe": rolling_config.name, "layer": layer, "pooling": "rolling_max", "method": "logistic",
-                     "val": val, "_probe": probe, "_reader": token_reader})
+        val = detection_metrics([probe.score_sequence(h) for h in sequences["harmful_val"]],
+                                [probe.score_sequence(h) for h in sequences["benign_val"]], fpr=config.target_fpr)
+        grid.append({"probe": rolling_config.name, "layer": token_layer, "pooling": "rolling_max", "method": "logistic",
+                     "val": val, "_probe": probe})
         chosen["token_probe"] = grid[-1]
 
     data_hash = splits.sha256()
     report_probes = {}
     for role, row in chosen.items():
         probe: Probe = row["_probe"]
-        scores = _score_sets(probe, features, splits, row.get("_reader"), tokenizer)
+        scores = _score_sets(probe, features, sequences, splits)
         probe.threshold = calibrate_threshold(scores["benign_calibration"], config.target_fpr)
         tests = {name: detection_metrics(scores[h], scores[b], probe.threshold, fpr=config.target_fpr)
                  for name, (h, b) in splits.pairs.items()}
@@ -163,19 +170,15 @@ def train_probe_suite(config: ProbeSuiteConfig, output_dir: str | Path | None = 
         for role, probe in probes.items():
             probe.save(output_dir / role)
         write_json_atomic(output_dir / "report.json", report)
-    return SuiteResult(report, probes)
+    return SuiteResult(report, probes, token_layer, sequences)
 
 
-def _score_sets(probe: Probe, features, splits: PromptSplits, token_reader, tokenizer) -> dict[str, np.ndarray]:
+def _score_sets(probe: Probe, features, sequences, splits: PromptSplits) -> dict[str, np.ndarray]:
     names = {"benign_calibration"} | {n for pair in splits.pairs.values() for n in pair}
     if probe.config.pooling != "rolling_max":
         key = (probe.config.hookpoint, probe.config.pooling)
         return {name: probe.score_features(features[name][key]) for name in names}
-    out = {}
-    for name in names:
-        sequences = token_reader.sequences(render_requests(tokenizer, splits.sets[name]))[probe.config.hookpoint]
-        out[name] = np.array([probe.score_sequence(h) for h in sequences])
-    return out
+    return {name: np.array([probe.score_sequence(h) for h in sequences[name]]) for name in names}
 
 
 def probe_scores(monitor, model, tokenizer, requests: Sequence[str], batch_size: int = 16) -> np.ndarray:
