@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--sae-tokens", type=int, default=300_000, help="training tokens per SAE")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--probes-only", action="store_true",
+                        help="rerun only the dense probe suite (current validation rule), save those probes, and merge into "
+                             "monitors.json, keeping the SAE sections (the first suite's report is kept as probe_suite_first)")
     args = parser.parse_args()
     if args.render_only:
         render(json.loads((RESULTS / "monitors.json").read_text()))
@@ -50,7 +53,8 @@ def main() -> None:
     from safekeel.monitors.probes import calibrate_threshold, detection_metrics
     from safekeel.monitors.sae import SaeConfig, TopKSAE, evaluate_sae
     from safekeel.monitors.sae_probe import SaeProbeConfig, fit_sae_probe
-    from safekeel.monitors.suite import ProbeSuiteConfig, activation_stream, reference_splits, sae_corpus, train_probe_suite
+    from safekeel.monitors.suite import (ProbeSuiteConfig, activation_stream, reference_splits, sae_corpus, train_probe_suite,
+                                        validation_metrics)
     from safekeel.monitors.sweep import KillRule, run_sweep
     from safekeel.paths import safekeel_home
     from safekeel.provenance import library_versions, write_json_atomic
@@ -65,9 +69,19 @@ def main() -> None:
 
     # 1. dense probes and the refusal direction
     suite_config = ProbeSuiteConfig(model=args.model, layers=[int(x) for x in args.layers.split(",")])
-    splits = reference_splits(suite_config.n_benign, suite_config.seed)
+    splits = reference_splits(suite_config.n_benign, suite_config.seed, suite_config.xstest_validation)
     suite = train_probe_suite(suite_config, monitor_dir, splits=splits, model=model, tokenizer=tokenizer)
     print(f"probes done in {suite.report['seconds']:.0f} s", flush=True)
+    if args.probes_only:
+        report = json.loads((RESULTS / "monitors.json").read_text())
+        if report["model_fingerprint"] != fingerprint:
+            raise SystemExit("monitors.json was measured on another model; run the full benchmark")
+        report.setdefault("probe_suite_first", report["probe_suite"])
+        report["probe_suite"] = {k: v for k, v in suite.report.items() if k != "versions"}
+        report["command_probes"] = "python benchmarks/monitors.py " + " ".join(sys.argv[1:])
+        write_json_atomic(RESULTS / "monitors.json", report)
+        render(report)
+        return
     layer = suite.token_layer  # the layer the mean-pooled probe chose on validation: SAEs read it too
     middle = model.config.num_hidden_layers // 2
     hook, hook_middle = f"layers.{layer}", f"layers.{middle if middle != layer else max(0, middle - 1)}"
@@ -115,8 +129,7 @@ def main() -> None:
     for pooling in ("max", "mean", "last"):
         for n_features in (None, 32):
             probe = fit_sae_probe(SaeProbeConfig(hook, pooling, n_features), main_sae, hidden["harmful_train"], hidden["benign_train"])
-            val = detection_metrics([probe.score_sequence(h) for h in hidden["harmful_val"]],
-                                    [probe.score_sequence(h) for h in hidden["benign_val"]])
+            val = validation_metrics(lambda name: [probe.score_sequence(h) for h in hidden[name]], splits)
             candidates.append({"probe": probe.config.name, "val": val, "_probe": probe})
     chosen = max(candidates, key=lambda c: (c["val"]["auroc"], c["val"]["tpr_at_0.01_fpr_oracle"]))
     sae_probe = chosen["_probe"]
@@ -159,13 +172,25 @@ def render(report: dict) -> None:
              "## Dense probes", "",
              "| monitor | chosen on validation | test set | n (harmful+benign) | AUROC | TPR at threshold | FPR at threshold | TPR@1%FPR oracle |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    chosen = dict(suite["chosen"])
-    chosen["sae_probe"] = {"probe": report["sae_probe"]["chosen"], "tests": report["sae_probe"]["tests"]}
+    first = report.get("probe_suite_first")
+    sae_entry = {"probe": report["sae_probe"]["chosen"], "tests": report["sae_probe"]["tests"]}
+    chosen = dict(suite["chosen"]) if first else {**suite["chosen"], "sae_probe": sae_entry}
     for role, entry in chosen.items():
         for name, m in entry["tests"].items():
             lines.append(f"| {role} | {entry['probe']} | {name} | {m['n_harmful']}+{m['n_benign']} | {m['auroc']:.3f} | "
                          f"{m['tpr_at_threshold']:.3f} | {m['fpr_at_threshold']:.3f} | {m['tpr_at_0.01_fpr_oracle']:.3f} |")
-    lines += ["", "Validation grid (AUROC, AdvBench dev vs Alpaca validation):", "",
+    if first:
+        lines += ["", f"Shipped probes from `{report['command_probes']}`, chosen on the mean validation AUROC over "
+                  "AdvBench dev vs Alpaca and XSTest's dev half (odd ids) unsafe vs safe; XSTest is then tested on its other half only.", "",
+                  "The first run chose on AdvBench dev vs Alpaca alone, which saturated (AUROC 1.0 at most layers), so the first "
+                  "layer tried won the tie; its choices under shift (the SAE sections below compare against these):", "",
+                  "| monitor | chosen on AdvBench dev only | test set | n | AUROC | TPR at threshold | FPR at threshold |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for role, entry in {**first["chosen"], "sae_probe": sae_entry}.items():
+            for name, m in entry["tests"].items():
+                lines.append(f"| {role} | {entry['probe']} | {name} | {m['n_harmful']}+{m['n_benign']} | {m['auroc']:.3f} | "
+                             f"{m['tpr_at_threshold']:.3f} | {m['fpr_at_threshold']:.3f} |")
+    lines += ["", "Validation grid (mean validation AUROC of the shipped selection):", "",
               "| layer | " + " | ".join(sorted({f"{r['method']}/{r['pooling']}" for r in suite["grid"]})) + " |"]
     columns = sorted({f"{r['method']}/{r['pooling']}" for r in suite["grid"]})
     lines.append("| --- |" + " --- |" * len(columns))

@@ -149,3 +149,20 @@ def test_probe_suite_end_to_end_on_tiny_model(tiny, tiny_model_dir, tmp_path):
         assert loaded.threshold is not None and loaded.metadata["training_data_sha256"] == splits.sha256()
     assert result.probes["refusal_direction"].config.method == "diff_means"
     assert result.probes["refusal_direction"].config.pooling == "last"
+
+
+def test_reference_splits_keep_validation_and_test_apart(shared_data):
+    from safekeel.monitors.suite import reference_splits
+
+    splits = reference_splits({"train": 50, "val": 20, "calibration": 100, "test": 40})
+    validation = {s for pair in splits.validation.values() for s in pair}
+    tested = {s for pair in splits.pairs.values() for s in pair}
+    assert not validation & tested and "xstest_unsafe_dev" in validation and "xstest_unsafe_test" in tested
+    for label in ("unsafe", "safe"):
+        dev, test = set(splits.sets[f"xstest_{label}_dev"]), set(splits.sets[f"xstest_{label}_test"])
+        assert dev and test and not dev & test
+    assert len(splits.sets["xstest_unsafe_dev"]) + len(splits.sets["xstest_unsafe_test"]) == 200
+    benign = [set(splits.sets[f"benign_{n}"]) for n in ("train", "val", "calibration", "test")]
+    assert all(not a & b for i, a in enumerate(benign) for b in benign[i + 1:])
+    seen = set(splits.sets["harmful_train"]) | set(splits.sets["harmful_val"])
+    assert splits.sets["harmful_test"] and not seen & set(splits.sets["harmful_test"])

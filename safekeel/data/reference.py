@@ -27,6 +27,20 @@ def advbench(split: str = "test") -> PromptSet:
     return PromptSet(f"advbench-{split}", [r["prompt"] for r in rows], [f"advbench-{split}-{i}" for i in range(len(rows))])
 
 
+def advbench_unseen() -> PromptSet:
+    """The AdvBench behaviours in neither the train nor the dev split (52 of the 520). The SafeTuneBed
+    splits overlap: 125 of the 156 test prompts are also train prompts (18 are dev prompts), harmless
+    for evaluating a model that never trains on AdvBench, but a leak for anything fitted on AdvBench
+    train (the monitors' probes), whose in-distribution test this is."""
+    seen = set(advbench("train").prompts) | set(advbench("dev").prompts)
+    with open(require_shared_data() / "harmful_eval" / "advbench_harmful_behaviors.csv", newline="") as handle:
+        goals = [row[0] for row in csv.reader(handle) if row]  # one goal per line, no header (README says goal,target)
+    if goals and goals[0].lower() == "goal":
+        goals = goals[1:]
+    rows = [(i, goal) for i, goal in enumerate(goals) if goal not in seen]
+    return PromptSet("advbench-unseen", [goal for _, goal in rows], [f"advbench-{i}" for i, _ in rows])
+
+
 def xstest_safe(split: str = "all") -> PromptSet:
     """XSTest v2 safe prompts (250). Split 'dev' = odd ids, 'test' = even ids, 'all' = both: settings
     are tuned on dev, reported on test."""
@@ -81,11 +95,17 @@ def jbb_harmful() -> PromptSet:
     return PromptSet("jbb-harmful", [r["Goal"] for r in rows], [f"jbb-{i}" for i in range(len(rows))])
 
 
-def xstest_unsafe() -> PromptSet:
-    """XSTest v2 unsafe contrast prompts (200): the harmful twins of the safe-but-scary prompts."""
+def xstest_unsafe(split: str = "all") -> PromptSet:
+    """XSTest v2 unsafe contrast prompts (200): the harmful twins of the safe-but-scary prompts; split
+    by id parity like `xstest_safe` ('dev' = odd ids, 'test' = even ids, 'all')."""
+    if split not in ("all", "dev", "test"):
+        raise ValueError(f"XSTest split must be all, dev or test, not {split!r}")
     with open(require_shared_data() / "overrefusal" / "xstest_prompts.csv", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["label"] == "unsafe"]
-    return PromptSet("xstest-unsafe", [r["prompt"] for r in rows], [f"xstest-{r['id']}" for r in rows])
+    if split != "all":
+        parity = 1 if split == "dev" else 0
+        rows = [r for r in rows if int(r["id"]) % 2 == parity]
+    return PromptSet(f"xstest-unsafe-{split}", [r["prompt"] for r in rows], [f"xstest-{r['id']}" for r in rows])
 
 
 def split_prompts(prompts: PromptSet, sizes: dict[str, int], seed: int = 0) -> dict[str, PromptSet]:

@@ -2,7 +2,8 @@
 method grid chosen on validation, threshold calibration, in- and out-of-distribution tests.
 
 Splits (all prompts rendered with the model's chat template as one user turn):
-- harmful: AdvBench train (fit) / dev (choose) / test (report, in distribution);
+- harmful: AdvBench train (fit) / dev (choose) / the 52 behaviours in neither (report, in
+  distribution: the SafeTuneBed test split shares 125 of its 156 prompts with train);
 - benign: disjoint seeded samples of Alpaca's harmless instructions for fit, choose, calibrate the
   threshold, and report;
 - shift: HarmBench standard and contextual behaviours and JBB goals against the Alpaca test
@@ -16,7 +17,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -40,6 +41,10 @@ class ProbeSuiteConfig:
     C: float = 1.0
     seed: int = 0
     batch_size: int = 16
+    xstest_validation: bool = True
+    """Validate on XSTest's dev half (odd ids: unsafe vs safe-but-scary) beside AdvBench dev vs Alpaca, and
+    test on its other half. AdvBench dev vs Alpaca alone saturates (AUROC 1.0 for most layers), so the
+    choice fell to the first layer tried, a lexical one that failed under shift (monitors.md)."""
 
 
 @dataclass
@@ -48,34 +53,52 @@ class PromptSplits:
     """name -> raw requests: harmful_{train,val,test}, benign_{train,val,calibration,test}, and the shift sets."""
     pairs: dict[str, tuple[str, str]]
     """test name -> (harmful set, benign set)."""
+    validation: dict[str, tuple[str, str]] = field(default_factory=lambda: {"advbench_dev_vs_alpaca": ("harmful_val", "benign_val")})
+    """validation name -> (harmful set, benign set): what layer, pooling and method are chosen on."""
 
     def sha256(self) -> str:
         return sha256_json(self.sets)
 
 
-def reference_splits(n_benign: dict[str, int], seed: int = 0) -> PromptSplits:
+def reference_splits(n_benign: dict[str, int], seed: int = 0, xstest_validation: bool = True) -> PromptSplits:
     from safekeel.data import reference
 
     benign = reference.split_prompts(reference.alpaca_harmless(), n_benign, seed=seed)
     sets = {
         "harmful_train": reference.advbench("train").prompts,
         "harmful_val": reference.advbench("dev").prompts,
-        "harmful_test": reference.advbench("test").prompts,
+        "harmful_test": reference.advbench_unseen().prompts,
         **{f"benign_{name}": subset.prompts for name, subset in benign.items()},
         "harmbench_standard": reference.harmbench("standard").prompts,
         "harmbench_contextual": reference.harmbench("contextual").prompts,
         "jbb": reference.jbb_harmful().prompts,
-        "xstest_unsafe": reference.xstest_unsafe().prompts,
-        "xstest_safe": reference.xstest_safe("all").prompts,
     }
+    halves = ("dev", "test") if xstest_validation else ("all",)
+    for half in halves:
+        sets[f"xstest_unsafe_{half}"] = reference.xstest_unsafe(half).prompts
+        sets[f"xstest_safe_{half}"] = reference.xstest_safe(half).prompts
     pairs = {
-        "advbench_test_vs_alpaca (in distribution)": ("harmful_test", "benign_test"),
+        "advbench_unseen_vs_alpaca (in distribution)": ("harmful_test", "benign_test"),
         "harmbench_standard_vs_alpaca": ("harmbench_standard", "benign_test"),
         "harmbench_contextual_vs_alpaca": ("harmbench_contextual", "benign_test"),
         "jbb_vs_alpaca": ("jbb", "benign_test"),
-        "xstest_unsafe_vs_safe": ("xstest_unsafe", "xstest_safe"),
     }
-    return PromptSplits(sets, pairs)
+    validation = {"advbench_dev_vs_alpaca": ("harmful_val", "benign_val")}
+    if xstest_validation:
+        pairs["xstest_test_half_unsafe_vs_safe"] = ("xstest_unsafe_test", "xstest_safe_test")
+        validation["xstest_dev_half_unsafe_vs_safe"] = ("xstest_unsafe_dev", "xstest_safe_dev")
+    else:
+        pairs["xstest_unsafe_vs_safe"] = ("xstest_unsafe_all", "xstest_safe_all")
+    return PromptSplits(sets, pairs, validation)
+
+
+def validation_metrics(score_of: Callable[[str], Sequence[float]], splits: PromptSplits, fpr: float = 0.01) -> dict:
+    """A candidate's validation record: per validation pair AUROC and TPR at `fpr` (oracle), and their
+    means (`auroc`, `tpr_at_<fpr>_fpr_oracle`), which rank the candidates. `score_of(set name)` scores a set."""
+    pairs = {name: detection_metrics(score_of(h), score_of(b), fpr=fpr) for name, (h, b) in splits.validation.items()}
+    key = f"tpr_at_{fpr:g}_fpr_oracle"
+    return {"auroc": round(float(np.mean([m["auroc"] for m in pairs.values()])), 4),
+            key: round(float(np.mean([m[key] for m in pairs.values()])), 4), "pairs": pairs}
 
 
 @dataclass
@@ -94,7 +117,7 @@ def train_probe_suite(config: ProbeSuiteConfig, output_dir: str | Path | None = 
     from safekeel.models.registry import load_model_and_tokenizer, resolve_model
 
     started = time.time()
-    splits = splits or reference_splits(config.n_benign, config.seed)
+    splits = splits or reference_splits(config.n_benign, config.seed, config.xstest_validation)
     if model is None:
         model, tokenizer = load_model_and_tokenizer(config.model)
     model.eval()
@@ -116,8 +139,7 @@ def train_probe_suite(config: ProbeSuiteConfig, output_dir: str | Path | None = 
                 probe_config = ProbeConfig(f"layers.{layer}", pooling, method, C=config.C, target_fpr=config.target_fpr, seed=config.seed)
                 key = (probe_config.hookpoint, pooling)
                 probe = fit_probe(probe_config, features["harmful_train"][key], features["benign_train"][key])
-                val = detection_metrics(probe.score_features(features["harmful_val"][key]),
-                                        probe.score_features(features["benign_val"][key]), fpr=config.target_fpr)
+                val = validation_metrics(lambda name: probe.score_features(features[name][key]), splits, config.target_fpr)
                 grid.append({"probe": probe_config.name, "layer": layer, "pooling": pooling, "method": method,
                              "val": val, "_probe": probe})
 
@@ -139,8 +161,7 @@ def train_probe_suite(config: ProbeSuiteConfig, output_dir: str | Path | None = 
         rolling_config = ProbeConfig(hook, "rolling_max", "logistic", C=config.C, window=config.rolling_window,
                                      target_fpr=config.target_fpr, seed=config.seed)
         probe = fit_probe(rolling_config, tokens["harmful_train"], tokens["benign_train"])
-        val = detection_metrics([probe.score_sequence(h) for h in sequences["harmful_val"]],
-                                [probe.score_sequence(h) for h in sequences["benign_val"]], fpr=config.target_fpr)
+        val = validation_metrics(lambda name: [probe.score_sequence(h) for h in sequences[name]], splits, config.target_fpr)
         grid.append({"probe": rolling_config.name, "layer": token_layer, "pooling": "rolling_max", "method": "logistic",
                      "val": val, "_probe": probe})
         chosen["token_probe"] = grid[-1]
