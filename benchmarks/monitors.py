@@ -183,7 +183,9 @@ def render(report: dict) -> None:
         lines += ["", f"Shipped probes from `{report['command_probes']}`, chosen on the mean validation AUROC over "
                   "AdvBench dev vs Alpaca and XSTest's dev half (odd ids) unsafe vs safe; XSTest is then tested on its other half only.", "",
                   "The first run chose on AdvBench dev vs Alpaca alone, which saturated (AUROC 1.0 at most layers), so the first "
-                  "layer tried won the tie; its choices under shift (the SAE sections below compare against these):", "",
+                  "layer tried won the tie; its choices under shift (the SAE sections below compare against these). Its 'in "
+                  "distribution' row is leaky: SafeTuneBed's AdvBench test split shares 125 of its 156 prompts with the train "
+                  "split the probes were fitted on (the shipped run tests on the 52 behaviours in neither).", "",
                   "| monitor | chosen on AdvBench dev only | test set | n | AUROC | TPR at threshold | FPR at threshold |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for role, entry in {**first["chosen"], "sae_probe": sae_entry}.items():
@@ -217,6 +219,15 @@ def render(report: dict) -> None:
         dead = f"{m['dead_fraction']:.3f}" if m.get("dead_fraction") is not None else ""
         saved = f"{r['estimated_seconds_saved']:.0f}" if r.get("estimated_seconds_saved") is not None else ""
         lines.append(f"| {r['name']} | {r['status']} | {r['steps']} / {r['budget_steps']} | {r.get('kill_reason') or ''} | {fvu} | {dead} | {saved} |")
+    stream_tokens = max((r.get("started_at_stream_tokens") or 0) + r["tokens"] for r in sweep["runs"])
+    killed = [r for r in sweep["runs"] if r["status"] == "killed"]
+    if killed and stream_tokens:
+        left = max(r["budget_steps"] * r["config"]["batch_size"] - r["tokens"] for r in killed)
+        per_token = sweep["seconds"] / stream_tokens
+        lines += ["", f"`est. seconds saved` counts the killed SAEs' own compute only. The wall time saved is larger: "
+                      f"the killed runs were the last in the queue, so without the kills the shared activation stream (the model "
+                      f"forward) would have run about {left} more tokens, at the measured {per_token * 1000:.1f} s per 1,000 stream "
+                      f"tokens: about {left * per_token / 60:.0f} minutes."]
     sp = report["sae_probe"]
     lines += ["", "## SAE-latent probe vs the dense probe", "",
               f"Chosen on validation: {sp['chosen']} (val AUROC {sp['validation']['auroc']:.3f}). Candidates:", "",
