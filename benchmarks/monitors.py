@@ -245,10 +245,12 @@ def render(report: dict) -> None:
         for r in overhead["rows"]:
             lines.append(f"| {r['guard']} | {r['token_throughput_ratio']} | {r['latency_p50_ratio']} | {r['ttft_p50_s']} | {r['ttft_p50_ratio']} |")
         layers = [int(c["probe"].split("layers.")[1].split("-")[0]) for c in suite["chosen"].values()]
+        baseline = next(r for r in overhead["rows"] if r["guard"] == "none")["ttft_p50_s"]
+        deltas = [r["ttft_p50_s"] - baseline for r in overhead["rows"] if r["guard"] != "none"]
         lines += ["", f"`log` and `flag` score every request with all four saved monitors: one forward of the rendered request through "
                       f"the base model's first {max(layers) + 1} blocks (the deepest hookpoint is layers.{max(layers)}) plus the SAE "
                       "encoding, in the API process beside vLLM on the same 2 cores, before generation starts: it shows in the time "
-                      "to first token (+0.18-0.20 s) more than in end-to-end latency. The run-to-run noise of this benchmark is about "
+                      f"to first token (+{min(deltas):.2f} to +{max(deltas):.2f} s) more than in end-to-end latency. The run-to-run noise of this benchmark is about "
                       "10% (guard_overhead.md)."]
     (RESULTS / "monitors.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
