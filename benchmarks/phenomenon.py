@@ -1,7 +1,10 @@
 """Show the phenomenon: fine-tuning the aligned organism erodes its safety; replaying k=10 random
 safety examples restores part of it. Writes benchmarks/results/phenomenon.json + .md.
 
-    python benchmarks/phenomenon.py [--seeds 0 1 2] [--conditions ...] [--commit]
+    python benchmarks/phenomenon.py [--seeds 0 1 2] [--conditions ...] [--commit] [--render-only]
+
+The tables cover the seeds given: pass all of them (the default) so that a resumed grid's tables
+include the finished seeds.
 
 Every run is cached by a hash of its configuration under benchmarks/results/phenomenon_runs/, so an
 interrupted run resumes where it stopped (and a later session on a fresh machine does too, since the
@@ -178,6 +181,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     parser.add_argument("--commit", action="store_true", help="git-commit each finished run record and the tables")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite phenomenon.json/.md from the finished run records of the given seeds; run nothing")
     parser.add_argument("--rejudge", action="store_true",
                         help="re-apply the current judges to the cached responses of finished runs (after a judge changes)")
     args = parser.parse_args()
@@ -186,7 +191,7 @@ def main() -> None:
     from tqdm import tqdm
 
     torch.set_num_threads(os.cpu_count() or 1)
-    command = "python benchmarks/phenomenon.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/phenomenon.py " + " ".join(a for a in sys.argv[1:] if a not in ("--render-only", "--commit"))
     # Seed-major: an interrupted grid (resumed later from the committed run records) has every condition.
     configs = [run_config(c, args.seeds[0], args.k) for c in args.conditions if c in ("base", "aligned")]
     for seed in args.seeds:
@@ -206,6 +211,8 @@ def main() -> None:
                     record["rejudged_with_classifier"] = sha256_json(json.loads((ROOT / "safekeel/eval/assets/refusal_classifier.json").read_text()))[:12]
                     write_json_atomic(path, record)
                 records.append(record)
+            elif args.render_only:
+                pass
             else:
                 bar.set_postfix_str(run_id(config))
                 record = execute(config)
