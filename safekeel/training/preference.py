@@ -44,6 +44,8 @@ class LoraDPOConfig(LoraSFTConfig):
     loss_type: str = "sigmoid"
     """sigmoid (DPO) or ipo."""
     max_length: int = 256
+    sft_weight: float = 0.0
+    """> 0 adds an NLL term on the chosen replies with this weight (trl's "sft" loss; RPO)."""
 
 
 def train_lora_dpo(model, tokenizer, pairs: Sequence[PreferencePair], config: LoraDPOConfig, output_dir: str | Path,
@@ -71,7 +73,8 @@ def train_lora_dpo(model, tokenizer, pairs: Sequence[PreferencePair], config: Lo
         weight_decay=config.weight_decay,
         max_length=config.max_length,
         beta=config.beta,
-        loss_type=[config.loss_type],
+        loss_type=[config.loss_type] + (["sft"] if config.sft_weight > 0 else []),
+        loss_weights=[1.0, config.sft_weight] if config.sft_weight > 0 else None,
         logging_steps=config.logging_steps,
         save_strategy="no",
         report_to="none",
