@@ -122,20 +122,27 @@ class Probe:
         from safetensors.numpy import load_file
 
         folder = Path(folder)
-        meta_path = folder / "probe.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{folder} holds no probe.json")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("kind") != "linear_probe":
-            raise ValueError(f"{meta_path} is not a linear probe (kind={meta.get('kind')!r})")
-        if expected_model is not None and meta.get("model_fingerprint") != expected_model:
-            raise ProbeMismatchError(f"probe {folder} was trained on model {meta.get('model_fingerprint')} "
-                                     f"({meta.get('model')}), not on {expected_model}: retrain it for this model")
+        meta = read_monitor_meta(folder, "probe.json", "linear_probe", expected_model)
         tensors = load_file(str(folder / "probe.safetensors"))
         config = ProbeConfig(**meta["config"])
         metadata = {k: v for k, v in meta.items() if k not in ("format_version", "kind", "config", "bias", "threshold",
                                                                "normalisation", "d_in", "hookpoint_meaning")}
         return cls(config, tensors["weights"], meta["bias"], tensors["mean"], tensors["scale"], meta["threshold"], metadata)
+
+
+def read_monitor_meta(folder: Path, filename: str, kind: str, expected_model: str | None) -> dict:
+    """A saved monitor's metadata, checked: the file exists, holds the expected kind, and (with
+    `expected_model`, a model fingerprint) was trained on that model."""
+    meta_path = folder / filename
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder} holds no {filename}")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("kind") != kind:
+        raise ValueError(f"{meta_path} is not a {kind} (kind={meta.get('kind')!r})")
+    if expected_model is not None and meta.get("model_fingerprint") != expected_model:
+        raise ProbeMismatchError(f"{kind} {folder} was trained on model {meta.get('model_fingerprint')} "
+                                 f"({meta.get('model')}), not on {expected_model}: retrain it for this model")
+    return meta
 
 
 def fit_probe(config: ProbeConfig, harmful: np.ndarray | Sequence[np.ndarray], benign: np.ndarray | Sequence[np.ndarray]) -> Probe:

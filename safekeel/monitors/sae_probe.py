@@ -9,7 +9,6 @@ sae.safetensors).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from safekeel.monitors.capture import SKIPPED_POSITIONS, Hookpoint
-from safekeel.monitors.probes import ProbeMismatchError
+from safekeel.monitors.probes import read_monitor_meta
 from safekeel.provenance import library_versions, write_json_atomic
 
 SAE_POOLINGS = ("max", "mean", "last")
@@ -109,13 +108,7 @@ class SaeProbe:
         from safekeel.monitors.sae import TopKSAE
 
         folder = Path(folder)
-        meta_path = folder / "sae_probe.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{folder} holds no sae_probe.json")
-        meta = json.loads(meta_path.read_text())
-        if expected_model is not None and meta.get("model_fingerprint") != expected_model:
-            raise ProbeMismatchError(f"SAE probe {folder} was trained on model {meta.get('model_fingerprint')} "
-                                     f"({meta.get('model')}), not on {expected_model}: retrain it for this model")
+        meta = read_monitor_meta(folder, "sae_probe.json", "sae_probe", expected_model)
         sae = TopKSAE.load(folder / "sae", expected_model_hash=expected_model).eval()
         tensors = load_file(str(folder / "sae_probe.safetensors"))
         metadata = {k: v for k, v in meta.items() if k not in ("kind", "config", "bias", "threshold", "hookpoint_meaning",

@@ -47,13 +47,15 @@ def sampling(body: SamplingFields, settings) -> GenerationParams:
                             stop=body.stop_list(), seed=body.seed)
 
 
-def check_context(request: Request, prompt: str, params: GenerationParams) -> None:
-    """Reject (400, as OpenAI does) a request whose prompt plus max_tokens exceeds the context length."""
+def check_context(request: Request, prompt: str, params: GenerationParams) -> int:
+    """Reject (400, as OpenAI does) a request whose prompt plus max_tokens exceeds the context length;
+    return the prompt's token count."""
     limit = request.app.state.settings.max_model_len
     n_prompt = len(request.app.state.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if n_prompt + params.max_tokens > limit:
         raise APIError(400, f"This model's maximum context length is {limit} tokens; the request has {n_prompt} prompt tokens "
                             f"(guard included) + max_tokens {params.max_tokens}", "context_length_exceeded", "max_tokens")
+    return n_prompt
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -161,7 +163,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, tenant
     except Exception as error:  # a template that rejects this message order, for example
         raise APIError(400, f"The messages cannot be rendered with the model's chat template: {error}", "invalid_messages", "messages")
     params = sampling(body, request.app.state.settings)
-    check_context(request, prompt, params)
+    n_prompt = check_context(request, prompt, params)
     monitor = await _monitor(request, body.model, guard, messages)
     request_id = f"chatcmpl-{secrets.token_hex(12)}"
     created = int(time.time())
@@ -173,7 +175,6 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, tenant
 
     def generation() -> AsyncIterator[GenerationChunk]:
         if monitor is not None and monitor["decision"] == "blocked":
-            n_prompt = len(request.app.state.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
             return _blocked(request.app.state.settings.monitor_block_message, n_prompt)
         return _trimmed(request, prompt, params, adapter, body.model, request_id)
 
