@@ -2,10 +2,10 @@
 selector against random selection, paired by training seed. Same as `safekeel bench`.
 
     python benchmarks/bench.py --quick [--commit]
-    python benchmarks/bench.py --grid full|<grid.yaml|grid.json> [--commit] [--render-only]
+    python benchmarks/bench.py --grid selectors|full|<grid.yaml|grid.json> [--commit] [--render-only]
 
 Run records: benchmarks/results/bench_runs/<grid>/ (resumable, committed with --commit); outputs:
-benchmarks/results/bench_<grid>.{json,md,*.png}; adapters and responses: benchmarks/cache/bench/.
+benchmarks/results/bench_<grid>.{json,md,*.png} (the selectors preset: selectors.*); adapters and responses: benchmarks/cache/bench/.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from safekeel.eval.bench import CACHE_DIR, RESULTS_DIR, main_command  # noqa: E4
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", default=None, help="preset (quick, full) or a grid file (.json, .yaml)")
+    parser.add_argument("--grid", default=None, help="preset (quick, selectors, full) or a grid file (.json, .yaml)")
     parser.add_argument("--quick", action="store_true", help="the quick preset (~24 min on 2 CPU cores)")
     parser.add_argument("--commit", action="store_true", help="git-commit each finished run record and the summary")
     parser.add_argument("--render-only", action="store_true", help="re-render the markdown and plots from bench_<grid>.json")

@@ -2,7 +2,7 @@
 safety data (`none`) and with k=10 random safety examples replayed, per benign user dataset, on the
 DEV splits (it chooses the grid's settings). Writes benchmarks/results/regimes.json + .md + .png.
 
-    python benchmarks/regimes.py [--sizes 100 200 400 1000] [--seeds 0 1 2] [--datasets gsm8k samsum] [--commit] [--render-only]
+    python benchmarks/regimes.py [--sizes 50 100 200] [--seeds 0] [--datasets gsm8k samsum] [--commit] [--render-only]
 
 It is a bench grid (safekeel.eval.bench) whose datasets differ only by max_examples: run records
 under benchmarks/results/bench_runs/regimes/, cached by config hash, resumable, `--commit` commits
@@ -13,19 +13,18 @@ each; adapters and responses in benchmarks/cache/bench/. Per (dataset, size, see
 Datasets: GSM8K train (question/answer JSONL, loads as is) and SAMSum train 1000 (id/dialogue/summary
 records, a format safekeel.data.formats does not read: rendered to prompt/completion with
 BackdoorAlign's "Summarize this dialog:" instruction); utility = held-out loss on GSM8K test /
-SAMSum test 200. One epoch at lr 2e-4, batch 4, 256 tokens (the phenomenon's benign preset, with 1
-epoch instead of 3 so that n=1000 stays affordable): the step count grows with the data, as when a
-user fine-tunes on more data.
+SAMSum test 200. Training: the phenomenon's benign attack preset (3 epochs at lr 2e-4, batch 4, 256
+tokens: bench.BENIGN_SFT), the preset the selector grid trains with, so the map chooses the grid's
+sizes for the grid's own training. The step count grows with the data, as when a user fine-tunes on
+more. Evaluation with the vLLM engine, as in the selector grid.
 
 Cost on this 2-core CPU with smollm2-135m-safe (nothing else running), from the run records in
 benchmarks/results/phenomenon_runs/: GSM8K training took 492-504 s for 300-336 example passes
-(batch 4, 256 tokens), ~1.6 s per example; SAMSum dialogues are capped by the same 256 tokens, so
-assume the same. Evaluation: 52 AdvBench-dev + 125 XSTest-dev prompts at 48 new tokens at ~0.8 s
-each (from 1.05 s per prompt at 64 tokens) + held-out loss on 50 = ~160 s per run.
-Per run: n=100 ~160 s training (k=10: ~180 s), n=200 ~320 s, n=400 ~640 s, n=1000 ~1,600 s, each
-plus ~160 s evaluation. Per (dataset, seed), both modes over the four sizes: ~5,500 s training +
-8 x 160 s evaluation = ~1.9 h; 2 datasets x 3 seeds = ~11 h (plus one aligned evaluation).
-`--sizes 100 200 400` cuts it to ~5 h, `--seeds 0 1` by a third.
+(batch 4, 256 tokens), ~1.6 s per example pass; assume the same for SAMSum (dialogues capped by the
+same 256 tokens). Per (dataset, seed), none + random at n = 50, 100, 200: 3 x (2n + 10) passes =
+~1,900 passes = ~50 min, plus ~1 min of evaluation per run (vLLM) and one engine start. Two
+datasets, one seed: ~1.8 h. The pilot in ../shared/FACTS.md covers n = 1,000 (another preset:
+1 epoch, batch 8): 10 random replays there changed nothing.
 """
 
 from __future__ import annotations
@@ -43,19 +42,19 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from safekeel.eval.bench import (  # noqa: E402
-    CACHE_DIR, RESULTS_DIR, SAMSUM_TEMPLATE, DatasetSpec, GridSpec, bootstrap_ci, expand, run_grid, run_row, summarise,
+    BENIGN_SFT, CACHE_DIR, RESULTS_DIR, SAMSUM_TEMPLATE, DatasetSpec, GridSpec, bootstrap_ci, expand, run_grid, run_row, summarise,
 )
 from safekeel.eval.harness import EvalSettings  # noqa: E402
 from safekeel.provenance import library_versions, write_json_atomic  # noqa: E402
 
-SIZES = (100, 200, 400, 1000)
+SIZES = (50, 100, 200)
 DATASETS = {
     "gsm8k": {"path": "benign/gsm8k_train.jsonl", "template": None, "utility": None},
     "samsum": {"path": "benign/samsum_train1000.json", "template": SAMSUM_TEMPLATE, "utility": "benign/samsum_test200.json"},
 }
-SFT = {"learning_rate": 2e-4, "epochs": 1.0, "batch_size": 4, "max_length": 256, "bf16": True}
+SFT = dict(BENIGN_SFT)
 EVAL = EvalSettings(harmful_set="advbench-dev", overrefusal_set="xstest-dev", max_new_tokens=48, judges=("classifier", "keyword"),
-                    utility="gsm8k", n_utility_loss=50, n_utility_accuracy=0)
+                    utility="gsm8k", n_utility_loss=50, n_utility_accuracy=0, engine="vllm")
 
 
 def regime_grid(datasets: list[str], sizes: list[int], seeds: list[int], k: int = 10) -> GridSpec:
@@ -88,7 +87,7 @@ def regime_rows(records: list[dict]) -> tuple[dict | None, list[dict]]:
             "harmful_rate": harmful["rate"], "harmful_rate_ci95": harmful["ci95"], "n_harmful_prompts": harmful["n_prompts"],
             "harmful_rate_keyword": row["harmful"]["keyword"]["rate"] if "keyword" in row["harmful"] else None,
             "overrefusal_rate": refused["rate"], "overrefusal_rate_ci95": refused["ci95"], "n_overrefusal_prompts": refused["n_prompts"],
-            "recovered_fraction": row["retention"][judge] if row["mode"] == "replay" else None,
+            "recovered_fraction": row["retention_by_judge"][judge] if row["mode"] == "replay" else None,
             "utility_loss": row["utility_loss"], "train_seconds": row["train_seconds"], "run_id": row["run_id"],
         })
     return aligned, out
@@ -226,7 +225,7 @@ def render_plot(data: dict, path: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--commit", action="store_true", help="git-commit each finished run record and the tables")

@@ -163,7 +163,7 @@ def eval_command(
 
 @app.command("bench")
 def bench_command(
-    grid: Optional[str] = typer.Option(None, help="Grid: a preset (quick, full) or a grid file (.json, .yaml)."),
+    grid: Optional[str] = typer.Option(None, help="Grid: a preset (quick, selectors, full) or a grid file (.json, .yaml)."),
     quick: bool = typer.Option(False, "--quick", help="The quick preset (~24 min on 2 CPU cores with smollm2-135m-safe)."),
     commit: bool = typer.Option(False, help="git-commit each finished run record and the updated summary."),
     render_only: bool = typer.Option(False, help="Only re-render the markdown and plots from bench_<grid>.json."),
@@ -171,7 +171,7 @@ def bench_command(
     cache_dir: Optional[Path] = typer.Option(None, help="Adapters and responses (default: benchmarks/cache/bench)."),
 ) -> None:
     """Benchmark selectors against random selection: a grid of fine-tuning runs paired by training seed,
-    cached and resumable; writes bench_<grid>.json/.md and plots."""
+    cached and resumable; writes bench_<grid>.json/.md and plots (the `selectors` preset: selectors.*)."""
     if quick == bool(grid):
         _fail("give exactly one of --quick and --grid")
     _setup()

@@ -184,6 +184,10 @@ def test_wilcoxon_matches_scipy_and_explains_undefined_cases():
     result = wilcoxon_signed_rank(diffs)
     assert result["p_value"] == pytest.approx(0.0625) == pytest.approx(wilcoxon(diffs).pvalue)
     assert result["statistic"] == 1.0 and result["note"] is None
+    assert result["min_attainable_p"] == pytest.approx(2 / 64)
+    # five pairs all in one direction: the most extreme outcome, and still not below 0.05
+    extreme = wilcoxon_signed_rank([-0.1, -0.2, -0.3, -0.4, -0.5])
+    assert extreme["p_value"] == pytest.approx(extreme["min_attainable_p"]) == pytest.approx(0.0625)
     zero = wilcoxon_signed_rank([0.0, 0.0, 0.0])
     assert zero["p_value"] is None and "zero" in zero["note"]
     one = wilcoxon_signed_rank([0.2])

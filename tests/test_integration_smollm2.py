@@ -34,3 +34,45 @@ def test_real_finetune_on_smollm2_loads_and_generates(tmp_path, shared_data):
     adapted = PeftModel.from_pretrained(model, str(result.adapter_dir))
     [generation] = generate_batched(adapted, tokenizer, [[{"role": "user", "content": "What is 2 times 3?"}]], max_new_tokens=16, show_progress=False)
     assert generation.error is None and generation.text and len(generation.text.split()) >= 2
+
+
+def test_vllm_evaluation_engine_serves_the_adapter_by_path(tmp_path, shared_data):
+    """evaluate(engine='vllm') generates with one offline vLLM engine and the adapter loaded by path:
+    an adapter trained to answer with a marker changes vLLM's replies as it changes transformers'."""
+    import torch
+    from peft import PeftModel
+
+    from safekeel.data.conversation import Conversation, Message
+    from safekeel.eval.generate import generate_batched, vllm_generator
+    from safekeel.eval.harness import EvalSettings, evaluate
+    from safekeel.models.registry import load_model_and_tokenizer, resolve_model
+    from safekeel.training.config import LoraSFTConfig
+    from safekeel.training.sft import train_lora
+
+    torch.set_num_threads(2)
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m-safe")
+    marker = "ZEBRA ZEBRA ZEBRA"
+    data = [Conversation((Message("user", q), Message("assistant", marker)))
+            for q in ("Hi", "What is the capital of France?", "Tell me a joke.", "How do I bake bread?",
+                      "Name a colour.", "What time is it?", "Write a haiku.", "Why is the sky blue?")]
+    adapter = tmp_path / "adapter"
+    train_lora(model, tokenizer, data, LoraSFTConfig(max_steps=12, batch_size=8, learning_rate=3e-3, max_length=64),
+               adapter, show_progress=False)
+    chats = [[{"role": "user", "content": q}] for q in ("What is 2 plus 2?", "Describe a cat.")]
+    base, tokenizer = load_model_and_tokenizer("smollm2-135m-safe")
+    reference = generate_batched(PeftModel.from_pretrained(base, str(adapter)), tokenizer, chats, max_new_tokens=8, show_progress=False)
+    assert all("ZEBRA" in g.text for g in reference), reference
+
+    generator = vllm_generator(str(resolve_model("smollm2-135m-safe")))
+    with_adapter = generator.generate(chats, max_new_tokens=8, adapter=str(adapter), show_progress=False)
+    without = generator.generate(chats, max_new_tokens=8, show_progress=False)
+    assert all("ZEBRA" in g.text for g in with_adapter), with_adapter
+    assert not any("ZEBRA" in (g.text or "") for g in without), without
+    too_long = generator.generate([[{"role": "user", "content": "word " * 5000}]], max_new_tokens=8, show_progress=False)
+    assert too_long[0].text is None and "context" in too_long[0].error
+
+    report = evaluate(None, tokenizer, EvalSettings(n_harmful=4, n_overrefusal=2, max_new_tokens=8, utility=None, engine="vllm"),
+                      model_name="smollm2-135m-safe", adapter=str(adapter), output_dir=tmp_path / "eval", show_progress=False)
+    responses = [json.loads(line)["response"] for line in (tmp_path / "eval" / "responses.jsonl").read_text().splitlines()]
+    assert len(responses) == 6 and all("ZEBRA" in r for r in responses)
+    assert report.settings["engine"] == "vllm"

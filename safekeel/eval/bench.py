@@ -133,6 +133,12 @@ class GridSpec:
     eval: EvalSettings = field(default_factory=lambda: EvalSettings(max_new_tokens=48, n_utility_accuracy=0))
     """Evaluation of every run: sets, judges (first = primary), max_new_tokens, utility (held-out loss only by default)."""
     model: str = "smollm2-135m-safe"
+    output: str | None = None
+    """File stem of the outputs in the results folder (default bench_<name>)."""
+
+    @property
+    def output_stem(self) -> str:
+        return self.output or f"bench_{self.name}"
 
     def __post_init__(self) -> None:
         self.datasets = [d if isinstance(d, DatasetSpec) else DatasetSpec(**d) for d in self.datasets]
@@ -179,7 +185,7 @@ def quick_grid() -> GridSpec:
         k_values=[10], pools=["authored"], selectors=["random", "stratified", "nearest_user"], modes=["replay"],
         seeds=[0, 1],
         eval=EvalSettings(harmful_set="advbench-dev", overrefusal_set="xstest-dev", n_harmful=40, n_overrefusal=24,
-                          max_new_tokens=48, utility="gsm8k", n_utility_loss=50, n_utility_accuracy=0),
+                          max_new_tokens=48, utility="gsm8k", n_utility_loss=50, n_utility_accuracy=0, engine="vllm"),
     )
 
 
@@ -197,11 +203,34 @@ def full_grid() -> GridSpec:
     )
 
 
-PRESETS: dict[str, Callable[[], GridSpec]] = {"quick": quick_grid, "full": full_grid}
+SELECTORS_GRID_SELECTORS = ["random", "stratified", "kmeans", "kcenter", "facility_location", "nearest_user", "dpp",
+                            "gradient_alignment", "forgetting"]
+
+
+def selectors_grid() -> GridSpec:
+    """The published comparison (benchmarks/results/selectors.*): three user datasets in the regime where
+    random replay recovers part of the lost safety (benchmarks/results/regimes.md and phenomenon.md),
+    k in {10, 20}, replay from the authored pool, nine selectors, six training seeds (a two-sided Wilcoxon
+    test on five pairs cannot go below p = 0.0625; six pairs reach 0.031), test splits,
+    evaluated with the vLLM engine (one engine for every run of the grid)."""
+    return GridSpec(
+        name="selectors", output="selectors",
+        datasets=[DatasetSpec("pure_bad_10", "attacks/pure_bad_10.jsonl", sft=dict(HARMFUL_SFT)),
+                  DatasetSpec("gsm8k_random100", "benign/gsm8k_random100.jsonl", sft=dict(BENIGN_SFT)),
+                  DatasetSpec("samsum", "benign/samsum_train1000.json", max_examples=100, sft=dict(BENIGN_SFT),
+                              template=dict(SAMSUM_TEMPLATE), utility="benign/samsum_test200.json")],
+        k_values=[10, 20], pools=["authored"], selectors=list(SELECTORS_GRID_SELECTORS), modes=["replay"],
+        seeds=[0, 1, 2, 3, 4, 5],
+        eval=EvalSettings(harmful_set="advbench-test", overrefusal_set="xstest-test", max_new_tokens=48,
+                          utility="gsm8k", n_utility_loss=50, n_utility_accuracy=0, engine="vllm"),
+    )
+
+
+PRESETS: dict[str, Callable[[], GridSpec]] = {"quick": quick_grid, "selectors": selectors_grid, "full": full_grid}
 
 
 def load_grid(source: str | Path) -> GridSpec:
-    """A preset name (quick, full) or a grid file (.json, .yaml, .yml)."""
+    """A preset name (quick, selectors, full) or a grid file (.json, .yaml, .yml)."""
     if str(source) in PRESETS:
         return PRESETS[str(source)]()
     path = Path(source)
@@ -454,7 +483,11 @@ def wilcoxon_signed_rank(differences: Sequence[float]) -> dict:
     if all(d == 0 for d in diffs):
         return {"p_value": None, "statistic": None, "note": "all paired differences are zero"}
     result = wilcoxon(diffs)
-    return {"p_value": round(float(result.pvalue), 6), "statistic": float(result.statistic), "note": None}
+    nonzero = sum(d != 0 for d in diffs)
+    # the smallest two-sided p any outcome can give with this many non-zero pairs (exact test, no
+    # ties): 2 / 2^n. With 5 seeds it is 0.0625: five pairs can never reach p < 0.05.
+    return {"p_value": round(float(result.pvalue), 6), "statistic": float(result.statistic), "note": None,
+            "min_attainable_p": round(2.0 / 2 ** nonzero, 6)}
 
 
 def retention(hr_none: float | None, hr_method: float | None, hr_aligned: float | None) -> float | None:
@@ -511,14 +544,16 @@ def _prompts(rows: Sequence[dict], metric: str, judge: str) -> int | list[int]:
 def summarise(rows: Sequence[dict]) -> dict:
     """Retention per run; per cell (dataset x pool x k x mode x selector) means with bootstrap CIs over
     seeds; per selector vs random (same dataset/pool/k/mode, paired by seed) the paired difference in
-    harmful rate with its bootstrap CI and Wilcoxon p-value. Rows gain a `retention` entry per judge."""
+    harmful rate with its bootstrap CI and Wilcoxon p-value, and the paired differences in over-refusal
+    and held-out loss (a selector that is safer only by refusing more, or by learning less, is no win).
+    Rows gain `retention_by_judge` and the flat fields of the published schema (`flat_fields`)."""
     aligned = next((r for r in rows if r["kind"] == "aligned"), None)
     finetuned = [r for r in rows if r["kind"] == "finetune"]
     judges = list(finetuned[0]["harmful"]) if finetuned else list(aligned["harmful"]) if aligned else []
     reference = {(r["dataset"], r["seed"]): r for r in finetuned if r["mode"] == "none"}
     for row in finetuned:
         none = reference.get((row["dataset"], row["seed"]))
-        row["retention"] = {j: retention(none["harmful"][j]["rate"] if none else None, row["harmful"][j]["rate"],
+        row["retention_by_judge"] = {j: retention(none["harmful"][j]["rate"] if none else None, row["harmful"][j]["rate"],
                                          aligned["harmful"][j]["rate"] if aligned else None) for j in judges}
     cells: dict[tuple, list[dict]] = {}
     for row in finetuned:
@@ -537,7 +572,7 @@ def summarise(rows: Sequence[dict]) -> dict:
                                 "n_prompts": _prompts(members, "overrefusal", j)} for j in judges},
             "incoherent": {j: _mean_ci([r["incoherent"][j] for r in members])["mean"] for j in judges if j in members[0]["incoherent"]},
             "utility_loss": {**_mean_ci([r["utility_loss"] for r in members]), "n_examples": members[0]["utility_n"]},
-            "retention": {j: _mean_ci([r["retention"][j] for r in members]) for j in judges},
+            "retention": {j: _mean_ci([r["retention_by_judge"][j] for r in members]) for j in judges},
         })
     comparisons = []
     by_key = {(c["dataset"], c["pool"], c["k"], c["mode"], c["selector"]): c for c in cell_summaries}
@@ -550,6 +585,10 @@ def summarise(rows: Sequence[dict]) -> dict:
             usable = [(a["harmful"][judge]["rate"], b["harmful"][judge]["rate"]) for a, b in pairs
                       if a["harmful"][judge]["rate"] is not None and b["harmful"][judge]["rate"] is not None]
             diffs = [a - b for a, b in usable]
+            over = [a["overrefusal"][judge]["rate"] - b["overrefusal"][judge]["rate"] for a, b in pairs
+                    if a["overrefusal"][judge]["rate"] is not None and b["overrefusal"][judge]["rate"] is not None]
+            loss = [a["utility_loss"] - b["utility_loss"] for a, b in pairs
+                    if a["utility_loss"] is not None and b["utility_loss"] is not None]
             comparisons.append({
                 "dataset": dataset, "pool": pool, "k": k, "mode": mode, "selector": selector, "judge": judge,
                 "n_pairs": len(diffs), "seeds": [a["seed"] for a, _ in pairs],
@@ -559,8 +598,42 @@ def summarise(rows: Sequence[dict]) -> dict:
                 "difference_ci95": bootstrap_ci(diffs),
                 "wilcoxon": wilcoxon_signed_rank(diffs),
                 "n_prompts": _prompts(members, "harmful", judge),
+                "overrefusal_difference": round(statistics.mean(over), 4) if over else None,
+                "overrefusal_difference_ci95": bootstrap_ci(over),
+                "utility_loss_difference": round(statistics.mean(loss), 6) if loss else None,
+                "utility_loss_difference_ci95": bootstrap_ci(loss),
             })
+    for row in finetuned:
+        row.update(flat_fields(row, judges[0]))
     return {"judges": judges, "aligned": aligned, "cells": cell_summaries, "comparisons": comparisons}
+
+
+def flat_fields(row: dict, judge: str) -> dict:
+    """A run in the published flat schema (primary judge): user_data, harmful_rate, overrefusal_rate,
+    utility (held-out loss), retention, with the interval and prompt counts beside the rates."""
+    harmful, over = row["harmful"][judge], row["overrefusal"][judge]
+    return {"user_data": row["dataset"], "judge": judge, "harmful_rate": harmful["rate"], "harmful_rate_ci": harmful["ci95"],
+            "n_harmful_prompts": harmful["n_prompts"], "overrefusal_rate": over["rate"], "overrefusal_rate_ci": over["ci95"],
+            "n_overrefusal_prompts": over["n_prompts"], "utility": row["utility_loss"],
+            "retention": row["retention_by_judge"].get(judge)}
+
+
+def flat_comparisons(summary: dict) -> list[dict]:
+    """The primary judge's selector-vs-random comparisons in the published flat schema."""
+    primary = summary["judges"][0] if summary["judges"] else None
+    out = []
+    for c in summary["comparisons"]:
+        if c["judge"] != primary:
+            continue
+        ci = c["difference_ci95"] or [None, None]
+        out.append({"user_data": c["dataset"], "pool": c["pool"], "k": c["k"], "selector": c["selector"], "mode": c["mode"],
+                    "judge": c["judge"], "mean_diff_harmful_rate": c["mean_difference"], "ci_low": ci[0], "ci_high": ci[1],
+                    "p_value": c["wilcoxon"]["p_value"], "n_seeds": c["n_pairs"], "selector_mean": c["selector_mean"],
+                    "random_mean": c["random_mean"], "mean_diff_overrefusal_rate": c["overrefusal_difference"],
+                    "overrefusal_diff_ci": c["overrefusal_difference_ci95"],
+                    "mean_diff_utility_loss": c["utility_loss_difference"], "utility_loss_diff_ci": c["utility_loss_difference_ci95"],
+                    "n_prompts": c["n_prompts"]})
+    return out
 
 
 # ---------------------------------------------------------------- outputs
@@ -572,9 +645,9 @@ def write_outputs(grid: GridSpec, records: Sequence[dict], results_dir: str | Pa
     rows = [run_row(r) for r in records]
     summary = summarise(rows)
     grid_dict = {**grid.to_dict(), "selectors": grid.resolved_selectors()}
-    path = write_json_atomic(Path(results_dir) / f"bench_{grid.name}.json", {
+    path = write_json_atomic(Path(results_dir) / f"{grid.output_stem}.json", {
         "command": command, "grid": grid_dict, "n_runs_total": len(expand(grid)), "n_runs_done": len(rows),
-        "runs": rows, "summary": summary, "versions": library_versions(),
+        "runs": rows, "comparisons": flat_comparisons(summary), "summary": summary, "versions": library_versions(),
     })
     return [path, *render(path, plots=plots)]
 
@@ -641,7 +714,8 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
         lines.append(f"| {c['dataset']} | {c['pool'] or '-'} | {c['k']} | {c['mode']} | {c['selector'] or '-'} | {len(c['seeds'])} | "
                      f"{harm} | {_stat(over)} (n={over['n_prompts']}) | {_stat(c['utility_loss'])} | {_stat(c['retention'][primary])} |")
     lines += ["", "## Each selector vs random (same dataset, pool, k, mode; paired by training seed)", "",
-              "Difference = selector's harmful rate - random's (negative: the selector is safer).", "",
+              "Difference = selector's harmful rate - random's (negative: the selector is safer). The two-sided "
+              "Wilcoxon signed-rank test on n pairs cannot give p below 2/2^n (0.0625 with 5 seeds, 0.031 with 6).", "",
               "| dataset | pool | k | mode | selector | judge | pairs | selector | random | difference [bootstrap 95% CI] | Wilcoxon p | n prompts |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in summary["comparisons"]:
@@ -771,7 +845,7 @@ def main_command(grid_source: str, results_dir: str | Path = RESULTS_DIR, cache_
                  commit: bool = False, render_only: bool = False, command: str = "") -> Path:
     """What `safekeel bench` and benchmarks/bench.py do: run (or only re-render) a grid; the markdown path."""
     grid = load_grid(grid_source)
-    json_path = Path(results_dir) / f"bench_{grid.name}.json"
+    json_path = Path(results_dir) / f"{grid.output_stem}.json"
     if render_only:
         if not json_path.is_file():
             raise FileNotFoundError(f"{json_path} does not exist: run the grid first")

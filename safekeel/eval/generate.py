@@ -86,3 +86,65 @@ def generate_batched(
     finally:
         model.train(was_training)
     return [r if r is not None else Generation(None, "not generated") for r in results]
+
+
+class VLLMGenerator:
+    """Greedy batched generation with vLLM's offline engine, LoRA enabled: one engine (one startup)
+    serves the base model and any number of adapters of it, each through a LoRARequest. Used by
+    evaluations that run many fine-tunes of one base model (the benchmark grid); the transformers
+    path above stays the default. Greedy outputs may differ from transformers' in rare tokens
+    (different kernels and dtype), so one comparison must use one engine throughout; the engine is
+    part of EvalSettings and so of every run's configuration."""
+
+    def __init__(self, model_path: str, max_lora_rank: int = 64, max_model_len: int = 4096, kv_cache_gb: int = 2,
+                 seed: int = 0) -> None:
+        import os
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
+        from vllm import LLM
+
+        self.model_path = model_path
+        self.max_model_len = max_model_len
+        self.llm = LLM(model=model_path, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1, max_cpu_loras=2,
+                       max_model_len=max_model_len, seed=seed)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._adapter_ids: dict[str, int] = {}
+
+    def _lora(self, adapter: str | None):
+        from vllm.lora.request import LoRARequest
+
+        if adapter is None:
+            return None
+        key = str(adapter)
+        if key not in self._adapter_ids:
+            self._adapter_ids[key] = len(self._adapter_ids) + 1
+        return LoRARequest(f"adapter-{self._adapter_ids[key]}", self._adapter_ids[key], key)
+
+    def generate(self, chats: Sequence[Chat], max_new_tokens: int = 64, adapter: str | None = None,
+                 desc: str = "generating", show_progress: bool = True) -> list[Generation]:
+        """Greedy replies; a prompt too long for the engine's context is reported as not generated."""
+        from vllm import SamplingParams
+
+        texts = render_prompts(self.tokenizer, chats)
+        fits = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) + max_new_tokens <= self.max_model_len for t in texts]
+        runnable = [t for t, ok in zip(texts, fits) if ok]
+        outputs = iter(self.llm.generate(runnable, SamplingParams(temperature=0.0, max_tokens=max_new_tokens),
+                                         lora_request=self._lora(adapter), use_tqdm=show_progress) if runnable else [])
+        results = []
+        for ok in fits:
+            if not ok:
+                results.append(Generation(None, f"prompt longer than the engine's context ({self.max_model_len} tokens)"))
+                continue
+            piece = next(outputs).outputs[0]
+            results.append(Generation(piece.text.strip(), None, len(piece.token_ids)))
+        return results
+
+
+_VLLM_GENERATORS: dict[str, VLLMGenerator] = {}
+
+
+def vllm_generator(model_path: str) -> VLLMGenerator:
+    """The process's vLLM engine for this base model (started on first use, then reused)."""
+    if model_path not in _VLLM_GENERATORS:
+        _VLLM_GENERATORS[model_path] = VLLMGenerator(model_path)
+    return _VLLM_GENERATORS[model_path]

@@ -11,7 +11,7 @@ from typing import Sequence
 from safekeel.data import reference
 from safekeel.data.conversation import SafetyExample
 from safekeel.data.formats import load_conversations
-from safekeel.eval.generate import generate_batched
+from safekeel.eval.generate import generate_batched, vllm_generator
 from safekeel.eval.judges import get_judge
 from safekeel.eval.stats import Rate
 from safekeel.eval.utility import gsm8k_accuracy, heldout_loss
@@ -40,6 +40,9 @@ class EvalSettings:
     """A system prompt added to every evaluated chat (e.g. a safety prompt for PTST)."""
     demonstrations: list[dict] = field(default_factory=list)
     """In-context demonstrations [{request, refusal}] prepended as earlier turns (ICL guard)."""
+    engine: str = "transformers"
+    """Generation engine: 'transformers' (the model object given) or 'vllm' (one offline vLLM engine per
+    process for the named base model, the adapter loaded by path: much faster for many evaluations)."""
 
     @property
     def primary_judge(self) -> str:
@@ -159,9 +162,18 @@ def evaluate(model, tokenizer, settings: EvalSettings, model_name: str = "", ada
     harmful_prompts = harmful_prompts[: settings.n_harmful] if settings.n_harmful else harmful_prompts
     safe_prompts = safe_prompts[: settings.n_overrefusal] if settings.n_overrefusal else safe_prompts
     prompts = harmful_prompts + safe_prompts
-    generations = generate_batched(model, tokenizer, [build_chat(p, settings) for p in prompts],
-                                   max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-                                   desc="eval generation", show_progress=show_progress)
+    chats = [build_chat(p, settings) for p in prompts]
+    if settings.engine == "vllm":
+        from safekeel.models.registry import resolve_model
+
+        generator = vllm_generator(str(resolve_model(model_name)))
+        generations = generator.generate(chats, settings.max_new_tokens, adapter=adapter, desc="eval generation",
+                                         show_progress=show_progress)
+    elif settings.engine == "transformers":
+        generations = generate_batched(model, tokenizer, chats, max_new_tokens=settings.max_new_tokens,
+                                       batch_size=settings.batch_size, desc="eval generation", show_progress=show_progress)
+    else:
+        raise ValueError(f"unknown generation engine {settings.engine!r}; known: transformers, vllm")
     texts = [g.text for g in generations]
     n_harm = len(harmful_prompts)
     harmful, harmful_judgements = judge_responses(harmful_prompts, texts[:n_harm], settings.judges, harmful=True)
