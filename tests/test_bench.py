@@ -254,9 +254,21 @@ def test_summary_pairs_by_seed_and_renders_markdown_and_plots_from_the_json(tmp_
     assert -0.3 <= low < -0.2 < high <= -0.1
     assert comparison["wilcoxon"]["p_value"] == pytest.approx(0.25)  # 3 negative differences, no ties: exact p = 2/8
 
+    # over-refusal 0.3 and loss 0.9 on every fine-tune: no paired difference
+    assert comparison["overrefusal_difference"] == pytest.approx(0.0) and comparison["utility_loss_difference"] == pytest.approx(0.0)
+
     written = write_outputs(grid, records, tmp_path, command="pytest")
     json_path = tmp_path / "bench_hand.json"
     assert written[0] == json_path
+    data = json.loads(json_path.read_text())
+    # the published flat schema (primary judge) beside the per-judge detail
+    run = next(r for r in data["runs"] if r["selector"] == "random" and r["seed"] == 1)
+    assert {"user_data", "pool", "selector", "mode", "k", "seed", "harmful_rate", "overrefusal_rate", "utility", "retention"} <= set(run)
+    assert run["user_data"] == "toy" and run["harmful_rate"] == pytest.approx(0.4) and run["utility"] == pytest.approx(0.9)
+    assert run["retention"] == pytest.approx(0.2 / 0.5, abs=1e-4) and run["n_harmful_prompts"] == 100
+    [flat] = [c for c in data["comparisons"] if c["selector"] == "stratified"]
+    assert flat["mean_diff_harmful_rate"] == pytest.approx(-0.2) and flat["n_seeds"] == 3 and flat["p_value"] == pytest.approx(0.25)
+    assert flat["ci_low"] == pytest.approx(low) and flat["ci_high"] == pytest.approx(high) and flat["judge"] == "classifier"
     for path in written[1:]:
         path.unlink()
     outputs = render(json_path)
@@ -280,7 +292,10 @@ def test_summary_pairs_by_seed_and_renders_markdown_and_plots_from_the_json(tmp_
 def test_grid_loading_presets_and_files(tmp_path):
     from safekeel.selectors import known_selectors
 
-    quick, full = load_grid("quick"), load_grid("full")
+    quick, full, published = load_grid("quick"), load_grid("full"), load_grid("selectors")
+    assert published.output_stem == "selectors" and quick.output_stem == "bench_quick"
+    assert len(published.resolved_selectors()) >= 8 and len(published.seeds) >= 5 and published.k_values == [10, 20]
+    assert len(published.datasets) >= 3 and published.eval.harmful_set == "advbench-test" and published.eval.engine == "vllm"
     assert quick.resolved_selectors()[0] == "random" and len(quick.resolved_selectors()) == 3
     assert quick.eval.harmful_set == "advbench-dev" and quick.eval.n_utility_accuracy == 0 and quick.eval.max_new_tokens <= 48
     assert len(full.seeds) >= 5 and set(full.pools) == {"authored", "safety_tuned_llamas"}

@@ -97,7 +97,7 @@ class VLLMGenerator:
     part of EvalSettings and so of every run's configuration."""
 
     def __init__(self, model_path: str, max_lora_rank: int = 64, max_model_len: int = 4096, kv_cache_gb: int = 2,
-                 seed: int = 0) -> None:
+                 seed: int = 0, dtype: str = "auto") -> None:
         import os
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
@@ -106,7 +106,8 @@ class VLLMGenerator:
         self.model_path = model_path
         self.max_model_len = max_model_len
         self.llm = LLM(model=model_path, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1, max_cpu_loras=2,
-                       max_model_len=max_model_len, seed=seed)
+                       max_model_len=max_model_len, seed=seed, dtype=dtype)
+        self.dtype = str(self.llm.llm_engine.model_config.dtype).replace("torch.", "")
         self.tokenizer = self.llm.get_tokenizer()
         self._adapter_ids: dict[str, int] = {}
 
@@ -140,11 +141,21 @@ class VLLMGenerator:
         return results
 
 
-_VLLM_GENERATORS: dict[str, VLLMGenerator] = {}
+    def close(self) -> None:
+        """Stop the engine's worker processes (the engine is unusable afterwards)."""
+        self.llm.llm_engine.engine_core.shutdown()
+        for key, generator in list(_VLLM_GENERATORS.items()):
+            if generator is self:
+                del _VLLM_GENERATORS[key]
 
 
-def vllm_generator(model_path: str) -> VLLMGenerator:
-    """The process's vLLM engine for this base model (started on first use, then reused)."""
-    if model_path not in _VLLM_GENERATORS:
-        _VLLM_GENERATORS[model_path] = VLLMGenerator(model_path)
-    return _VLLM_GENERATORS[model_path]
+_VLLM_GENERATORS: dict[tuple[str, str], VLLMGenerator] = {}
+
+
+def vllm_generator(model_path: str, dtype: str = "auto") -> VLLMGenerator:
+    """The process's vLLM engine for this base model and dtype (started on first use, then reused;
+    'auto' lets vLLM choose: bfloat16 on CPU for a float32 checkpoint)."""
+    key = (model_path, dtype)
+    if key not in _VLLM_GENERATORS:
+        _VLLM_GENERATORS[key] = VLLMGenerator(model_path, dtype=dtype)
+    return _VLLM_GENERATORS[key]
