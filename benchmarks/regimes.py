@@ -16,7 +16,7 @@ BackdoorAlign's "Summarize this dialog:" instruction); utility = held-out loss o
 SAMSum test 200. Training: the phenomenon's benign attack preset (3 epochs at lr 2e-4, batch 4, 256
 tokens: bench.BENIGN_SFT), the preset the selector grid trains with, so the map chooses the grid's
 sizes for the grid's own training. The step count grows with the data, as when a user fine-tunes on
-more. Evaluation with the vLLM engine, as in the selector grid.
+more. Evaluation with the transformers engine (the one the phenomenon and the gate use).
 
 Cost on this 2-core CPU with smollm2-135m-safe (nothing else running), from the run records in
 benchmarks/results/phenomenon_runs/: GSM8K training took 492-504 s for 300-336 example passes
@@ -54,7 +54,7 @@ DATASETS = {
 }
 SFT = dict(BENIGN_SFT)
 EVAL = EvalSettings(harmful_set="advbench-dev", overrefusal_set="xstest-dev", max_new_tokens=48, judges=("classifier", "keyword"),
-                    utility="gsm8k", n_utility_loss=50, n_utility_accuracy=0, engine="vllm")
+                    utility="gsm8k", n_utility_loss=50, n_utility_accuracy=0)
 
 
 def regime_grid(datasets: list[str], sizes: list[int], seeds: list[int], k: int = 10) -> GridSpec:
