@@ -29,10 +29,14 @@ ENGINES = ("transformers", "vllm-bfloat16", "vllm-float32")
 
 
 def default_adapters() -> list[Path]:
-    cache = ROOT / "benchmarks" / "cache" / "phenomenon"
+    """The adapters of the committed phenomenon records (the cache may also hold stale configs)."""
+    cache, records = ROOT / "benchmarks" / "cache" / "phenomenon", ROOT / "benchmarks" / "results" / "phenomenon_runs"
     found = []
     for condition in ("benign_none-s0", "harmful_none-s0"):
-        found += sorted(p.parent for p in cache.glob(f"{condition}-*/adapter/adapter_model.safetensors"))[:1]
+        for record in sorted(records.glob(f"{condition}-*.json")):
+            adapter = cache / record.stem / "adapter"
+            if (adapter / "adapter_model.safetensors").is_file():
+                found.append(adapter)
     return found
 
 

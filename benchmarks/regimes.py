@@ -22,7 +22,7 @@ Cost on this 2-core CPU with smollm2-135m-safe (nothing else running), from the 
 benchmarks/results/phenomenon_runs/: GSM8K training took 492-504 s for 300-336 example passes
 (batch 4, 256 tokens), ~1.6 s per example pass; assume the same for SAMSum (dialogues capped by the
 same 256 tokens). Per (dataset, seed), none + random at n = 50, 100, 200: 3 x (2n + 10) passes =
-~1,900 passes = ~50 min, plus ~1 min of evaluation per run (vLLM) and one engine start. Two
+~1,900 passes = ~50 min, plus ~2.5 min of evaluation per run. Two
 datasets, one seed: ~1.8 h. The pilot in ../shared/FACTS.md covers n = 1,000 (another preset:
 1 epoch, batch 8): 10 random replays there changed nothing.
 """

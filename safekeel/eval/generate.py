@@ -92,9 +92,11 @@ class VLLMGenerator:
     """Greedy batched generation with vLLM's offline engine, LoRA enabled: one engine (one startup)
     serves the base model and any number of adapters of it, each through a LoRARequest. Used by
     evaluations that run many fine-tunes of one base model (the benchmark grid); the transformers
-    path above stays the default. Greedy outputs may differ from transformers' in rare tokens
-    (different kernels and dtype), so one comparison must use one engine throughout; the engine is
-    part of EvalSettings and so of every run's configuration."""
+    path above stays the default. In float32 its greedy replies were identical to transformers' on
+    3 x 179 prompts; in bfloat16 (vLLM's choice on CPU for a float32 checkpoint) only 38-55% were
+    (benchmarks/results/engine_agreement.md). One comparison uses one engine throughout: the engine
+    is part of EvalSettings and so of every run's configuration. LoRA on CPU needs the grouped ops of
+    safekeel/service/engines/vllm_cpu_lora.py (a vLLM plugin, installed with the package)."""
 
     def __init__(self, model_path: str, max_lora_rank: int = 64, max_model_len: int = 4096, kv_cache_gb: int = 2,
                  seed: int = 0, dtype: str = "auto") -> None:
