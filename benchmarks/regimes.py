@@ -3,6 +3,7 @@ safety data (`none`) and with k=10 random safety examples replayed, per benign u
 DEV splits (it chooses the grid's settings). Writes benchmarks/results/regimes.json + .md + .png.
 
     python benchmarks/regimes.py [--sizes 50 100 200] [--seeds 0] [--datasets gsm8k samsum] [--commit] [--render-only]
+    python benchmarks/regimes.py --name regimes_1epoch --sft '{"epochs": 1, "learning_rate": 6e-4}' --sizes 100   # a cheaper preset
 
 It is a bench grid (safekeel.eval.bench) whose datasets differ only by max_examples: run records
 under benchmarks/results/bench_runs/regimes/, cached by config hash, resumable, `--commit` commits
@@ -57,12 +58,14 @@ EVAL = EvalSettings(harmful_set="advbench-dev", overrefusal_set="xstest-dev", ma
                     utility="gsm8k", n_utility_loss=50, n_utility_accuracy=0)
 
 
-def regime_grid(datasets: list[str], sizes: list[int], seeds: list[int], k: int = 10) -> GridSpec:
-    """A bench grid: every dataset at every size, `none` (always in a grid) and random replay of k."""
+def regime_grid(datasets: list[str], sizes: list[int], seeds: list[int], k: int = 10, sft: dict | None = None,
+                name: str = "regimes") -> GridSpec:
+    """A bench grid: every dataset at every size, `none` (always in a grid) and random replay of k.
+    `sft` overrides fields of the training preset (another map, under another `name`)."""
     return GridSpec(
-        name="regimes",
-        datasets=[DatasetSpec(name, DATASETS[name]["path"], max_examples=n, sft=dict(SFT), template=DATASETS[name]["template"],
-                              utility=DATASETS[name]["utility"]) for name in datasets for n in sizes],
+        name=name,
+        datasets=[DatasetSpec(d, DATASETS[d]["path"], max_examples=n, sft={**SFT, **(sft or {})}, template=DATASETS[d]["template"],
+                              utility=DATASETS[d]["utility"]) for d in datasets for n in sizes],
         k_values=[k], pools=["authored"], selectors=["random"], modes=["replay"], seeds=seeds, eval=EVAL,
     )
 
@@ -119,7 +122,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 def write_regimes(grid: GridSpec, records: list[dict], results_dir: Path, command: str, plot: bool = True) -> list[Path]:
     aligned, rows = regime_rows(records)
-    path = write_json_atomic(results_dir / "regimes.json", {
+    path = write_json_atomic(results_dir / f"{grid.name}.json", {
         "command": command, "grid": {**grid.to_dict(), "selectors": grid.resolved_selectors()},
         "n_runs_total": len(expand(grid)), "n_runs_done": len(records),
         "aligned": aligned, "rows": rows, "summary": aggregate(rows), "versions": library_versions(),
@@ -229,22 +232,27 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--commit", action="store_true", help="git-commit each finished run record and the tables")
-    parser.add_argument("--render-only", action="store_true", help="re-render regimes.md/.png from regimes.json")
+    parser.add_argument("--render-only", action="store_true", help="re-render NAME.md/.png from NAME.json")
+    parser.add_argument("--sft", type=json.loads, default=None,
+                        help='JSON overrides of the training preset, e.g. \'{"epochs": 1, "learning_rate": 6e-4}\' (use with --name)')
+    parser.add_argument("--name", default="regimes", help="grid name: outputs NAME.json/.md/.png, records bench_runs/NAME/")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.render_only:
-        render(args.results_dir / "regimes.json")
+        render(args.results_dir / f"{args.name}.json")
     else:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
         command = "python benchmarks/regimes.py " + " ".join(sys.argv[1:])
-        grid = regime_grid(args.datasets, args.sizes, args.seeds, args.k)
+        if args.sft and args.name == "regimes":
+            parser.error("--sft changes the preset: give the map its own --name")
+        grid = regime_grid(args.datasets, args.sizes, args.seeds, args.k, sft=args.sft, name=args.name)
         run_grid(grid, args.results_dir, args.cache_dir, commit=args.commit, command=command,
                  writer=lambda records, final: write_regimes(grid, records, args.results_dir, command, plot=final))
-    print((args.results_dir / "regimes.md").read_text())
+    print((args.results_dir / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":
