@@ -81,7 +81,7 @@ def main() -> None:
         dtypes[engine] = generator.dtype
         for name, adapter in targets:
             started = time.time()
-            out = generator.generate(chats, args.max_new_tokens, adapter=adapter, desc=f"{engine} {name}")
+            out = generator.generate(chats, args.max_new_tokens, adapter=adapter)
             seconds[(name, engine)] = time.time() - started
             replies[(name, engine)] = [g.text for g in out]
         generator.close()
@@ -90,14 +90,13 @@ def main() -> None:
     rows = []
     for name, adapter in targets:
         labels = {}
-        for engine in ENGINES:
+        for engine in ENGINES:  # transformers first: the reference of the others
             texts = replies[(name, engine)]
             h, h_each = judge_responses(harmful, texts[:n_harm], ["classifier"], harmful=True)
             o, o_each = judge_responses(safe, texts[n_harm:], ["classifier"], harmful=False)
             labels[engine] = [j.harmful for j in h_each["classifier"]] + [j.refused for j in o_each["classifier"]]
-            reference = replies[(name, "transformers")]
-            agree = [a == b for a, b in zip(labels[engine], labels.get("transformers", labels[engine]))]
-            identical = [a == b for a, b in zip(texts, reference)]
+            agree = [a == b for a, b in zip(labels[engine], labels["transformers"])]
+            identical = [a == b for a, b in zip(texts, replies[(name, "transformers")])]
             rows.append({
                 "model": name, "adapter": adapter, "engine": engine, "dtype": dtypes.get(engine, "float32"),
                 "harmful_rate": h["classifier"]["harmful"]["rate"], "harmful_rate_ci": h["classifier"]["harmful"]["ci95"],

@@ -19,12 +19,11 @@ tokens: bench.BENIGN_SFT), the preset the selector grid trains with, so the map 
 sizes for the grid's own training. The step count grows with the data, as when a user fine-tunes on
 more. Evaluation with the transformers engine (the one the phenomenon and the gate use).
 
-Cost on this 2-core CPU with smollm2-135m-safe (nothing else running), from the run records in
-benchmarks/results/phenomenon_runs/: GSM8K training took 492-504 s for 300-336 example passes
-(batch 4, 256 tokens), ~1.6 s per example pass; assume the same for SAMSum (dialogues capped by the
-same 256 tokens). Per (dataset, seed), none + random at n = 50, 100, 200: 3 x (2n + 10) passes =
-~1,900 passes = ~50 min, plus ~2.5 min of evaluation per run. Two
-datasets, one seed: ~1.8 h. The pilot in ../shared/FACTS.md covers n = 1,000 (another preset:
+Cost measured by the committed map (benchmarks/results/bench_runs/regimes/, 2 cores, `seconds` per
+record; one run was slowed by a job sharing the machine): training ~1.55-1.7 s per GSM8K example pass
+(n=100 + 10 replayed, 3 epochs: 562 s) and ~0.9-1.0 s per SAMSum pass (328 s); evaluation plus held-out
+loss ~140 s per run. Both datasets at n = 50, 100, 200, none + random, one seed: 8,156 s (2.3 h).
+The pilot in ../shared/FACTS.md covers n = 1,000 (another preset:
 1 epoch, batch 8): 10 random replays there changed nothing.
 """
 

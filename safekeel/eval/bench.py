@@ -49,7 +49,7 @@ run records in benchmarks/results/phenomenon_runs/ (LoRA r=16 bf16):
   Training 2 x 25 steps (52 s) + 6 x 50 steps (103 s) = 720 s. Evaluation 64 prompts (40 AdvBench
   dev + 24 XSTest dev) x 0.8 s + held-out loss on 50 (~10 s) + model load and judges (~10 s)
   = ~70 s, x 9 = 630 s. Selection: nearest_user embeds the pool (~15 s) twice. Total ~1,400 s,
-  ~24 minutes (< 30).
+  ~24 minutes (< 30): an estimate from those records; the grid has not been timed end to end yet.
 The `full` profile (2 datasets x 2 pools x k in {10, 20} x replay/icl x every selector x 5 seeds,
 plus none/ptst, test splits) is about 1,200 runs with the 15 selectors registered today (at ~800 s
 per GSM8K replay run, ~340 s per pure_bad replay run, ~260 s per icl run: about 6 days on this CPU),
@@ -177,7 +177,7 @@ class GridSpec:
 
 
 def quick_grid() -> GridSpec:
-    """~24 minutes on 2 CPU cores (see the module docstring): Qi et al.'s 10-shot harmful attack, where
+    """~24 minutes on 2 CPU cores (estimated in the module docstring): Qi et al.'s 10-shot harmful attack, where
     fine-tuning erodes the organism's safety most (phenomenon.md), k=10, 3 selectors, 2 seeds, dev sets."""
     return GridSpec(
         name="quick",
@@ -185,7 +185,7 @@ def quick_grid() -> GridSpec:
         k_values=[10], pools=["authored"], selectors=["random", "stratified", "nearest_user"], modes=["replay"],
         seeds=[0, 1],
         eval=EvalSettings(harmful_set="advbench-dev", overrefusal_set="xstest-dev", n_harmful=40, n_overrefusal=24,
-                          max_new_tokens=48, utility="gsm8k", n_utility_loss=50, n_utility_accuracy=0, engine="vllm"),
+                          max_new_tokens=48, utility="gsm8k", n_utility_loss=50, n_utility_accuracy=0),
     )
 
 
@@ -208,11 +208,13 @@ SELECTORS_GRID_SELECTORS = ["random", "stratified", "kmeans", "kcenter", "facili
 
 
 def selectors_grid() -> GridSpec:
-    """The published comparison (benchmarks/results/selectors.*): three user datasets in the regime where
-    random replay recovers part of the lost safety (benchmarks/results/regimes.md and phenomenon.md),
-    k in {10, 20}, replay from the authored pool, nine selectors, six training seeds (a two-sided Wilcoxon
+    """The published comparison (benchmarks/results/selectors.*): three user datasets, k in {10, 20}, replay from the authored pool, nine selectors, six training seeds (a two-sided Wilcoxon
     test on five pairs cannot go below p = 0.0625; six pairs reach 0.031), test splits,
-    evaluated with the vLLM engine (one engine for every run of the grid)."""
+    evaluated with the vLLM engine (one engine for every run of the grid). The benign datasets are
+    PROVISIONAL: GSM8K random 100 is the phenomenon's regime (random recovers 54% on test), but the
+    dev-split regime map (benchmarks/results/regimes.md) shows fine-tuning on 100 SAMSum (or GSM8K)
+    examples barely raises the harmful rate, and 200 the first clear loss; decide the sizes there
+    before running this grid."""
     return GridSpec(
         name="selectors", output="selectors",
         datasets=[DatasetSpec("pure_bad_10", "attacks/pure_bad_10.jsonl", sft=dict(HARMFUL_SFT)),

@@ -105,7 +105,6 @@ class VLLMGenerator:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
         from vllm import LLM
 
-        self.model_path = model_path
         self.max_model_len = max_model_len
         self.llm = LLM(model=model_path, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1, max_cpu_loras=2,
                        max_model_len=max_model_len, seed=seed, dtype=dtype)
@@ -124,13 +123,14 @@ class VLLMGenerator:
         return LoRARequest(f"adapter-{self._adapter_ids[key]}", self._adapter_ids[key], key)
 
     def generate(self, chats: Sequence[Chat], max_new_tokens: int = 64, adapter: str | None = None,
-                 desc: str = "generating", show_progress: bool = True) -> list[Generation]:
-        """Greedy replies; a prompt too long for the engine's context is reported as not generated."""
+                 show_progress: bool = True) -> list[Generation]:
+        """Greedy replies; a prompt too long for the engine's context is reported as not generated.
+        Prompts are tokenized once here and handed to vLLM as token ids."""
         from vllm import SamplingParams
 
-        texts = render_prompts(self.tokenizer, chats)
-        fits = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) + max_new_tokens <= self.max_model_len for t in texts]
-        runnable = [t for t, ok in zip(texts, fits) if ok]
+        token_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_prompts(self.tokenizer, chats)]
+        fits = [len(ids) + max_new_tokens <= self.max_model_len for ids in token_ids]
+        runnable = [{"prompt_token_ids": ids} for ids, ok in zip(token_ids, fits) if ok]
         outputs = iter(self.llm.generate(runnable, SamplingParams(temperature=0.0, max_tokens=max_new_tokens),
                                          lora_request=self._lora(adapter), use_tqdm=show_progress) if runnable else [])
         results = []
@@ -141,7 +141,6 @@ class VLLMGenerator:
             piece = next(outputs).outputs[0]
             results.append(Generation(piece.text.strip(), None, len(piece.token_ids)))
         return results
-
 
     def close(self) -> None:
         """Stop the engine's worker processes (the engine is unusable afterwards)."""

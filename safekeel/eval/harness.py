@@ -173,8 +173,7 @@ def evaluate(model, tokenizer, settings: EvalSettings, model_name: str = "", ada
         from safekeel.models.registry import resolve_model
 
         generator = vllm_generator(str(resolve_model(model_name)), dtype=VLLM_ENGINES[settings.engine])
-        generations = generator.generate(chats, settings.max_new_tokens, adapter=adapter, desc="eval generation",
-                                         show_progress=show_progress)
+        generations = generator.generate(chats, settings.max_new_tokens, adapter=adapter, show_progress=show_progress)
     elif settings.engine == "transformers":
         generations = generate_batched(model, tokenizer, chats, max_new_tokens=settings.max_new_tokens,
                                        batch_size=settings.batch_size, desc="eval generation", show_progress=show_progress)
