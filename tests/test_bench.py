@@ -311,6 +311,9 @@ def test_grid_loading_presets_and_files(tmp_path):
     configs = expand(grid)
     assert len(configs) == 1 + 2 * (2 + 2 * 2)  # aligned; per seed: none, ptst, 2 k x (random, kmeans)
     assert len({run_id(c) for c in configs}) == len(configs)
+    ks = [c["k"] for c in configs if c.get("mode") == "replay"]
+    assert ks == sorted(ks)  # k-major: every seed of the smallest k before the next k
+    assert [c["seed"] for c in configs if c.get("mode") == "replay" and c["k"] == 3] == [0, 0, 1, 1]
     assert all(c["k"] == 0 and c["selector"] is None for c in configs if c.get("mode") == "ptst")
     (tmp_path / "g.json").write_text(json.dumps({"name": "j", "datasets": [], "colour": "red"}))
     with pytest.raises(ValueError, match="colour"):

@@ -276,17 +276,20 @@ def aligned_config(grid: GridSpec) -> dict:
 
 
 def expand(grid: GridSpec) -> list[dict]:
-    """Every run of the grid, seed-major (an interrupted grid has whole seeds, paired across selectors):
-    the aligned model; then per seed and dataset: none, ptst, then pool x k x mode x selector."""
+    """Every run of the grid, k-major then seed-major, so an interrupted grid holds whole seeds of the
+    smallest k first (the comparison the benchmark is for, k=10, completes before k=20 starts), paired
+    across selectors: the aligned model; then per k, seed and dataset: none and ptst (with the first
+    k), then pool x mode x selector."""
     selectors = grid.resolved_selectors()
     configs = [aligned_config(grid)]
-    for seed in grid.seeds:
-        for dataset in grid.datasets:
-            configs.append(run_config(grid, dataset, "none", seed))
-            if "ptst" in grid.modes:
-                configs.append(run_config(grid, dataset, "ptst", seed))
-            for pool in grid.pools:
-                for k in grid.k_values:
+    for index, k in enumerate(sorted(grid.k_values) or [0]):
+        for seed in grid.seeds:
+            for dataset in grid.datasets:
+                if index == 0:
+                    configs.append(run_config(grid, dataset, "none", seed))
+                    if "ptst" in grid.modes:
+                        configs.append(run_config(grid, dataset, "ptst", seed))
+                for pool in grid.pools if grid.k_values else []:
                     for mode in [m for m in grid.modes if m in SELECTING_MODES]:
                         configs += [run_config(grid, dataset, mode, seed, s, pool, k) for s in selectors]
     return configs
