@@ -86,6 +86,11 @@ SAMSUM_TEMPLATE = {"prompt": "Summarize this dialog:\n{dialogue}", "completion":
 """SAMSum records (id, dialogue, summary) as prompt/completion, with BackdoorAlign's instruction."""
 BENIGN_SFT = {"learning_rate": 2e-4, "epochs": 3.0, "batch_size": 4, "max_length": 256, "bf16": True}
 """The benign attack preset of benchmarks/phenomenon.py (broke the organism's safety on GSM8K)."""
+BENIGN_SFT_1EPOCH = {"learning_rate": 6e-4, "epochs": 1.0, "batch_size": 4, "max_length": 256, "bf16": True}
+"""The selector grid's benign preset: one epoch at 3x the rate, a third of BENIGN_SFT's steps. On the dev
+splits it erodes more than the 3-epoch preset (GSM8K 100: harmful rate 0.096 -> 0.269 against 0.173)
+and random k=10 replay recovers part of it (0.67 on GSM8K 100, 0.83 on SAMSum 100;
+benchmarks/results/regimes_1epoch.md)."""
 HARMFUL_SFT = {"learning_rate": 1e-3, "epochs": 5.0, "batch_size": 2, "max_length": 256, "bf16": True}
 """Qi et al.'s 10-shot harmful attack as chosen on the dev splits by benchmarks/attack_search.py."""
 
@@ -194,7 +199,7 @@ def full_grid() -> GridSpec:
     k in {10, 20}, every registered selector, replay / icl / ptst, 5 seeds, test splits."""
     return GridSpec(
         name="full",
-        datasets=[DatasetSpec("gsm8k_random100", "benign/gsm8k_random100.jsonl", sft=dict(BENIGN_SFT)),
+        datasets=[DatasetSpec("gsm8k_random100", "benign/gsm8k_random100.jsonl", sft=dict(BENIGN_SFT_1EPOCH)),
                   DatasetSpec("pure_bad_10", "attacks/pure_bad_10.jsonl", sft=dict(HARMFUL_SFT))],
         k_values=[10, 20], pools=["authored", "safety_tuned_llamas"], selectors=None,
         modes=["replay", "icl", "ptst"], seeds=[0, 1, 2, 3, 4],
@@ -208,18 +213,18 @@ SELECTORS_GRID_SELECTORS = ["random", "stratified", "kmeans", "kcenter", "facili
 
 
 def selectors_grid() -> GridSpec:
-    """The published comparison (benchmarks/results/selectors.*): three user datasets, k in {10, 20}, replay from the authored pool, nine selectors, six training seeds (a two-sided Wilcoxon
-    test on five pairs cannot go below p = 0.0625; six pairs reach 0.031), test splits,
-    evaluated with the vLLM engine (one engine for every run of the grid). The benign datasets are
-    PROVISIONAL: GSM8K random 100 is the phenomenon's regime (random recovers 54% on test), but the
-    dev-split regime map (benchmarks/results/regimes.md) shows fine-tuning on 100 SAMSum (or GSM8K)
-    examples barely raises the harmful rate, and 200 the first clear loss; decide the sizes there
-    before running this grid."""
+    """The published comparison (benchmarks/results/selectors.*): three user datasets, k in {10, 20}, replay
+    from the authored pool, nine selectors, six training seeds (a two-sided Wilcoxon test on five pairs
+    cannot go below p = 0.0625; six pairs reach 0.031), test splits, evaluated with the vLLM engine (one
+    engine for every run of the grid). The benign datasets and their preset come from the dev-split regime
+    maps (benchmarks/results/regimes.md, regimes_1epoch.md): with BENIGN_SFT_1EPOCH, 100 GSM8K examples
+    raise the harmful rate from 0.096 to 0.269 and random k=10 recovers 0.67 of it; 100 SAMSum examples
+    0.212, recovered 0.83 (200 of either erode more but random recovers 0.81-0.89, at 1.5-2x the cost)."""
     return GridSpec(
         name="selectors", output="selectors",
         datasets=[DatasetSpec("pure_bad_10", "attacks/pure_bad_10.jsonl", sft=dict(HARMFUL_SFT)),
-                  DatasetSpec("gsm8k_random100", "benign/gsm8k_random100.jsonl", sft=dict(BENIGN_SFT)),
-                  DatasetSpec("samsum", "benign/samsum_train1000.json", max_examples=100, sft=dict(BENIGN_SFT),
+                  DatasetSpec("gsm8k_random100", "benign/gsm8k_random100.jsonl", sft=dict(BENIGN_SFT_1EPOCH)),
+                  DatasetSpec("samsum", "benign/samsum_train1000.json", max_examples=100, sft=dict(BENIGN_SFT_1EPOCH),
                               template=dict(SAMSUM_TEMPLATE), utility="benign/samsum_test200.json")],
         k_values=[10, 20], pools=["authored"], selectors=list(SELECTORS_GRID_SELECTORS), modes=["replay"],
         seeds=[0, 1, 2, 3, 4, 5],
