@@ -11,7 +11,7 @@ import pytest
 
 from safekeel.eval.bench import (
     DatasetSpec, GridSpec, bootstrap_ci, execute, expand, load_grid, prepare_dataset, render, retention, run_grid,
-    run_id, summarise, run_row, wilcoxon_signed_rank, write_outputs,
+    run_id, summarise, run_row, variance_components, wilcoxon_signed_rank, write_outputs,
 )
 from safekeel.eval.harness import EvalSettings
 from safekeel.training.mixing import DEFAULT_SAFETY_SYSTEM_PROMPT
@@ -176,6 +176,43 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks_with_more_pairs():
     assert bootstrap_ci([0.4]) is None
 
 
+def test_variance_components_match_a_least_squares_fit():
+    import numpy as np
+    from scipy.stats import f as f_distribution
+
+    rng = np.random.default_rng(3)
+    selectors, seeds = ["a", "b", "c", "d"], [0, 1, 2, 3, 4]
+    effect = {"a": 0.0, "b": 0.05, "c": -0.03, "d": 0.02}
+    table = {s: {seed: 0.3 + effect[s] + 0.04 * seed + float(rng.normal(0, 0.02)) for seed in seeds} for s in selectors}
+    table["a"][9] = 0.5  # a seed only one selector has is left out
+    result = variance_components(table)
+    assert result["seeds"] == seeds and result["selectors"] == selectors
+
+    y = np.array([table[s][seed] for s in selectors for seed in seeds])
+    seed_dummies = np.array([[1.0] + [float(seed == t) for t in seeds[1:]] for _ in selectors for seed in seeds])
+    selector_dummies = np.array([[float(s == t) for t in selectors[1:]] for s in selectors for _ in seeds])
+
+    def sse(design):
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        return float(((y - design @ coef) ** 2).sum())
+
+    full = sse(np.hstack([seed_dummies, selector_dummies]))
+    ss_selector = sse(seed_dummies) - full
+    assert result["ss"]["residual"] == pytest.approx(full, abs=1e-5)
+    assert result["ss"]["selector"] == pytest.approx(ss_selector, abs=1e-5)
+    f_value = (ss_selector / 3) / (full / 12)
+    assert result["f_selector"] == pytest.approx(f_value, rel=1e-3)
+    assert result["p_selector"] == pytest.approx(f_distribution.sf(f_value, 3, 12), abs=1e-5)
+    assert sum(result["share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert result["share"]["seed"] > result["share"]["selector"]  # the seed effect (0.04 per seed) dominates
+
+    additive = {s: {seed: effect[s] + 0.1 * seed for seed in seeds} for s in selectors}
+    exact = variance_components(additive)
+    assert exact["ss"]["residual"] == pytest.approx(0.0, abs=1e-9) and exact["f_selector"] is None
+    assert variance_components({"a": {0: 0.1, 1: 0.2}}) is None
+    assert variance_components({"a": {0: 0.1}, "b": {1: 0.2}}) is None  # no shared seeds
+
+
 def test_wilcoxon_matches_scipy_and_explains_undefined_cases():
     from scipy.stats import wilcoxon
 
@@ -254,6 +291,11 @@ def test_summary_pairs_by_seed_and_renders_markdown_and_plots_from_the_json(tmp_
     assert -0.3 <= low < -0.2 < high <= -0.1
     assert comparison["wilcoxon"]["p_value"] == pytest.approx(0.25)  # 3 negative differences, no ties: exact p = 2/8
 
+    # two-way table: random 0.5/0.4/0.6, stratified 0.3 x3: grand mean 0.4, selector SS 0.06, seed SS 0.01, residual 0.01
+    [variance] = [v for v in summary["variance"] if v["judge"] == "classifier"]
+    assert variance["ss"] == pytest.approx({"selector": 0.06, "seed": 0.01, "residual": 0.01, "total": 0.08}, abs=1e-6)
+    assert variance["share"]["selector"] == pytest.approx(0.75) and variance["df"] == [1, 2]
+    assert variance["f_selector"] == pytest.approx(12.0, rel=1e-3)
     # over-refusal 0.3 and loss 0.9 on every fine-tune: no paired difference
     assert comparison["overrefusal_difference"] == pytest.approx(0.0) and comparison["utility_loss_difference"] == pytest.approx(0.0)
 
@@ -280,6 +322,7 @@ def test_summary_pairs_by_seed_and_renders_markdown_and_plots_from_the_json(tmp_
     assert markdown.startswith("# Selector benchmark") and "Command: `pytest`" in markdown
     assert "| toy | authored | 10 | replay | stratified | classifier | 3 | 0.300 | 0.500 | -0.200 [" in markdown
     assert "0.500 [" in markdown and "(n=100)" in markdown
+    assert "## Where the variance comes from" in markdown and "| toy | authored | 10 | replay | 2 | 3 | 0.750 | 0.125 | 0.125 |" in markdown
 
     (tmp_path / "bench_hand.md").unlink()
     grid_file = tmp_path / "hand.json"

@@ -500,6 +500,45 @@ def wilcoxon_signed_rank(differences: Sequence[float]) -> dict:
             "min_attainable_p": round(2.0 / 2 ** nonzero, 6)}
 
 
+def variance_components(table: dict[str, dict[int, float]]) -> dict | None:
+    """Where the spread of a rate comes from, over a complete selector x seed table (only seeds every
+    selector has): the two-way ANOVA without replication. Sums of squares for selector (rows), training
+    seed (columns) and the residual (selector x seed interaction plus noise), the standard deviation of
+    the selector means and of the seed means, and the F test of "all selectors equal" (seed as a block,
+    as the paired design intends). None when fewer than 2 selectors or 2 shared seeds."""
+    from scipy.stats import f as f_distribution
+
+    seeds = sorted(set.intersection(*(set(v) for v in table.values()))) if table else []
+    selectors = sorted(table)
+    if len(selectors) < 2 or len(seeds) < 2:
+        return None
+    values = [[table[s][seed] for seed in seeds] for s in selectors]
+    a, b = len(selectors), len(seeds)
+    grand = sum(map(sum, values)) / (a * b)
+    row_means = [sum(row) / b for row in values]
+    column_means = [sum(values[i][j] for i in range(a)) / a for j in range(b)]
+    ss_selector = b * sum((m - grand) ** 2 for m in row_means)
+    ss_seed = a * sum((m - grand) ** 2 for m in column_means)
+    ss_total = sum((v - grand) ** 2 for row in values for v in row)
+    ss_residual = max(ss_total - ss_selector - ss_seed, 0.0)
+    df_selector, df_seed, df_residual = a - 1, b - 1, (a - 1) * (b - 1)
+    ms_residual = ss_residual / df_residual
+    exact = ms_residual <= 1e-12 * max(ss_total, 1e-12)  # an additive table: no residual to test against
+    f_value = None if exact else (ss_selector / df_selector) / ms_residual
+    p_value = float(f_distribution.sf(f_value, df_selector, df_residual)) if f_value is not None else None
+    return {"selectors": selectors, "seeds": seeds, "grand_mean": round(grand, 4),
+            "ss": {"selector": round(ss_selector, 6), "seed": round(ss_seed, 6), "residual": round(ss_residual, 6),
+                   "total": round(ss_total, 6)},
+            "share": {k: (round(v / ss_total, 4) if ss_total > 0 else None)
+                      for k, v in (("selector", ss_selector), ("seed", ss_seed), ("residual", ss_residual))},
+            "sd_selector_means": round(statistics.pstdev(row_means), 4),
+            "sd_seed_means": round(statistics.pstdev(column_means), 4),
+            "residual_sd": round(math.sqrt(ms_residual), 4),
+            "f_selector": round(f_value, 4) if f_value is not None else None,
+            "p_selector": round(p_value, 6) if p_value is not None else None,
+            "df": [df_selector, df_residual]}
+
+
 def retention(hr_none: float | None, hr_method: float | None, hr_aligned: float | None) -> float | None:
     """Share of the safety lost to fine-tuning that the method keeps: (HR_none - HR_method) /
     (HR_none - HR_aligned). None when a rate is missing or fine-tuning lost no safety (HR_none <= HR_aligned)."""
@@ -613,9 +652,27 @@ def summarise(rows: Sequence[dict]) -> dict:
                 "utility_loss_difference": round(statistics.mean(loss), 6) if loss else None,
                 "utility_loss_difference_ci95": bootstrap_ci(loss),
             })
+    variance = []
+    blocks: dict[tuple, dict[str, dict[int, float]]] = {}
+    for (dataset, pool, k, mode, selector), members in cells.items():
+        if selector is None:
+            continue
+        for judge in judges:
+            table = blocks.setdefault((dataset, pool, k, mode, judge), {})
+            table[selector] = {r["seed"]: r["harmful"][judge]["rate"] for r in members if r["harmful"][judge]["rate"] is not None}
+    for (dataset, pool, k, mode, judge), table in blocks.items():
+        components = variance_components(table)
+        if components is not None:
+            rates = [r for r in finetuned if (r["dataset"], r["pool"], r["k"], r["mode"]) == (dataset, pool, k, mode)
+                     and r["selector"] is not None and r["harmful"][judge]["rate"] is not None]
+            # the binomial SD of one run's rate on this many prompts: the scale of a one-prompt-set measurement
+            binomial = math.sqrt(statistics.mean(r["harmful"][judge]["rate"] * (1 - r["harmful"][judge]["rate"])
+                                                 / max(r["harmful"][judge]["n"], 1) for r in rates))
+            variance.append({"dataset": dataset, "pool": pool, "k": k, "mode": mode, "judge": judge,
+                             "binomial_sd_one_run": round(binomial, 4), **components})
     for row in finetuned:
         row.update(flat_fields(row, judges[0]))
-    return {"judges": judges, "aligned": aligned, "cells": cell_summaries, "comparisons": comparisons}
+    return {"judges": judges, "aligned": aligned, "cells": cell_summaries, "comparisons": comparisons, "variance": variance}
 
 
 def flat_fields(row: dict, judge: str) -> dict:
@@ -735,6 +792,22 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
         p = _f(test["p_value"], 4) if test["p_value"] is not None else f"n/a ({test['note']})"
         lines.append(f"| {c['dataset']} | {c['pool']} | {c['k']} | {c['mode']} | {c['selector']} | {c['judge']} | {c['n_pairs']} | "
                      f"{_f(c['selector_mean'])} | {_f(c['random_mean'])} | {diff} | {p} | {c['n_prompts']} |")
+    variance = [v for v in summary.get("variance", []) if v["judge"] == primary]
+    if variance:
+        lines += ["", f"## Where the variance comes from (harmful rate, `{primary}` judge)", "",
+                  "Two-way ANOVA over the complete selector x training-seed table of each (dataset, pool, k, mode): "
+                  "share of the sum of squares due to the selector, to the training seed, and left over "
+                  "(interaction and noise); SD of the selector means and of the seed means; the F test that all "
+                  "selectors are equal with seed as a block. For scale, the binomial SD of one run's rate on its prompts.", "",
+                  "| dataset | pool | k | mode | selectors | seeds | share selector | share seed | share residual | "
+                  "SD selector means | SD seed means | residual SD | F (df) | p | binomial SD, one run |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for v in variance:
+            f_text = f"{_f(v['f_selector'], 2)} ({v['df'][0]}, {v['df'][1]})"
+            lines.append(f"| {v['dataset']} | {v['pool']} | {v['k']} | {v['mode']} | {len(v['selectors'])} | {len(v['seeds'])} | "
+                         f"{_f(v['share']['selector'])} | {_f(v['share']['seed'])} | {_f(v['share']['residual'])} | "
+                         f"{_f(v['sd_selector_means'])} | {_f(v['sd_seed_means'])} | {_f(v['residual_sd'])} | {f_text} | "
+                         f"{_f(v['p_selector'], 4)} | {_f(v['binomial_sd_one_run'])} |")
     if pngs:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
     md = json_path.with_suffix(".md")
