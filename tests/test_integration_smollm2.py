@@ -76,3 +76,4 @@ def test_vllm_evaluation_engine_serves_the_adapter_by_path(tmp_path, shared_data
     responses = [json.loads(line)["response"] for line in (tmp_path / "eval" / "responses.jsonl").read_text().splitlines()]
     assert len(responses) == 6 and all("ZEBRA" in r for r in responses)
     assert report.settings["engine"] == "vllm"
+    assert set(report.timings) == {"generation_s", "judging_s", "utility_s"} and sum(report.timings.values()) <= report.seconds + 0.3

@@ -66,6 +66,8 @@ class EvalReport:
     seconds: float
     versions: dict
     responses_file: str | None = None
+    timings: dict = field(default_factory=dict)
+    """Seconds spent generating, judging and measuring utility (where an evaluation's time goes)."""
 
     def primary(self) -> str:
         return self.settings["judges"][0]
@@ -179,11 +181,15 @@ def evaluate(model, tokenizer, settings: EvalSettings, model_name: str = "", ada
                                        batch_size=settings.batch_size, desc="eval generation", show_progress=show_progress)
     else:
         raise ValueError(f"unknown generation engine {settings.engine!r}; known: transformers, {', '.join(VLLM_ENGINES)}")
+    timings = {"generation_s": round(time.time() - started, 1)}
     texts = [g.text for g in generations]
     n_harm = len(harmful_prompts)
+    judging_started = time.time()
     harmful, harmful_judgements = judge_responses(harmful_prompts, texts[:n_harm], settings.judges, harmful=True)
     overrefusal, safe_judgements = judge_responses(safe_prompts, texts[n_harm:], settings.judges, harmful=False)
 
+    timings["judging_s"] = round(time.time() - judging_started, 1)
+    utility_started = time.time()
     utility: dict = {}
     if settings.utility == "gsm8k":
         utility["loss"] = heldout_loss(model, tokenizer, reference.gsm8k("test", settings.n_utility_loss, seed=0), show_progress=show_progress)
@@ -194,10 +200,11 @@ def evaluate(model, tokenizer, settings: EvalSettings, model_name: str = "", ada
         held_out = load_conversations(settings.utility, strict=True).conversations[: settings.n_utility_loss]
         utility["loss"] = heldout_loss(model, tokenizer, held_out, show_progress=show_progress)
 
+    timings["utility_s"] = round(time.time() - utility_started, 1)
     settings_dict = asdict(settings)
     settings_dict.update(harmful_set=harmful_name, overrefusal_set=safe_name)
     report = EvalReport(model_name, adapter, settings_dict, harmful, overrefusal, utility,
-                        round(time.time() - started, 1), library_versions())
+                        round(time.time() - started, 1), library_versions(), timings=timings)
     if output_dir is not None:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
