@@ -228,8 +228,10 @@ def selectors_grid() -> GridSpec:
                               template=dict(SAMSUM_TEMPLATE), utility="benign/samsum_test200.json")],
         k_values=[10, 20], pools=["authored"], selectors=list(SELECTORS_GRID_SELECTORS), modes=["replay"],
         seeds=[0, 1, 2, 3, 4, 5],
+        # held-out loss on 25 examples (~3,000 completion tokens, the same ones for every run): at 50 it
+        # took 70 s of a run's ~330 s (a record's report.timings), 20% of the grid for a paired metric
         eval=EvalSettings(harmful_set="advbench-test", overrefusal_set="xstest-test", max_new_tokens=48,
-                          utility="gsm8k", n_utility_loss=50, n_utility_accuracy=0, engine="vllm"),
+                          utility="gsm8k", n_utility_loss=25, n_utility_accuracy=0, engine="vllm"),
     )
 
 
