@@ -32,6 +32,8 @@ class LoraSFTConfig:
     logging_steps: int = 5
     bf16: bool = False
     """bfloat16 autocast for training (faster on CPUs with AVX512-BF16/AMX; weights stay float32)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (trl's default; only worth it when memory is short)."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -82,6 +82,7 @@ def train_lora_dpo(model, tokenizer, pairs: Sequence[PreferencePair], config: Lo
         data_seed=config.seed,
         use_cpu=not torch.cuda.is_available(),
         bf16=config.bf16,
+        gradient_checkpointing=config.gradient_checkpointing,
         dataloader_num_workers=0,
         disable_tqdm=not show_progress,
     )
