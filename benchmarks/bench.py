@@ -26,7 +26,7 @@ from safekeel.eval.bench import CACHE_DIR, RESULTS_DIR, main_command  # noqa: E4
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", default=None, help="preset (quick, selectors, full) or a grid file (.json, .yaml)")
-    parser.add_argument("--quick", action="store_true", help="the quick preset (~24 min on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="the quick preset (20 min on 2 CPU cores, measured)")
     parser.add_argument("--commit", action="store_true", help="git-commit each finished run record and the summary")
     parser.add_argument("--render-only", action="store_true", help="re-render the markdown and plots from bench_<grid>.json")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)

