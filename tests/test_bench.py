@@ -264,7 +264,10 @@ def hand_made_records(grid: GridSpec) -> list[dict]:
         else:
             key = "none" if config["mode"] == "none" else config["selector"]
             report = _report(rates[key][config["seed"]], 0.3, 0.9)
-            extra = {"selected_ids": [], "train": {"seconds": 1.0}, "n_user_examples": 12, "adapter_cache_hit": False}
+            # random's ids move with the seed (a0-a9, a5-a14, a10-a19); stratified keeps a0-a9 on every seed
+            start = 5 * config["seed"] if config.get("selector") == "random" else 0
+            ids = [f"a{i}" for i in range(start, start + 10)] if config["mode"] != "none" else []
+            extra = {"selected_ids": ids, "train": {"seconds": 1.0}, "n_user_examples": 12, "adapter_cache_hit": False}
         records.append({"run_id": run_id(config), "config": config, "report": report, "seconds": 2.0, **extra})
     return records
 
@@ -296,6 +299,14 @@ def test_summary_pairs_by_seed_and_renders_markdown_and_plots_from_the_json(tmp_
     assert variance["ss"] == pytest.approx({"selector": 0.06, "seed": 0.01, "residual": 0.01, "total": 0.08}, abs=1e-6)
     assert variance["share"]["selector"] == pytest.approx(0.75) and variance["df"] == [1, 2]
     assert variance["f_selector"] == pytest.approx(12.0, rel=1e-3)
+    stability = {v["selector"]: v for v in summary["selection_stability"] if v["judge"] == "classifier"}
+    assert set(stability) == {"random", "stratified"}  # `none` selects nothing
+    assert stability["stratified"]["jaccard_across_seeds"] == pytest.approx(1.0) and stability["stratified"]["distinct_ids"] == 10
+    assert stability["stratified"]["overlap_with_random"] == pytest.approx((10 + 5 + 0) / 30)
+    assert stability["stratified"]["sd_harmful_over_seeds"] == pytest.approx(0.0)
+    # random: Jaccard 5/15, 0/20, 5/15 over the three seed pairs; 20 distinct ids; SD of 0.5/0.4/0.6 = 0.1
+    assert stability["random"]["jaccard_across_seeds"] == pytest.approx(2 / 9, abs=1e-4) and stability["random"]["distinct_ids"] == 20
+    assert stability["random"]["overlap_with_random"] is None and stability["random"]["sd_harmful_over_seeds"] == pytest.approx(0.1)
     # over-refusal 0.3 and loss 0.9 on every fine-tune: no paired difference
     assert comparison["overrefusal_difference"] == pytest.approx(0.0) and comparison["utility_loss_difference"] == pytest.approx(0.0)
 
@@ -322,6 +333,7 @@ def test_summary_pairs_by_seed_and_renders_markdown_and_plots_from_the_json(tmp_
     assert markdown.startswith("# Selector benchmark") and "Command: `pytest`" in markdown
     assert "| toy | authored | 10 | replay | stratified | classifier | 3 | 0.300 | 0.500 | -0.200 [" in markdown
     assert "0.500 [" in markdown and "(n=100)" in markdown
+    assert "| toy | authored | 10 | replay | stratified | 3 | 1.000 | 10 | 0.500 | 0.000 |" in markdown
     assert "## Where the variance comes from" in markdown and "| toy | authored | 10 | replay | 2 | 3 | 0.750 | 0.125 | 0.125 |" in markdown
 
     (tmp_path / "bench_hand.md").unlink()

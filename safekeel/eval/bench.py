@@ -532,6 +532,32 @@ def variance_components(table: dict[str, dict[int, float]]) -> dict | None:
             "df": [df_selector, df_residual]}
 
 
+def selection_stability(cells: dict[tuple, list[dict]], judge: str) -> list[dict]:
+    """How much each selector's choice changes with the seed, beside how much its harmful rate does.
+    Per cell with a selection and >= 2 seeds: mean pairwise Jaccard similarity of the selected id sets
+    across seeds (1: the same examples whatever the seed), the number of distinct ids used, the mean
+    share of the selection that random's selection at the same seed also holds, and the sample SD of
+    the harmful rate over seeds. A selector that picks the same set on every seed varies only through
+    training order and measurement, so its SD is the training-noise floor that random's SD (selection
+    plus training) can be read against."""
+    out = []
+    for (dataset, pool, k, mode, selector), members in cells.items():
+        chosen = {r["seed"]: set(r.get("selected_ids") or []) for r in members if r.get("selected_ids")}
+        if selector is None or len(chosen) < 2:
+            continue
+        seeds = sorted(chosen)
+        jaccards = [len(chosen[a] & chosen[b]) / len(chosen[a] | chosen[b]) for i, a in enumerate(seeds) for b in seeds[i + 1:]]
+        random_rows = {r["seed"]: set(r.get("selected_ids") or []) for r in cells.get((dataset, pool, k, mode, REFERENCE_SELECTOR), [])}
+        shared = [len(chosen[s] & random_rows[s]) / len(chosen[s]) for s in seeds if random_rows.get(s)]
+        rates = [r["harmful"][judge]["rate"] for r in members if r["harmful"][judge]["rate"] is not None]
+        out.append({"dataset": dataset, "pool": pool, "k": k, "mode": mode, "selector": selector, "judge": judge,
+                    "seeds": seeds, "jaccard_across_seeds": round(statistics.mean(jaccards), 4),
+                    "distinct_ids": len(set().union(*chosen.values())),
+                    "overlap_with_random": round(statistics.mean(shared), 4) if shared and selector != REFERENCE_SELECTOR else None,
+                    "sd_harmful_over_seeds": round(statistics.stdev(rates), 4) if len(rates) >= 2 else None})
+    return out
+
+
 def retention(hr_none: float | None, hr_method: float | None, hr_aligned: float | None) -> float | None:
     """Share of the safety lost to fine-tuning that the method keeps: (HR_none - HR_method) /
     (HR_none - HR_aligned). None when a rate is missing or fine-tuning lost no safety (HR_none <= HR_aligned)."""
@@ -663,9 +689,11 @@ def summarise(rows: Sequence[dict]) -> dict:
                                                  / max(r["harmful"][judge]["n"], 1) for r in rates))
             variance.append({"dataset": dataset, "pool": pool, "k": k, "mode": mode, "judge": judge,
                              "binomial_sd_one_run": round(binomial, 4), **components})
+    stability = [entry for judge in judges for entry in selection_stability(cells, judge)]
     for row in finetuned:
         row.update(flat_fields(row, judges[0]))
-    return {"judges": judges, "aligned": aligned, "cells": cell_summaries, "comparisons": comparisons, "variance": variance}
+    return {"judges": judges, "aligned": aligned, "cells": cell_summaries, "comparisons": comparisons, "variance": variance,
+            "selection_stability": stability}
 
 
 def flat_fields(row: dict, judge: str) -> dict:
@@ -801,6 +829,20 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
                          f"{_f(v['share']['selector'])} | {_f(v['share']['seed'])} | {_f(v['share']['residual'])} | "
                          f"{_f(v['sd_selector_means'])} | {_f(v['sd_seed_means'])} | {_f(v['residual_sd'])} | {f_text} | "
                          f"{_f(v['p_selector'], 4)} | {_f(v['binomial_sd_one_run'])} |")
+    stability = [v for v in summary.get("selection_stability", []) if v["judge"] == primary]
+    if stability:
+        lines += ["", "## How much each selection changes with the seed", "",
+                  "Jaccard = mean pairwise overlap of the selected id sets across training seeds (1: the same "
+                  "examples on every seed); shared with random = the share of the selection that random's at the "
+                  "same seed also holds; SD = sample SD of the harmful rate over seeds. A selector that keeps its "
+                  "examples across seeds varies only through training order and measurement: its SD is the "
+                  "training-noise floor against which random's SD (selection and training) can be read.", "",
+                  "| dataset | pool | k | mode | selector | seeds | Jaccard across seeds | distinct ids | shared with random | "
+                  f"SD harmful ({primary}) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for v in stability:
+            lines.append(f"| {v['dataset']} | {v['pool']} | {v['k']} | {v['mode']} | {v['selector']} | {len(v['seeds'])} | "
+                         f"{_f(v['jaccard_across_seeds'])} | {v['distinct_ids']} | {_f(v['overlap_with_random'])} | "
+                         f"{_f(v['sd_harmful_over_seeds'])} |")
     if pngs:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
     md = json_path.with_suffix(".md")
