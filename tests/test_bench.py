@@ -326,7 +326,8 @@ def test_summary_pairs_by_seed_and_renders_markdown_and_plots_from_the_json(tmp_
         path.unlink()
     outputs = render(json_path)
     names = {p.name for p in outputs}
-    assert names == {"bench_hand.md", "bench_hand_harm_vs_k.png", "bench_hand_retention_utility.png", "bench_hand_overrefusal.png"}
+    assert names == {"bench_hand.md", "bench_hand_harm_vs_k.png", "bench_hand_retention_utility.png", "bench_hand_overrefusal.png",
+                     "bench_hand_paired.png"}
     for path in outputs[1:]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     markdown = (tmp_path / "bench_hand.md").read_text()

@@ -851,7 +851,8 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
 
 
 def render_plots(data: dict, folder: Path, stem: str) -> list[Path]:
-    """Harmful rate vs k per selector (CI error bars); retention vs utility; over-refusal per selector."""
+    """Harmful rate vs k per selector (CI error bars); retention vs utility; over-refusal per selector; each
+    selector's per-seed differences from random in harmful rate and over-refusal."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -954,6 +955,55 @@ def render_plots(data: dict, folder: Path, stem: str) -> list[Path]:
             ax.set_title(dataset, fontsize=9)
         figure.tight_layout()
         outputs.append(folder / f"{stem}_overrefusal.png")
+        figure.savefig(outputs[-1], dpi=110)
+        plt.close(figure)
+
+    comparisons = [c for c in summary["comparisons"] if c["judge"] == primary and c["n_pairs"]]
+    blocks = sorted({(c["dataset"], c["pool"], c["k"], c["mode"]) for c in comparisons}, key=str)
+    if blocks:
+        # each seed's paired difference from random, beside the mean and its bootstrap CI: the spread a
+        # p-value summarises, and whether a safer selector pays for it in over-refusal
+        runs = {(r["dataset"], r["pool"], r["k"], r["mode"], r["selector"], r["seed"]): r for r in data["runs"] if r["kind"] == "finetune"}
+        seeds = sorted({r[5] for r in runs})
+        seed_colours = {seed: plt.get_cmap("tab10")(i % 10) for i, seed in enumerate(seeds)}
+        columns = min(3, len(blocks))
+        figure, axes = plt.subplots(2 * math.ceil(len(blocks) / columns), columns, figsize=(6 * columns, 7 * math.ceil(len(blocks) / columns)),
+                                    squeeze=False)
+        for index, block in enumerate(blocks):
+            column, first_row = index % columns, 2 * (index // columns)
+            members = [c for c in comparisons if (c["dataset"], c["pool"], c["k"], c["mode"]) == block]
+            selectors = [c["selector"] for c in members]
+            for row, (metric, label) in enumerate((("harmful", "harmful rate"), ("overrefusal", "over-refusal"))):
+                ax = axes[first_row + row][column]
+                for x, comparison in enumerate(members):
+                    differences = []
+                    for seed in comparison["seeds"]:
+                        mine, reference = runs.get((*block, comparison["selector"], seed)), runs.get((*block, REFERENCE_SELECTOR, seed))
+                        if mine and reference and mine[metric][primary]["rate"] is not None and reference[metric][primary]["rate"] is not None:
+                            value = mine[metric][primary]["rate"] - reference[metric][primary]["rate"]
+                            differences.append(value)
+                            ax.scatter(x + 0.3 * (seeds.index(seed) - (len(seeds) - 1) / 2) / max(len(seeds), 1), value,
+                                       color=seed_colours[seed], s=14, zorder=3)
+                    if differences:
+                        mean = statistics.mean(differences)
+                        interval = bootstrap_ci(differences)
+                        low, high = (interval if interval else (mean, mean))
+                        ax.errorbar(x, mean, yerr=[[mean - low], [high - mean]], fmt="_", color="black", markersize=14, capsize=4, zorder=4)
+                ax.axhline(0, color="grey", linewidth=0.8)
+                ax.set_xticks(range(len(selectors)))
+                ax.set_xticklabels(selectors, rotation=45, ha="right", fontsize=7)
+                ax.set_ylabel(f"{label}: selector - random ({primary})", fontsize=8)
+                if row == 0:
+                    ax.set_title(f"{block[0]} / {block[1]} / k={block[2]} / {block[3]}", fontsize=9)
+        for index in range(len(blocks), columns * math.ceil(len(blocks) / columns)):
+            for row in (0, 1):
+                axes[2 * (index // columns) + row][index % columns].axis("off")
+        for seed in seeds:
+            axes[0][0].scatter([], [], color=seed_colours[seed], s=14, label=f"seed {seed}")
+        axes[0][0].legend(fontsize=6, ncol=2)
+        figure.suptitle("paired by training seed (dots); black: mean with bootstrap 95% CI; below 0 = lower than random", fontsize=9)
+        figure.tight_layout(rect=(0, 0, 1, 0.97))
+        outputs.append(folder / f"{stem}_paired.png")
         figure.savefig(outputs[-1], dpi=110)
         plt.close(figure)
     return outputs
