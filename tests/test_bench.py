@@ -234,6 +234,23 @@ def test_wilcoxon_matches_scipy_and_explains_undefined_cases():
     assert tied["p_value"] == pytest.approx(wilcoxon([0.1, 0.1, 0.1, -0.1]).pvalue)
 
 
+def test_holm_adjustment_by_hand():
+    from safekeel.eval.bench import holm_adjust
+
+    # sorted 0.01, 0.02, 0.03, 0.04 of m=4: 0.04, 0.06, 0.06 (monotone), 0.06; None is no test
+    adjusted = holm_adjust([0.03, None, 0.01, 0.04, 0.02])
+    assert adjusted[1] is None
+    assert adjusted == [pytest.approx(0.06), None, pytest.approx(0.04), pytest.approx(0.06), pytest.approx(0.06)]
+    assert holm_adjust([0.5, 0.9]) == [pytest.approx(1.0), pytest.approx(1.0)]  # capped at 1
+    assert holm_adjust([]) == [] and holm_adjust([None]) == [None]
+    from statsmodels.stats.multitest import multipletests
+
+    values = [0.001, 0.2, 0.031, 0.04, 0.5, 0.0625, 0.01]
+    assert holm_adjust(values) == pytest.approx(list(multipletests(values, method="holm")[1]), abs=1e-6)
+    # six seeds give at best p = 0.03125: among 48 comparisons Holm cannot go below 48 x 0.03125
+    assert holm_adjust([0.03125] * 48)[0] == pytest.approx(1.0)
+
+
 def test_retention_formula():
     assert retention(0.7, 0.4, 0.1) == pytest.approx(0.5)
     assert retention(0.7, 0.1, 0.1) == pytest.approx(1.0)
@@ -333,6 +350,7 @@ def test_summary_pairs_by_seed_and_renders_markdown_and_plots_from_the_json(tmp_
     markdown = (tmp_path / "bench_hand.md").read_text()
     assert markdown.startswith("# Selector benchmark") and "Command: `pytest`" in markdown
     assert "| toy | authored | 10 | replay | stratified | classifier | 3 | 0.300 | 0.500 | -0.200 [" in markdown
+    assert "| 0.2500 | 0.2500 (1 tests) | 100 |" in markdown  # one comparison per judge: Holm leaves p alone
     assert "0.500 [" in markdown and "(n=100)" in markdown
     assert "| toy | authored | 10 | replay | stratified | 3 | 1.000 | 10 | 0.500 | 0.000 |" in markdown
     assert "## Where the variance comes from" in markdown and "| toy | authored | 10 | replay | 2 | 3 | 0.750 | 0.125 | 0.125 |" in markdown

@@ -493,6 +493,18 @@ def wilcoxon_signed_rank(differences: Sequence[float]) -> dict:
             "min_attainable_p": round(2.0 / 2 ** nonzero, 6)}
 
 
+def holm_adjust(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm-Bonferroni adjusted p-values (family-wise error) over the defined ones; None stays None.
+    The i-th smallest of m p-values becomes max over j <= i of min(1, (m - j + 1) p_(j))."""
+    defined = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    m, running = len(defined), 0.0
+    adjusted: list[float | None] = [None] * len(p_values)
+    for rank, (p, index) in enumerate(defined):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[index] = round(running, 6)
+    return adjusted
+
+
 def variance_components(table: dict[str, dict[int, float]]) -> dict | None:
     """Where the spread of a rate comes from, over a complete selector x seed table (only seeds every
     selector has): the two-way ANOVA without replication. Sums of squares for selector (rows), training
@@ -671,6 +683,13 @@ def summarise(rows: Sequence[dict]) -> dict:
                 "utility_loss_difference": round(statistics.mean(loss), 6) if loss else None,
                 "utility_loss_difference_ci95": bootstrap_ci(loss),
             })
+    # the grid asks many questions at once (every selector x dataset x k x mode): Holm's correction over
+    # all of them, per judge, beside each raw p-value
+    for judge in judges:
+        family = [c for c in comparisons if c["judge"] == judge]
+        for comparison, adjusted in zip(family, holm_adjust([c["wilcoxon"]["p_value"] for c in family])):
+            comparison["p_holm"] = adjusted
+            comparison["n_tests"] = sum(c["wilcoxon"]["p_value"] is not None for c in family)
     variance = []
     blocks: dict[tuple, dict[str, dict[int, float]]] = {}
     for (dataset, pool, k, mode, selector), members in cells.items():
@@ -716,7 +735,8 @@ def flat_comparisons(summary: dict) -> list[dict]:
         ci = c["difference_ci95"] or [None, None]
         out.append({"user_data": c["dataset"], "pool": c["pool"], "k": c["k"], "selector": c["selector"], "mode": c["mode"],
                     "judge": c["judge"], "mean_diff_harmful_rate": c["mean_difference"], "ci_low": ci[0], "ci_high": ci[1],
-                    "p_value": c["wilcoxon"]["p_value"], "n_seeds": c["n_pairs"], "selector_mean": c["selector_mean"],
+                    "p_value": c["wilcoxon"]["p_value"], "p_holm": c.get("p_holm"), "n_tests": c.get("n_tests"),
+                    "n_seeds": c["n_pairs"], "selector_mean": c["selector_mean"],
                     "random_mean": c["random_mean"], "mean_diff_overrefusal_rate": c["overrefusal_difference"],
                     "overrefusal_diff_ci": c["overrefusal_difference_ci95"],
                     "mean_diff_utility_loss": c["utility_loss_difference"], "utility_loss_diff_ci": c["utility_loss_difference_ci95"],
@@ -803,16 +823,19 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
                      f"{harm} | {_stat(over)} (n={over['n_prompts']}) | {_stat(c['utility_loss'])} | {_stat(c['retention'][primary])} |")
     lines += ["", "## Each selector vs random (same dataset, pool, k, mode; paired by training seed)", "",
               "Difference = selector's harmful rate - random's (negative: the selector is safer). The two-sided "
-              "Wilcoxon signed-rank test on n pairs cannot give p below 2/2^n (0.0625 with 5 seeds, 0.031 with 6).", "",
-              "| dataset | pool | k | mode | selector | judge | pairs | selector | random | difference [bootstrap 95% CI] | Wilcoxon p | n prompts |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "Wilcoxon signed-rank test on n pairs cannot give p below 2/2^n (0.0625 with 5 seeds, 0.031 with 6). "
+              "Holm p = the p-value after Holm's correction over every comparison of that judge in the grid (the "
+              "family-wise error of asking them all at once); a raw p below 0.05 is one comparison's evidence only.", "",
+              "| dataset | pool | k | mode | selector | judge | pairs | selector | random | difference [bootstrap 95% CI] | Wilcoxon p | Holm p | n prompts |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in summary["comparisons"]:
         ci = c["difference_ci95"]
         diff = _f(c["mean_difference"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
         test = c["wilcoxon"]
         p = _f(test["p_value"], 4) if test["p_value"] is not None else f"n/a ({test['note']})"
         lines.append(f"| {c['dataset']} | {c['pool']} | {c['k']} | {c['mode']} | {c['selector']} | {c['judge']} | {c['n_pairs']} | "
-                     f"{_f(c['selector_mean'])} | {_f(c['random_mean'])} | {diff} | {p} | {c['n_prompts']} |")
+                     f"{_f(c['selector_mean'])} | {_f(c['random_mean'])} | {diff} | {p} | "
+                     f"{_f(c.get('p_holm'), 4) + ' (' + str(c['n_tests']) + ' tests)' if c.get('p_holm') is not None else 'n/a'} | {c['n_prompts']} |")
     variance = [v for v in summary.get("variance", []) if v["judge"] == primary]
     if variance:
         lines += ["", f"## Where the variance comes from (harmful rate, `{primary}` judge)", "",
