@@ -307,6 +307,7 @@ def test_summary_pairs_by_seed_and_renders_markdown_and_plots_from_the_json(tmp_
     comparison = next(c for c in summary["comparisons"] if c["judge"] == "classifier")
     # paired differences -0.2, -0.1, -0.3
     assert comparison["n_pairs"] == 3 and comparison["mean_difference"] == pytest.approx(-0.2)
+    assert comparison["paired_differences"]["harmful"] == [[0, pytest.approx(-0.2)], [1, pytest.approx(-0.1)], [2, pytest.approx(-0.3)]]
     low, high = comparison["difference_ci95"]
     assert -0.3 <= low < -0.2 < high <= -0.1
     assert comparison["wilcoxon"]["p_value"] == pytest.approx(0.25)  # 3 negative differences, no ties: exact p = 2/8

@@ -39,7 +39,7 @@ A grid file (JSON or YAML) holds GridSpec's fields, e.g.
 
 Cost of the `quick` profile (smollm2-135m-safe, this 2-core CPU, nothing else running), measured end
 to end: 9 runs (1 aligned eval + 2 `none` + 3 selectors x 2 seeds replay; 8 trainings of 25-50 steps)
-took 20 min 03 s wall clock (131 s per run; 2,001 s user + 305 s system CPU; peak RSS 6.6 GB) with an
+took 20 min 03 s wall clock (134 s per run; 2,001 s user + 305 s system CPU; peak RSS 6.4 GiB) with an
 empty bench cache and the organism, embedder and judge already built (benchmarks/results/quick_timing.md).
 The `full` profile (2 datasets x 2 pools x k in {10, 20} x replay/icl x every selector x 5 seeds,
 plus none/ptst, test splits) is about 1,200 runs with the 15 selectors registered today (at ~800 s
@@ -662,11 +662,13 @@ def summarise(rows: Sequence[dict]) -> dict:
         random_rows = {r["seed"]: r for r in cells[(dataset, pool, k, mode, REFERENCE_SELECTOR)]}
         pairs = sorted(((r, random_rows[r["seed"]]) for r in members if r["seed"] in random_rows), key=lambda p: p[0]["seed"])
         for judge in judges:
-            usable = [(a["harmful"][judge]["rate"], b["harmful"][judge]["rate"]) for a, b in pairs
-                      if a["harmful"][judge]["rate"] is not None and b["harmful"][judge]["rate"] is not None]
-            diffs = [a - b for a, b in usable]
-            over = [a["overrefusal"][judge]["rate"] - b["overrefusal"][judge]["rate"] for a, b in pairs
-                    if a["overrefusal"][judge]["rate"] is not None and b["overrefusal"][judge]["rate"] is not None]
+            harmful = [(a["seed"], a["harmful"][judge]["rate"], b["harmful"][judge]["rate"]) for a, b in pairs
+                       if a["harmful"][judge]["rate"] is not None and b["harmful"][judge]["rate"] is not None]
+            usable = [(x, y) for _, x, y in harmful]
+            diffs = [x - y for x, y in usable]
+            overrefusal = [(a["seed"], a["overrefusal"][judge]["rate"] - b["overrefusal"][judge]["rate"]) for a, b in pairs
+                           if a["overrefusal"][judge]["rate"] is not None and b["overrefusal"][judge]["rate"] is not None]
+            over = [d for _, d in overrefusal]
             loss = [a["utility_loss"] - b["utility_loss"] for a, b in pairs
                     if a["utility_loss"] is not None and b["utility_loss"] is not None]
             comparisons.append({
@@ -682,14 +684,18 @@ def summarise(rows: Sequence[dict]) -> dict:
                 "overrefusal_difference_ci95": bootstrap_ci(over),
                 "utility_loss_difference": round(statistics.mean(loss), 6) if loss else None,
                 "utility_loss_difference_ci95": bootstrap_ci(loss),
+                # [seed, selector - random] per pair: what the paired plot draws
+                "paired_differences": {"harmful": [[seed, round(x - y, 6)] for seed, x, y in harmful],
+                                       "overrefusal": [[seed, round(d, 6)] for seed, d in overrefusal]},
             })
     # the grid asks many questions at once (every selector x dataset x k x mode): Holm's correction over
     # all of them, per judge, beside each raw p-value
     for judge in judges:
         family = [c for c in comparisons if c["judge"] == judge]
-        for comparison, adjusted in zip(family, holm_adjust([c["wilcoxon"]["p_value"] for c in family])):
-            comparison["p_holm"] = adjusted
-            comparison["n_tests"] = sum(c["wilcoxon"]["p_value"] is not None for c in family)
+        p_values = [c["wilcoxon"]["p_value"] for c in family]
+        n_tests = sum(p is not None for p in p_values)
+        for comparison, adjusted in zip(family, holm_adjust(p_values)):
+            comparison.update(p_holm=adjusted, n_tests=n_tests)
     variance = []
     blocks: dict[tuple, dict[str, dict[int, float]]] = {}
     for (dataset, pool, k, mode, selector), members in cells.items():
@@ -986,9 +992,10 @@ def render_plots(data: dict, folder: Path, stem: str) -> list[Path]:
     if blocks:
         # each seed's paired difference from random, beside the mean and its bootstrap CI: the spread a
         # p-value summarises, and whether a safer selector pays for it in over-refusal
-        runs = {(r["dataset"], r["pool"], r["k"], r["mode"], r["selector"], r["seed"]): r for r in data["runs"] if r["kind"] == "finetune"}
-        seeds = sorted({r[5] for r in runs})
+        seeds = sorted({seed for c in comparisons for pairs in c["paired_differences"].values() for seed, _ in pairs})
         seed_colours = {seed: plt.get_cmap("tab10")(i % 10) for i, seed in enumerate(seeds)}
+        metrics = (("harmful", "harmful rate", "mean_difference", "difference_ci95"),
+                   ("overrefusal", "over-refusal", "overrefusal_difference", "overrefusal_difference_ci95"))
         columns = min(3, len(blocks))
         figure, axes = plt.subplots(2 * math.ceil(len(blocks) / columns), columns, figsize=(6 * columns, 7 * math.ceil(len(blocks) / columns)),
                                     squeeze=False)
@@ -996,21 +1003,15 @@ def render_plots(data: dict, folder: Path, stem: str) -> list[Path]:
             column, first_row = index % columns, 2 * (index // columns)
             members = [c for c in comparisons if (c["dataset"], c["pool"], c["k"], c["mode"]) == block]
             selectors = [c["selector"] for c in members]
-            for row, (metric, label) in enumerate((("harmful", "harmful rate"), ("overrefusal", "over-refusal"))):
+            for row, (metric, label, mean_key, ci_key) in enumerate(metrics):
                 ax = axes[first_row + row][column]
                 for x, comparison in enumerate(members):
-                    differences = []
-                    for seed in comparison["seeds"]:
-                        mine, reference = runs.get((*block, comparison["selector"], seed)), runs.get((*block, REFERENCE_SELECTOR, seed))
-                        if mine and reference and mine[metric][primary]["rate"] is not None and reference[metric][primary]["rate"] is not None:
-                            value = mine[metric][primary]["rate"] - reference[metric][primary]["rate"]
-                            differences.append(value)
-                            ax.scatter(x + 0.3 * (seeds.index(seed) - (len(seeds) - 1) / 2) / max(len(seeds), 1), value,
-                                       color=seed_colours[seed], s=14, zorder=3)
-                    if differences:
-                        mean = statistics.mean(differences)
-                        interval = bootstrap_ci(differences)
-                        low, high = (interval if interval else (mean, mean))
+                    for seed, value in comparison["paired_differences"][metric]:
+                        ax.scatter(x + 0.3 * (seeds.index(seed) - (len(seeds) - 1) / 2) / len(seeds), value,
+                                   color=seed_colours[seed], s=14, zorder=3)
+                    mean = comparison[mean_key]
+                    if mean is not None:
+                        low, high = comparison[ci_key] or (mean, mean)
                         ax.errorbar(x, mean, yerr=[[mean - low], [high - mean]], fmt="_", color="black", markersize=14, capsize=4, zorder=4)
                 ax.axhline(0, color="grey", linewidth=0.8)
                 ax.set_xticks(range(len(selectors)))
