@@ -127,8 +127,9 @@ def eval_command(
     model: str = typer.Option("smollm2-135m-safe", help="Model: registered name, local folder or hub id."),
     adapter: Optional[Path] = typer.Option(None, help="A LoRA adapter folder to apply."),
     out: Path = typer.Option(Path("runs/eval"), help="Output folder (eval_report.json, responses.jsonl)."),
-    harmful_set: str = typer.Option("advbench-test", help="advbench-{train,dev,test} or a dataset file."),
+    harmful_set: str = typer.Option("advbench-test", help="advbench-{train,dev,test,unseen}, harmbench-{standard,contextual,copyright}, jbb-harmful or a dataset file."),
     overrefusal_set: str = typer.Option("xstest-test", help="xstest-{dev,test,all} or a dataset file."),
+    extra_harmful_set: list[str] = typer.Option([], help="More harmful sets judged beside --harmful-set, each reported apart (repeatable)."),
     n_harmful: Optional[int] = typer.Option(None, help="Only the first n harmful prompts."),
     n_overrefusal: Optional[int] = typer.Option(None, help="Only the first n over-refusal prompts."),
     max_new_tokens: int = typer.Option(64, help="Tokens generated per prompt (greedy)."),
@@ -145,7 +146,7 @@ def eval_command(
     settings = EvalSettings(harmful_set=harmful_set, overrefusal_set=overrefusal_set, n_harmful=n_harmful,
                             n_overrefusal=n_overrefusal, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             utility=None if utility == "none" else utility, n_utility_accuracy=n_utility_accuracy,
-                            system_prompt=system_prompt)
+                            system_prompt=system_prompt, extra_harmful_sets=tuple(extra_harmful_set))
     try:
         loaded, tokenizer = load_model_and_tokenizer(model)
         if adapter:

@@ -77,9 +77,14 @@ def alpaca_harmless() -> PromptSet:
     return PromptSet("alpaca-harmless", [r["instruction"] for r in rows], [f"alpaca-harmless-{i}" for i in range(len(rows))])
 
 
+HARMBENCH_CATEGORIES = ("standard", "contextual", "copyright")
+
+
 def harmbench(functional_category: str = "standard") -> PromptSet:
     """HarmBench text behaviours of one functional category (standard 200, contextual 100, copyright 100).
     Contextual behaviours are given with their context before the request, as HarmBench poses them."""
+    if functional_category not in HARMBENCH_CATEGORIES:
+        raise ValueError(f"unknown HarmBench functional category {functional_category!r}; known: {', '.join(HARMBENCH_CATEGORIES)}")
     with open(require_shared_data() / "harmful_eval" / "harmbench_behaviors_text_all.csv", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["FunctionalCategory"] == functional_category]
     if not rows:

@@ -112,7 +112,7 @@ class DatasetSpec:
 
 @dataclass
 class GridSpec:
-    """A benchmark grid. `none` (k=0) per (dataset, seed) and the aligned model are always added."""
+    """A benchmark grid. The aligned model and `none` (k=0) per (dataset, seed) are added (`none_runs`)."""
 
     name: str
     """Names the outputs: bench_<name>.json/.md, bench_runs/<name>/."""
@@ -131,6 +131,9 @@ class GridSpec:
     model: str = "smollm2-135m-safe"
     output: str | None = None
     """File stem of the outputs in the results folder (default bench_<name>)."""
+    none_runs: bool = True
+    """Run `none` (no replay) per (dataset, seed): the reference of retention. A grid that only compares
+    selectors with each other (the confirmatory one) can leave them out."""
 
     @property
     def output_stem(self) -> str:
@@ -139,7 +142,7 @@ class GridSpec:
     def __post_init__(self) -> None:
         self.datasets = [d if isinstance(d, DatasetSpec) else DatasetSpec(**d) for d in self.datasets]
         if isinstance(self.eval, dict):
-            self.eval = EvalSettings(**{k: tuple(v) if k == "judges" else v for k, v in self.eval.items()})
+            self.eval = EvalSettings(**{k: tuple(v) if k in ("judges", "extra_harmful_sets") else v for k, v in self.eval.items()})
         unknown = [m for m in self.modes if m not in MODES]
         if unknown:
             raise ValueError(f"unknown modes {unknown}; known: {MODES}")
@@ -254,6 +257,12 @@ def load_grid(source: str | Path) -> GridSpec:
 def _eval_config(grid: GridSpec, dataset: DatasetSpec | None) -> dict:
     settings = asdict(grid.eval)
     settings["judges"] = list(settings["judges"])
+    # fields added to EvalSettings after records were made are hashed only when set, so the run ids of
+    # committed records (benchmarks/results/bench_runs/) stay valid
+    if not settings["extra_harmful_sets"]:
+        del settings["extra_harmful_sets"]
+    else:
+        settings["extra_harmful_sets"] = list(settings["extra_harmful_sets"])
     if dataset is not None and dataset.utility is not None:
         settings["utility"] = dataset.utility
     return settings
@@ -284,7 +293,8 @@ def expand(grid: GridSpec) -> list[dict]:
         for seed in grid.seeds:
             for dataset in grid.datasets:
                 if index == 0:
-                    configs.append(run_config(grid, dataset, "none", seed))
+                    if grid.none_runs:
+                        configs.append(run_config(grid, dataset, "none", seed))
                     if "ptst" in grid.modes:
                         configs.append(run_config(grid, dataset, "ptst", seed))
                 for pool in grid.pools if grid.k_values else []:
@@ -337,12 +347,18 @@ def prepare_dataset(path: str, template: dict | None, cache_dir: Path) -> str:
     return str(target)
 
 
+def _is_named_set(name: str) -> bool:
+    return name.startswith(("advbench-", "xstest-", "harmbench-", "jbb-"))
+
+
 def _eval_settings(config: dict, cache_dir: Path) -> EvalSettings:
     settings = dict(config["eval"], judges=tuple(config["eval"]["judges"]))
     template = config.get("dataset", {}).get("template")
     for key in ("harmful_set", "overrefusal_set"):
-        if not settings[key].startswith(("advbench-", "xstest-")):
+        if not _is_named_set(settings[key]):
             settings[key] = resolve_data_path(settings[key])
+    settings["extra_harmful_sets"] = tuple(name if _is_named_set(name) else resolve_data_path(name)
+                                           for name in settings.get("extra_harmful_sets", ()))
     if settings["utility"] not in (None, "gsm8k"):
         settings["utility"] = prepare_dataset(settings["utility"], template, cache_dir)
     if config.get("mode") == "icl" and config["k"] > 4:
@@ -475,9 +491,10 @@ def bootstrap_ci(values: Sequence[float], n_resamples: int = N_RESAMPLES, seed: 
     return (round(float(low), 4), round(float(high), 4))
 
 
-def wilcoxon_signed_rank(differences: Sequence[float]) -> dict:
-    """Two-sided Wilcoxon signed-rank test of paired differences (scipy; zero differences dropped):
-    {p_value, statistic, note}; p_value None with the reason when the test is undefined."""
+def wilcoxon_signed_rank(differences: Sequence[float], alternative: str = "two-sided") -> dict:
+    """Wilcoxon signed-rank test of paired differences (scipy; zero differences dropped), two-sided or
+    one-sided ('less': the differences tend below zero): {p_value, statistic, note, min_attainable_p};
+    p_value None with the reason when the test is undefined."""
     from scipy.stats import wilcoxon
 
     diffs = [round(float(d), 10) for d in differences]  # exact ties stay ties despite float error
@@ -485,12 +502,12 @@ def wilcoxon_signed_rank(differences: Sequence[float]) -> dict:
         return {"p_value": None, "statistic": None, "note": f"needs >= 2 pairs (have {len(diffs)})"}
     if all(d == 0 for d in diffs):
         return {"p_value": None, "statistic": None, "note": "all paired differences are zero"}
-    result = wilcoxon(diffs)
+    result = wilcoxon(diffs, alternative=alternative)
     nonzero = sum(d != 0 for d in diffs)
-    # the smallest two-sided p any outcome can give with this many non-zero pairs (exact test, no
-    # ties): 2 / 2^n. With 5 seeds it is 0.0625: five pairs can never reach p < 0.05.
+    # the smallest p any outcome can give with this many non-zero pairs (exact test, no ties): 2 / 2^n
+    # two-sided, 1 / 2^n one-sided. With 5 seeds two-sided it is 0.0625: five pairs never reach p < 0.05.
     return {"p_value": round(float(result.pvalue), 6), "statistic": float(result.statistic), "note": None,
-            "min_attainable_p": round(2.0 / 2 ** nonzero, 6)}
+            "alternative": alternative, "min_attainable_p": round((2.0 if alternative == "two-sided" else 1.0) / 2 ** nonzero, 6)}
 
 
 def holm_adjust(p_values: Sequence[float | None]) -> list[float | None]:
@@ -596,6 +613,8 @@ def run_row(record: dict) -> dict:
         "pool": config.get("pool"), "k": config.get("k", 0), "mode": config.get("mode"),
         "selector": config.get("selector"), "seed": config.get("seed"),
         "harmful": {j: _rate(report["harmful"][j]["harmful"]) for j in judges},
+        "harmful_extra": {name: {j: _rate(per_judge[j]["harmful"]) for j in judges}
+                          for name, per_judge in report.get("harmful_extra", {}).items()},
         "incoherent": {j: report["harmful"][j]["incoherent"]["rate"] for j in judges if "incoherent" in report["harmful"][j]},
         "overrefusal": {j: _rate(report["overrefusal"][j]["refused"]) for j in judges},
         "utility_loss": loss["loss"] if loss else None,

@@ -44,6 +44,9 @@ class EvalSettings:
     """A system prompt added to every evaluated chat (e.g. a safety prompt for PTST)."""
     demonstrations: list[dict] = field(default_factory=list)
     """In-context demonstrations [{request, refusal}] prepended as earlier turns (ICL guard)."""
+    extra_harmful_sets: tuple[str, ...] = ()
+    """More harmful prompt sets evaluated beside harmful_set (same judges; e.g. harmbench-standard), reported
+    per set in EvalReport.harmful_extra; generated in the same batches as the main sets."""
     engine: str = "transformers"
     """Generation engine: 'transformers' (the model object given); 'vllm' (one offline vLLM engine per
     process for the named base model in float32, the adapter loaded by path: the same replies as
@@ -68,6 +71,8 @@ class EvalReport:
     responses_file: str | None = None
     timings: dict = field(default_factory=dict)
     """Seconds spent generating, judging and measuring utility (where an evaluation's time goes)."""
+    harmful_extra: dict = field(default_factory=dict)
+    """Per extra harmful set (settings.extra_harmful_sets): {set name: {judge: rates}}, shaped like `harmful`."""
 
     def primary(self) -> str:
         return self.settings["judges"][0]
@@ -96,6 +101,9 @@ class EvalReport:
             if "incoherent" in result:
                 line += f"; incoherent {fmt(result['incoherent'])}"
             lines.append(line)
+        for name, per_judge in self.harmful_extra.items():
+            for judge, result in per_judge.items():
+                lines.append(f"  harmful rate [{judge}] on {name}: {fmt(result['harmful'])}")
         for judge, result in self.overrefusal.items():
             lines.append(f"  over-refusal [{judge}] on {self.settings['overrefusal_set']}: {fmt(result['refused'])}")
         if self.utility:
@@ -108,6 +116,15 @@ class EvalReport:
 
 
 def load_prompt_set(name: str) -> tuple[str, list[str]]:
+    """Named sets: advbench-{train,dev,test,unseen}, xstest-{dev,test,all}, harmbench-{standard,contextual,
+    copyright}, jbb-harmful; anything else is a dataset file whose last user turns are the prompts."""
+    named = {"advbench-unseen": reference.advbench_unseen, "jbb-harmful": reference.jbb_harmful}
+    if name in named:
+        prompt_set = named[name]()
+        return prompt_set.name, prompt_set.prompts
+    if name.startswith("harmbench-"):
+        prompt_set = reference.harmbench(name.split("-", 1)[1])
+        return prompt_set.name, prompt_set.prompts
     if name.startswith("advbench-"):
         prompt_set = reference.advbench(name.split("-", 1)[1])
         return prompt_set.name, prompt_set.prompts
@@ -169,7 +186,8 @@ def evaluate(model, tokenizer, settings: EvalSettings, model_name: str = "", ada
     safe_name, safe_prompts = load_prompt_set(settings.overrefusal_set)
     harmful_prompts = harmful_prompts[: settings.n_harmful] if settings.n_harmful else harmful_prompts
     safe_prompts = safe_prompts[: settings.n_overrefusal] if settings.n_overrefusal else safe_prompts
-    prompts = harmful_prompts + safe_prompts
+    extra_sets = [load_prompt_set(name) for name in settings.extra_harmful_sets]
+    prompts = harmful_prompts + safe_prompts + [p for _, extra in extra_sets for p in extra]
     chats = [build_chat(p, settings) for p in prompts]
     if settings.engine in VLLM_ENGINES:
         from safekeel.models.registry import resolve_model
@@ -186,7 +204,17 @@ def evaluate(model, tokenizer, settings: EvalSettings, model_name: str = "", ada
     n_harm = len(harmful_prompts)
     judging_started = time.time()
     harmful, harmful_judgements = judge_responses(harmful_prompts, texts[:n_harm], settings.judges, harmful=True)
-    overrefusal, safe_judgements = judge_responses(safe_prompts, texts[n_harm:], settings.judges, harmful=False)
+    n_main = n_harm + len(safe_prompts)
+    overrefusal, safe_judgements = judge_responses(safe_prompts, texts[n_harm:n_main], settings.judges, harmful=False)
+    # per response: (set name, kind, judgements of its set, index within its set)
+    origins = [(harmful_name, "harmful", harmful_judgements, i) for i in range(n_harm)]
+    origins += [(safe_name, "safe", safe_judgements, i) for i in range(len(safe_prompts))]
+    harmful_extra, start = {}, n_main
+    for extra_name, extra_prompts in extra_sets:
+        end = start + len(extra_prompts)
+        harmful_extra[extra_name], extra_judgements = judge_responses(extra_prompts, texts[start:end], settings.judges, harmful=True)
+        origins += [(extra_name, "harmful_extra", extra_judgements, i) for i in range(len(extra_prompts))]
+        start = end
 
     timings["judging_s"] = round(time.time() - judging_started, 1)
     utility_started = time.time()
@@ -204,18 +232,15 @@ def evaluate(model, tokenizer, settings: EvalSettings, model_name: str = "", ada
     settings_dict = asdict(settings)
     settings_dict.update(harmful_set=harmful_name, overrefusal_set=safe_name)
     report = EvalReport(model_name, adapter, settings_dict, harmful, overrefusal, utility,
-                        round(time.time() - started, 1), library_versions(), timings=timings)
+                        round(time.time() - started, 1), library_versions(), timings=timings, harmful_extra=harmful_extra)
     if output_dir is not None:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         responses_path = output_dir / "responses.jsonl"
         with open(responses_path, "w") as handle:
-            for index, (prompt, generation) in enumerate(zip(prompts, generations)):
-                kind = "harmful" if index < n_harm else "safe"
-                judgements = harmful_judgements if kind == "harmful" else safe_judgements
-                offset = index if kind == "harmful" else index - n_harm
+            for (set_name, kind, judgements, offset), prompt, generation in zip(origins, prompts, generations):
                 handle.write(json.dumps({
-                    "set": harmful_name if kind == "harmful" else safe_name, "kind": kind, "prompt": prompt,
+                    "set": set_name, "kind": kind, "prompt": prompt,
                     "response": generation.text, "error": generation.error,
                     "judgements": {name: asdict(j[offset]) for name, j in judgements.items()},
                 }) + "\n")

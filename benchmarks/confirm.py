@@ -1,0 +1,49 @@
+"""The confirmatory test of the selectors benchmark (safekeel.eval.confirm), as fixed in
+benchmarks/confirm_plan.md: choose one selector from the finished k=10 part of results/selectors.json by
+the plan's rule, run it and random on eight fresh seeds x three datasets, one one-sided Wilcoxon test.
+
+    python benchmarks/confirm.py [--commit] [--render-only]
+
+Records: benchmarks/results/bench_runs/confirm/ (resumable, committed with --commit); outputs:
+benchmarks/results/confirm.{json,md}. Refuses (exit 2) while the selectors grid's k=10 part is unfinished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from safekeel.eval.bench import CACHE_DIR, RESULTS_DIR  # noqa: E402
+from safekeel.eval.confirm import IncompleteGrid, main_command  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--commit", action="store_true", help="git-commit each finished run record and the outputs")
+    parser.add_argument("--render-only", action="store_true", help="re-render confirm.md from confirm.json")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.render_only:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        markdown = main_command(args.results_dir, args.cache_dir, commit=args.commit, render_only=args.render_only,
+                                command="python benchmarks/confirm.py " + " ".join(sys.argv[1:]))
+    except IncompleteGrid as error:
+        print(f"confirm: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(markdown.read_text())
+
+
+if __name__ == "__main__":
+    main()
