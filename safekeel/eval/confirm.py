@@ -202,12 +202,12 @@ def render(data: dict) -> str:
         for entry in result["per_dataset"]:
             lines.append(f"| harmful, {entry['dataset']} (one-sided) | {entry['n_pairs']} | {_diff(entry['mean_difference'])} | "
                          f"{_ci(entry['ci95'])} | {_p(entry['wilcoxon']['p_value'])} | {_p(entry['p_holm'])} |")
-        for name, key, note in ((f"harmful, {EXTRA_SET} (n = {result['n_prompts']['harmbench']}, one-sided)", "harmbench", ""),
-                                (f"over-refusal, XSTest (n = {result['n_prompts']['xstest']}, two-sided)", "overrefusal", ""),
-                                ("held-out loss, nats (two-sided)", "utility_loss", "")):
+        for name, key in ((f"harmful, {EXTRA_SET} (n = {result['n_prompts']['harmbench']}, one-sided)", "harmbench"),
+                          (f"over-refusal, XSTest (n = {result['n_prompts']['xstest']}, two-sided)", "overrefusal"),
+                          ("held-out loss, nats (two-sided)", "utility_loss")):
             entry = result[key]
             lines.append(f"| {name} | {entry['n_pairs']} | {_diff(entry['mean_difference'])} | {_ci(entry['ci95'])} | "
-                         f"{_p(entry['wilcoxon']['p_value'])} | {note or '-'} |")
+                         f"{_p(entry['wilcoxon']['p_value'])} | - |")
         for judge, tests in result["other_judges"].items():
             for where, entry in tests.items():
                 lines.append(f"| harmful [{judge} judge], {where} (one-sided) | {entry['n_pairs']} | {_diff(entry['mean_difference'])} | "
