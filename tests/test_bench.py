@@ -467,3 +467,34 @@ def test_regime_map_is_a_bench_grid_over_sizes_and_renders_from_its_json(tmp_pat
     regimes.render(tmp_path / "regimes.json", plot=False)
     markdown = (tmp_path / "regimes.md").read_text()
     assert "| gsm8k | 100 | random | 0.091 | 2 | 0.250 [" in markdown and "![harmful rate vs user-data size](regimes.png)" in markdown
+
+
+def test_pooled_comparisons_weigh_datasets_equally_and_correct_over_the_pooled_family():
+    from scipy.stats import wilcoxon
+
+    from safekeel.eval.bench import pooled_comparisons, stratified_bootstrap_ci
+
+    assert stratified_bootstrap_ci([[1.0, 1.0, 1.0], [3.0, 3.0]]) == (2.0, 2.0)
+    low, high = stratified_bootstrap_ci([[0.1, -0.2, 0.05, 0.0], [0.3, 0.1, 0.2]])
+    assert low < (-0.0125 + 0.2) / 2 < high
+    assert stratified_bootstrap_ci([[0.1, 0.2], [0.3]]) is None
+
+    def comparison(dataset, selector, harmful, over):
+        return {"dataset": dataset, "pool": "authored", "k": 10, "mode": "replay", "selector": selector, "judge": "classifier",
+                "paired_differences": {"harmful": [[s, d] for s, d in enumerate(harmful)], "overrefusal": [[s, d] for s, d in enumerate(over)]}}
+
+    a = [-0.1, -0.12, -0.08]
+    b = [0.01, -0.02, 0.0, 0.03, -0.01, 0.02]
+    pooled = pooled_comparisons([comparison("A", "kmeans", a, [0.1] * 3), comparison("B", "kmeans", b, [0.0] * 6),
+                                 comparison("A", "dpp", [0.05, 0.02, 0.04], [0.0] * 3), comparison("B", "dpp", [0.01, 0.03], [0.0] * 2),
+                                 comparison("A", "kcenter", [0.1, 0.2], [0.0] * 2)])  # one dataset only: not pooled
+    by_selector = {c["selector"]: c for c in pooled}
+    assert set(by_selector) == {"kmeans", "dpp"}
+    kmeans = by_selector["kmeans"]
+    assert kmeans["n_pairs"] == 9 and kmeans["datasets"] == ["A", "B"]
+    assert kmeans["mean_difference"] == pytest.approx((-0.1 + 0.005) / 2, abs=1e-4)  # not the mean of the 9 pairs (-0.0300)
+    assert kmeans["overrefusal_difference"] == pytest.approx(0.05)
+    assert kmeans["wilcoxon"]["p_value"] == pytest.approx(wilcoxon(a + b).pvalue, abs=1e-6)
+    p_values = sorted(c["wilcoxon"]["p_value"] for c in pooled)
+    assert min(c["p_holm"] for c in pooled) == pytest.approx(min(1.0, 2 * p_values[0]), abs=1e-6)
+    assert all(c["n_tests"] == 2 for c in pooled)

@@ -491,6 +491,55 @@ def bootstrap_ci(values: Sequence[float], n_resamples: int = N_RESAMPLES, seed: 
     return (round(float(low), 4), round(float(high), 4))
 
 
+def stratified_bootstrap_ci(groups: Sequence[Sequence[float]], n_resamples: int = N_RESAMPLES, seed: int = 0,
+                            level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean of group means, resampling within each group (seeded);
+    None unless every group has >= 2 values."""
+    import numpy as np
+
+    if not groups or any(len(g) < 2 for g in groups):
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.zeros(n_resamples)
+    for group in groups:
+        data = np.asarray(group, dtype=float)
+        means += data[rng.integers(0, len(data), size=(n_resamples, len(data)))].mean(axis=1)
+    means /= len(groups)
+    low, high = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return (round(float(low), 4), round(float(high), 4))
+
+
+def pooled_comparisons(comparisons: Sequence[dict]) -> list[dict]:
+    """Each selector vs random pooled over the user datasets (same pool, k, mode, judge): the mean of the
+    per-dataset mean differences (each dataset weighs the same), its bootstrap CI resampling seeds within
+    each dataset, the two-sided Wilcoxon test on every (dataset, seed) pair, and the same for over-refusal.
+    Holm over the pooled family of each judge (far fewer questions than per dataset)."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in comparisons:
+        groups.setdefault((c["pool"], c["k"], c["mode"], c["selector"], c["judge"]), []).append(c)
+    pooled = []
+    for (pool, k, mode, selector, judge), members in groups.items():
+        harmful = [[d for _, d in c["paired_differences"]["harmful"]] for c in members]
+        over = [[d for _, d in c["paired_differences"]["overrefusal"]] for c in members]
+        if len(members) < 2 or not all(harmful):
+            continue
+        pooled.append({
+            "pool": pool, "k": k, "mode": mode, "selector": selector, "judge": judge,
+            "datasets": [c["dataset"] for c in members], "n_pairs": sum(len(h) for h in harmful),
+            "mean_difference": round(statistics.mean(statistics.mean(h) for h in harmful), 4),
+            "difference_ci95": stratified_bootstrap_ci(harmful),
+            "wilcoxon": wilcoxon_signed_rank([d for h in harmful for d in h]),
+            "overrefusal_difference": round(statistics.mean(statistics.mean(o) for o in over), 4) if all(over) else None,
+            "overrefusal_difference_ci95": stratified_bootstrap_ci(over) if all(over) else None,
+        })
+    for judge in {c["judge"] for c in pooled}:
+        family = [c for c in pooled if c["judge"] == judge]
+        p_values = [c["wilcoxon"]["p_value"] for c in family]
+        for comparison, adjusted in zip(family, holm_adjust(p_values)):
+            comparison.update(p_holm=adjusted, n_tests=sum(p is not None for p in p_values))
+    return pooled
+
+
 def wilcoxon_signed_rank(differences: Sequence[float], alternative: str = "two-sided") -> dict:
     """Wilcoxon signed-rank test of paired differences (scipy; zero differences dropped), two-sided or
     one-sided ('less': the differences tend below zero): {p_value, statistic, note, min_attainable_p};
@@ -736,8 +785,8 @@ def summarise(rows: Sequence[dict]) -> dict:
     stability = [entry for judge in judges for entry in selection_stability(cells, judge)]
     for row in finetuned:
         row.update(flat_fields(row, judges[0]))
-    return {"judges": judges, "aligned": aligned, "cells": cell_summaries, "comparisons": comparisons, "variance": variance,
-            "selection_stability": stability}
+    return {"judges": judges, "aligned": aligned, "cells": cell_summaries, "comparisons": comparisons,
+            "pooled_comparisons": pooled_comparisons(comparisons), "variance": variance, "selection_stability": stability}
 
 
 def flat_fields(row: dict, judge: str) -> dict:
@@ -846,6 +895,24 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
         over = c["overrefusal"][primary]
         lines.append(f"| {c['dataset']} | {c['pool'] or '-'} | {c['k']} | {c['mode']} | {c['selector'] or '-'} | {len(c['seeds'])} | "
                      f"{harm} | {_stat(over)} (n={over['n_prompts']}) | {_stat(c['utility_loss'])} | {_stat(c['retention'][primary])} |")
+    pooled = summary.get("pooled_comparisons", [])
+    if pooled:
+        lines += ["", "## Each selector vs random, pooled over the user datasets", "",
+                  "Difference = the mean over datasets of the per-dataset mean paired difference (each dataset weighs "
+                  "the same) [bootstrap 95% CI, seeds resampled within each dataset]; Wilcoxon = two-sided signed-rank "
+                  "test on every (dataset, seed) pair; Holm over this table's comparisons of the judge. An analysis "
+                  "added after seed 0 was seen, so exploratory: the pre-registered test is benchmarks/confirm_plan.md "
+                  "(whose rule ranks selectors by this table's k=10 differences).", "",
+                  "| pool | k | mode | selector | judge | datasets | pairs | harmful difference [95% CI] | Wilcoxon p | Holm p | "
+                  "over-refusal difference [95% CI] |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for c in sorted(pooled, key=lambda c: (judges.index(c["judge"]) if c["judge"] in judges else len(judges), c["k"])):
+            ci, oci = c["difference_ci95"], c["overrefusal_difference_ci95"]
+            test = c["wilcoxon"]
+            p = _f(test["p_value"], 4) if test["p_value"] is not None else f"n/a ({test['note']})"
+            lines.append(f"| {c['pool']} | {c['k']} | {c['mode']} | {c['selector']} | {c['judge']} | {len(c['datasets'])} | {c['n_pairs']} | "
+                         f"{_f(c['mean_difference'])}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f" | {p} | "
+                         f"{_f(c.get('p_holm'), 4) + ' (' + str(c['n_tests']) + ' tests)' if c.get('p_holm') is not None else 'n/a'} | "
+                         f"{_f(c['overrefusal_difference'])}" + (f" [{oci[0]:.3f}, {oci[1]:.3f}]" if oci else "") + " |")
     lines += ["", "## Each selector vs random (same dataset, pool, k, mode; paired by training seed)", "",
               "Difference = selector's harmful rate - random's (negative: the selector is safer). The two-sided "
               "Wilcoxon signed-rank test on n pairs cannot give p below 2/2^n (0.0625 with 5 seeds, 0.031 with 6). "
