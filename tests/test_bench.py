@@ -498,3 +498,67 @@ def test_pooled_comparisons_weigh_datasets_equally_and_correct_over_the_pooled_f
     p_values = sorted(c["wilcoxon"]["p_value"] for c in pooled)
     assert min(c["p_holm"] for c in pooled) == pytest.approx(min(1.0, 2 * p_values[0]), abs=1e-6)
     assert all(c["n_tests"] == 2 for c in pooled)
+
+
+def _conditions_records(grid: GridSpec) -> list[dict]:
+    """Harmful rate by condition, the same on every seed plus a seed offset shared by all conditions."""
+    rates = {("none", None): 0.7, ("ptst", None): 0.5, ("replay", "authored"): 0.3, ("icl", "authored"): 0.6,
+             ("replay", "other.json"): 0.2, ("icl", "other.json"): 0.65}
+    records = []
+    for config in expand(grid):
+        if config["kind"] == "aligned":
+            report, extra = _report(0.1, 0.2, 1.2), {}
+        else:
+            rate = rates[(config["mode"], config["pool"])] + 0.01 * config["seed"]
+            report = _report(round(rate, 4), 0.3 + (0.1 if config["mode"] == "icl" else 0.0), 0.9)
+            extra = {"selected_ids": [], "train": {"seconds": 1.0}, "n_user_examples": 12, "adapter_cache_hit": False}
+        records.append({"run_id": run_id(config), "config": config, "report": report, "seconds": 2.0, **extra})
+    return records
+
+
+def test_condition_comparisons_pair_modes_and_pools_against_replay_from_the_first_pool(tmp_path):
+    grid = GridSpec(name="conditions", datasets=[DatasetSpec("toy", "toy.jsonl")], pools=["authored", "other.json"],
+                    selectors=["random"], modes=["replay", "icl", "ptst"], seeds=[0, 1, 2],
+                    eval=EvalSettings(judges=("classifier", "keyword")))
+    records = _conditions_records(grid)
+    summary = summarise([run_row(r) for r in records])
+    found = {(c["mode"], c["pool"]): c for c in summary["condition_comparisons"] if c["judge"] == "classifier"}
+    assert set(found) == {("none", None), ("ptst", None), ("icl", "authored"), ("replay", "other.json"), ("icl", "other.json")}
+    assert found[("icl", "authored")]["mean_difference"] == pytest.approx(0.3)
+    assert found[("replay", "other.json")]["mean_difference"] == pytest.approx(-0.1)
+    assert found[("ptst", None)]["mean_difference"] == pytest.approx(0.2) and found[("none", None)]["mean_difference"] == pytest.approx(0.4)
+    assert found[("icl", "authored")]["overrefusal_difference"] == pytest.approx(0.1)
+    assert all(c["reference"] == {"pool": "authored", "k": 10, "mode": "replay", "selector": "random"} and c["n_pairs"] == 3
+               for c in found.values())
+    # a grid of one pool and replay only has no condition table
+    plain = GridSpec(name="plain", datasets=[DatasetSpec("toy", "toy.jsonl")], selectors=["stratified"], seeds=[0, 1, 2],
+                     eval=EvalSettings(judges=("classifier", "keyword")))
+    assert summarise([run_row(r) for r in hand_made_records(plain)])["condition_comparisons"] == []
+    write_outputs(grid, records, tmp_path, command="test", plots=False)
+    markdown = (tmp_path / "bench_conditions.md").read_text()
+    assert "## Modes and pools against replay" in markdown and "| toy | other.json | 10 | icl | random | classifier |" in markdown
+
+
+def test_records_of_the_same_configuration_are_shared_between_grids(tmp_path):
+    grid = GridSpec(name="conditions", datasets=[DatasetSpec("toy", "toy.jsonl")], pools=["authored", "other.json"],
+                    selectors=["random"], modes=["replay", "icl", "ptst"], seeds=[0, 1], eval=EvalSettings(judges=("classifier",)))
+    records = _conditions_records(grid)
+    other = tmp_path / "results" / "bench_runs" / "elsewhere"
+    other.mkdir(parents=True)
+    for record in records:
+        (other / f"{record['run_id']}.json").write_text(json.dumps(record))
+    written = []
+    outcome = run_grid(grid, tmp_path / "results", tmp_path / "cache", writer=lambda recs, final: written.append(final) or [],
+                       show_progress=False)
+    assert outcome.executed == [] and written == [True]  # nothing ran: every configuration had a record elsewhere
+    assert [r["run_id"] for r in outcome.records] == [r["run_id"] for r in records]
+    assert sorted(p.name for p in (tmp_path / "results" / "bench_runs" / "conditions").glob("*.json")) == sorted(p.name for p in other.glob("*.json"))
+
+
+def test_modes_preset_shares_none_and_random_replay_with_the_selectors_grid():
+    from safekeel.eval.bench import modes_grid, selectors_grid
+
+    modes, selectors = expand(modes_grid()), {run_id(c) for c in expand(selectors_grid())}
+    shared = [c for c in modes if run_id(c) in selectors]
+    assert len(modes) == 1 + 18 * 8 and len(shared) == 1 + 18 * 2
+    assert {(c.get("mode"), c.get("pool")) for c in shared} == {(None, None), ("none", None), ("replay", "authored")}

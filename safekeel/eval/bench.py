@@ -229,7 +229,20 @@ def selectors_grid() -> GridSpec:
     )
 
 
-PRESETS: dict[str, Callable[[], GridSpec]] = {"quick": quick_grid, "selectors": selectors_grid, "full": full_grid}
+def modes_grid() -> GridSpec:
+    """Modes and pools beside the selectors grid, random selection only: replay, BackdoorAlign's secret
+    prefix and in-context demonstrations from the authored pool and from safety_tuned_llamas, and PTST, at
+    k=10 on the selectors grid's datasets, presets, seeds and evaluation. Its `none` and authored
+    random-replay runs are the selectors grid's (same configurations: shared records); icl and ptst reuse
+    the `none` adapter (evaluation only)."""
+    base = selectors_grid()
+    return GridSpec(name="modes", output="modes", datasets=base.datasets, k_values=[10],
+                    pools=["authored", "safety_tuned_llamas"], selectors=[REFERENCE_SELECTOR],
+                    modes=["replay", "backdoor", "icl", "ptst"], seeds=list(base.seeds), eval=base.eval, model=base.model)
+
+
+PRESETS: dict[str, Callable[[], GridSpec]] = {"quick": quick_grid, "selectors": selectors_grid, "full": full_grid,
+                                              "modes": modes_grid}
 
 
 def load_grid(source: str | Path) -> GridSpec:
@@ -435,6 +448,17 @@ def run_grid(grid: GridSpec, results_dir: str | Path = RESULTS_DIR, cache_dir: s
     paths = [runs_dir / f"{run_id(c)}.json" for c in configs]
     write = writer or (lambda records, final: write_outputs(grid, records, results_dir, command, plots=final))
     records, executed, durations = [], [], []
+    # a run's id hashes its whole configuration: a record another grid made of the same configuration is
+    # this grid's record too (the modes grid shares its `none` and random-replay runs with the selectors grid)
+    shared = [(path, other) for path in paths if not path.is_file() for other in [_record_elsewhere(results_dir, path)] if other]
+    for path, other in shared:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(other.read_bytes())
+    if shared:
+        log.info("%d run records shared from other grids (same configuration): %s", len(shared),
+                 ", ".join(sorted({other.parent.name for _, other in shared})))
+        if commit:
+            git_commit([path for path, _ in shared], f"bench {grid.name}: {len(shared)} run records shared from other grids")
     remaining = sum(not p.is_file() for p in paths)
     bar = tqdm(total=len(configs), initial=len(configs) - remaining, unit="run", desc=f"bench {grid.name}",
                bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {elapsed} elapsed{postfix}", disable=not show_progress)
@@ -460,6 +484,11 @@ def run_grid(grid: GridSpec, results_dir: str | Path = RESULTS_DIR, cache_dir: s
     if commit and executed:
         git_commit(outputs, f"bench {grid.name}: summary and plots")
     return GridOutcome(records, executed, outputs)
+
+
+def _record_elsewhere(results_dir: Path, path: Path) -> Path | None:
+    """A record of the same run id in another grid's folder, if any."""
+    return next((other for other in sorted((results_dir / "bench_runs").glob(f"*/{path.name}")) if other != path), None)
 
 
 def git_commit(paths: Sequence[Path], message: str, root: Path = REPO_ROOT) -> None:
@@ -689,6 +718,60 @@ def _prompts(rows: Sequence[dict], metric: str, judge: str) -> int | list[int]:
     return counts[0] if len(counts) == 1 else counts
 
 
+def _paired(members: Sequence[dict], reference: Sequence[dict], judge: str) -> dict:
+    """Runs against reference runs of the same training seeds: the paired differences (member - reference) in
+    harmful rate (mean, bootstrap CI, Wilcoxon), over-refusal and held-out loss, and the per-seed differences."""
+    by_seed = {r["seed"]: r for r in reference}
+    pairs = sorted(((r, by_seed[r["seed"]]) for r in members if r["seed"] in by_seed), key=lambda p: p[0]["seed"])
+    harmful = [(a["seed"], a["harmful"][judge]["rate"], b["harmful"][judge]["rate"]) for a, b in pairs
+               if a["harmful"][judge]["rate"] is not None and b["harmful"][judge]["rate"] is not None]
+    usable = [(x, y) for _, x, y in harmful]
+    diffs = [x - y for x, y in usable]
+    overrefusal = [(a["seed"], a["overrefusal"][judge]["rate"] - b["overrefusal"][judge]["rate"]) for a, b in pairs
+                   if a["overrefusal"][judge]["rate"] is not None and b["overrefusal"][judge]["rate"] is not None]
+    over = [d for _, d in overrefusal]
+    loss = [a["utility_loss"] - b["utility_loss"] for a, b in pairs if a["utility_loss"] is not None and b["utility_loss"] is not None]
+    return {
+        "n_pairs": len(diffs), "seeds": [a["seed"] for a, _ in pairs],
+        "selector_mean": round(statistics.mean(a for a, _ in usable), 4) if usable else None,
+        "random_mean": round(statistics.mean(b for _, b in usable), 4) if usable else None,
+        "mean_difference": round(statistics.mean(diffs), 4) if diffs else None,
+        "difference_ci95": bootstrap_ci(diffs),
+        "wilcoxon": wilcoxon_signed_rank(diffs),
+        "n_prompts": _prompts(members, "harmful", judge),
+        "overrefusal_difference": round(statistics.mean(over), 4) if over else None,
+        "overrefusal_difference_ci95": bootstrap_ci(over),
+        "utility_loss_difference": round(statistics.mean(loss), 6) if loss else None,
+        "utility_loss_difference_ci95": bootstrap_ci(loss),
+        # [seed, member - reference] per pair: what the paired plot draws
+        "paired_differences": {"harmful": [[seed, round(x - y, 6)] for seed, x, y in harmful],
+                               "overrefusal": [[seed, round(d, 6)] for seed, d in overrefusal]},
+    }
+
+
+def condition_comparisons(cells: dict[tuple, list[dict]], judges: Sequence[str]) -> list[dict]:
+    """Where a grid has several modes or pools: every other condition of a (dataset, selector) against replay
+    from the grid's first pool with the same selector and k, paired by seed; `none` and `ptst` (k=0, no
+    selector) against random replay at each k. Fields as in the selector comparisons, plus the reference."""
+    pools = list(dict.fromkeys(key[1] for key in cells if key[1] is not None))
+    modes = {key[3] for key in cells}
+    if not pools or (len(pools) < 2 and len(modes - {"none", "replay"}) == 0):
+        return []
+    first = pools[0]
+    out = []
+    for (dataset, pool, k, mode, selector), members in cells.items():
+        if mode == "replay" and pool == first:
+            continue
+        references = ([(dataset, first, k, "replay", selector)] if selector is not None else
+                      [key for key in cells if key[0] == dataset and key[1] == first and key[3] == "replay" and key[4] == REFERENCE_SELECTOR])
+        for reference in sorted(r for r in references if r in cells):
+            for judge in judges:
+                out.append({"dataset": dataset, "pool": pool, "k": k, "mode": mode, "selector": selector, "judge": judge,
+                            "reference": {"pool": first, "k": reference[2], "mode": "replay", "selector": reference[4]},
+                            **_paired(members, cells[reference], judge)})
+    return out
+
+
 def summarise(rows: Sequence[dict]) -> dict:
     """Retention per run; per cell (dataset x pool x k x mode x selector) means with bootstrap CIs over
     seeds; per selector vs random (same dataset/pool/k/mode, paired by seed) the paired difference in
@@ -727,35 +810,9 @@ def summarise(rows: Sequence[dict]) -> dict:
     for (dataset, pool, k, mode, selector), members in cells.items():
         if selector in (None, REFERENCE_SELECTOR) or (dataset, pool, k, mode, REFERENCE_SELECTOR) not in by_key:
             continue
-        random_rows = {r["seed"]: r for r in cells[(dataset, pool, k, mode, REFERENCE_SELECTOR)]}
-        pairs = sorted(((r, random_rows[r["seed"]]) for r in members if r["seed"] in random_rows), key=lambda p: p[0]["seed"])
         for judge in judges:
-            harmful = [(a["seed"], a["harmful"][judge]["rate"], b["harmful"][judge]["rate"]) for a, b in pairs
-                       if a["harmful"][judge]["rate"] is not None and b["harmful"][judge]["rate"] is not None]
-            usable = [(x, y) for _, x, y in harmful]
-            diffs = [x - y for x, y in usable]
-            overrefusal = [(a["seed"], a["overrefusal"][judge]["rate"] - b["overrefusal"][judge]["rate"]) for a, b in pairs
-                           if a["overrefusal"][judge]["rate"] is not None and b["overrefusal"][judge]["rate"] is not None]
-            over = [d for _, d in overrefusal]
-            loss = [a["utility_loss"] - b["utility_loss"] for a, b in pairs
-                    if a["utility_loss"] is not None and b["utility_loss"] is not None]
-            comparisons.append({
-                "dataset": dataset, "pool": pool, "k": k, "mode": mode, "selector": selector, "judge": judge,
-                "n_pairs": len(diffs), "seeds": [a["seed"] for a, _ in pairs],
-                "selector_mean": round(statistics.mean(a for a, _ in usable), 4) if usable else None,
-                "random_mean": round(statistics.mean(b for _, b in usable), 4) if usable else None,
-                "mean_difference": round(statistics.mean(diffs), 4) if diffs else None,
-                "difference_ci95": bootstrap_ci(diffs),
-                "wilcoxon": wilcoxon_signed_rank(diffs),
-                "n_prompts": _prompts(members, "harmful", judge),
-                "overrefusal_difference": round(statistics.mean(over), 4) if over else None,
-                "overrefusal_difference_ci95": bootstrap_ci(over),
-                "utility_loss_difference": round(statistics.mean(loss), 6) if loss else None,
-                "utility_loss_difference_ci95": bootstrap_ci(loss),
-                # [seed, selector - random] per pair: what the paired plot draws
-                "paired_differences": {"harmful": [[seed, round(x - y, 6)] for seed, x, y in harmful],
-                                       "overrefusal": [[seed, round(d, 6)] for seed, d in overrefusal]},
-            })
+            comparisons.append({"dataset": dataset, "pool": pool, "k": k, "mode": mode, "selector": selector, "judge": judge,
+                                **_paired(members, cells[(dataset, pool, k, mode, REFERENCE_SELECTOR)], judge)})
     # the grid asks many questions at once (every selector x dataset x k x mode): Holm's correction over
     # all of them, per judge, beside each raw p-value
     for judge in judges:
@@ -786,7 +843,8 @@ def summarise(rows: Sequence[dict]) -> dict:
     for row in finetuned:
         row.update(flat_fields(row, judges[0]))
     return {"judges": judges, "aligned": aligned, "cells": cell_summaries, "comparisons": comparisons,
-            "pooled_comparisons": pooled_comparisons(comparisons), "variance": variance, "selection_stability": stability}
+            "pooled_comparisons": pooled_comparisons(comparisons), "condition_comparisons": condition_comparisons(cells, judges),
+            "variance": variance, "selection_stability": stability}
 
 
 def flat_fields(row: dict, judge: str) -> dict:
@@ -928,6 +986,24 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
         lines.append(f"| {c['dataset']} | {c['pool']} | {c['k']} | {c['mode']} | {c['selector']} | {c['judge']} | {c['n_pairs']} | "
                      f"{_f(c['selector_mean'])} | {_f(c['random_mean'])} | {diff} | {p} | "
                      f"{_f(c.get('p_holm'), 4) + ' (' + str(c['n_tests']) + ' tests)' if c.get('p_holm') is not None else 'n/a'} | {c['n_prompts']} |")
+    conditions = summary.get("condition_comparisons", [])
+    if conditions:
+        lines += ["", "## Modes and pools against replay (paired by training seed)", "",
+                  "Each condition against replay from the grid's first pool with the same selector and k (`none` and "
+                  "`ptst`, which select nothing, against random replay at each k). Difference = condition - reference "
+                  "(negative harmful: the condition is safer); two-sided Wilcoxon; no correction across this table.", "",
+                  "| dataset | pool | k | mode | selector | judge | reference | pairs | condition | reference | harmful difference "
+                  "[95% CI] | Wilcoxon p | over-refusal difference [95% CI] | held-out loss difference |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for c in sorted(conditions, key=lambda c: (judges.index(c["judge"]) if c["judge"] in judges else len(judges))):
+            ci, oci, ref = c["difference_ci95"], c["overrefusal_difference_ci95"], c["reference"]
+            test = c["wilcoxon"]
+            p = _f(test["p_value"], 4) if test["p_value"] is not None else f"n/a ({test['note']})"
+            lines.append(f"| {c['dataset']} | {c['pool'] or '-'} | {c['k']} | {c['mode']} | {c['selector'] or '-'} | {c['judge']} | "
+                         f"{ref['mode']} {ref['pool']} {ref['selector']} k={ref['k']} | {c['n_pairs']} | {_f(c['selector_mean'])} | "
+                         f"{_f(c['random_mean'])} | {_f(c['mean_difference'])}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+                         + f" | {p} | {_f(c['overrefusal_difference'])}" + (f" [{oci[0]:.3f}, {oci[1]:.3f}]" if oci else "")
+                         + f" | {_f(c['utility_loss_difference'], 4)} |")
     variance = [v for v in summary.get("variance", []) if v["judge"] == primary]
     if variance:
         lines += ["", f"## Where the variance comes from (harmful rate, `{primary}` judge)", "",
