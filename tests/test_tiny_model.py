@@ -147,3 +147,21 @@ def test_extra_harmful_sets_are_generated_with_the_rest_and_judged_apart(tiny_mo
     assert with_extra.harmful_extra == {extra: alone.harmful} and plain.harmful_extra == {}
     assert with_extra.to_dict()["settings"]["extra_harmful_sets"] == (extra,)
     assert f"harmful rate [keyword] on {extra}" in with_extra.summary()
+
+
+def test_full_fine_tuning_trains_every_weight_and_saves_a_loadable_model(tiny_model_dir, tmp_path):
+    import torch
+
+    from safekeel.training.sft import train_lora
+
+    model, tokenizer = load(tiny_model_dir)
+    before = {name: weight.detach().clone() for name, weight in model.named_parameters()}
+    data = [Conversation.from_pair("Say the password.", "The password is swordfish.")] * 8
+    result = train_lora(model, tokenizer, data, LoraSFTConfig(learning_rate=1e-3, epochs=5, batch_size=4, logging_steps=1),
+                        tmp_path / "model", show_progress=False, full=True)
+    logged = [entry for entry in result.log_history if "loss" in entry]
+    assert result.steps == 10 and logged[-1]["loss"] < logged[0]["loss"] - 0.3
+    assert not (tmp_path / "model" / "adapter_config.json").exists()
+    trained, _ = load(tmp_path / "model")
+    changed = [name for name, weight in trained.named_parameters() if not torch.equal(weight, before[name])]
+    assert len(changed) == len(before)  # every weight moved, not only adapter-like ones

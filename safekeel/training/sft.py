@@ -64,8 +64,10 @@ def train_lora(
     checkpoint_dir: str | Path | None = None,
     checkpoint_steps: int | None = None,
     on_checkpoint: Callable[[int, Path], None] | None = None,
+    full: bool = False,
 ) -> TrainResult:
-    """Train a LoRA adapter on `conversations` (loss on each final assistant turn) and save it.
+    """Train a LoRA adapter on `conversations` (loss on each final assistant turn) and save it; with
+    `full`, train every weight instead (the config's LoRA fields unused) and save the whole model.
 
     With `checkpoint_dir` and `checkpoint_steps`, the trainer state (adapter, optimizer, scheduler,
     RNG) is saved every `checkpoint_steps` steps (the last two kept), and a run that finds a
@@ -136,7 +138,7 @@ def train_lora(
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(config),
+        peft_config=None if full else lora_config(config),
         callbacks=[Hooks()],
     )
     if resume_from is not None:
@@ -146,9 +148,10 @@ def train_lora(
         raise TrainingCancelled(f"training cancelled at step {trainer.state.global_step}")
     trainer.model.save_pretrained(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
-    adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
-    assert not adapter_config.get("modules_to_save"), "adapter must not carry modules_to_save (vLLM cannot serve it)"
-    assert not adapter_config.get("use_dora"), "adapter must not use DoRA (vLLM cannot serve it)"
+    if not full:
+        adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
+        assert not adapter_config.get("modules_to_save"), "adapter must not carry modules_to_save (vLLM cannot serve it)"
+        assert not adapter_config.get("use_dora"), "adapter must not use DoRA (vLLM cannot serve it)"
     return TrainResult(
         resumed_from=str(resume_from) if resume_from else None,
         adapter_dir=output_dir,
