@@ -2,7 +2,7 @@
 instead of a LoRA adapter. Judged on the DEV splits only (AdvBench dev, XSTest safe odd ids), like every
 organism candidate (organism.md), with the same evaluation settings as v7 (organism_capacity.py).
 
-    python benchmarks/organism_full.py [--lr 5e-5] [--epochs 1]
+    python benchmarks/organism_full.py [--lr 5e-5] [--epochs 1] [--refusal-fraction 0.85]
 
 v0-v7 (data mixes, DPO, LoRA rank 16 and 64) lie on one trade-off curve between harm and over-refusal
 that passes beside the targets (harmful <= 0.10, over-refusal <= 0.20). Full fine-tuning is the last
@@ -29,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lr", type=float, default=5e-5, help="learning rate (LoRA's 2e-4 is too high for every weight)")
     parser.add_argument("--epochs", type=float, default=None, help="epochs (default v3's)")
+    parser.add_argument("--refusal-fraction", type=float, default=None, help="share of the pool's refusals (default v3's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -46,6 +47,8 @@ def main() -> None:
     overrides = {"learning_rate": args.lr, "seed": args.seed}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
+    if args.refusal_fraction is not None:
+        overrides["refusal_fraction"] = args.refusal_fraction
     config = replace(AlignConfig(), **overrides)
     out = ROOT / "runs" / "organism_full" / sha256_json({**config.to_dict(), "full": True})[:10]
     out.mkdir(parents=True, exist_ok=True)
