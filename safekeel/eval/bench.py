@@ -142,7 +142,7 @@ class GridSpec:
     def __post_init__(self) -> None:
         self.datasets = [d if isinstance(d, DatasetSpec) else DatasetSpec(**d) for d in self.datasets]
         if isinstance(self.eval, dict):
-            self.eval = EvalSettings(**{k: tuple(v) if k in ("judges", "extra_harmful_sets") else v for k, v in self.eval.items()})
+            self.eval = EvalSettings(**self.eval)
         unknown = [m for m in self.modes if m not in MODES]
         if unknown:
             raise ValueError(f"unknown modes {unknown}; known: {MODES}")

@@ -53,6 +53,11 @@ class EvalSettings:
     transformers, 1.3-1.6x faster, benchmarks/results/engine_agreement.md); 'vllm-bfloat16' (2.2-2.6x
     faster, but only 38-55% of replies identical and 96-98% of judge labels)."""
 
+    def __post_init__(self) -> None:
+        # JSON (a spec or a grid file) gives lists: keep the tuples, so a settings round trip is equal
+        self.judges = tuple(self.judges)
+        self.extra_harmful_sets = tuple(self.extra_harmful_sets)
+
     @property
     def primary_judge(self) -> str:
         return self.judges[0]

@@ -61,7 +61,7 @@ class FinetuneSpec:
         if isinstance(self.sft, dict):
             self.sft = LoraSFTConfig(**self.sft)
         if isinstance(self.eval, dict):
-            self.eval = EvalSettings(**{k: tuple(v) if k == "judges" else v for k, v in self.eval.items()})
+            self.eval = EvalSettings(**self.eval)
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; known: {MODES}")
         if self.mode == "ptst":
