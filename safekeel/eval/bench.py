@@ -61,7 +61,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
-from safekeel.eval.harness import EvalSettings
+from safekeel.eval.harness import EvalSettings, is_named_prompt_set
 from safekeel.paths import REPO_ROOT
 from safekeel.provenance import library_versions, sha256_json, write_json_atomic
 from safekeel.training.mixing import MODES, SELECTING_MODES, TRAINING_MODES
@@ -360,17 +360,13 @@ def prepare_dataset(path: str, template: dict | None, cache_dir: Path) -> str:
     return str(target)
 
 
-def _is_named_set(name: str) -> bool:
-    return name.startswith(("advbench-", "xstest-", "harmbench-", "jbb-"))
-
-
 def _eval_settings(config: dict, cache_dir: Path) -> EvalSettings:
     settings = dict(config["eval"], judges=tuple(config["eval"]["judges"]))
     template = config.get("dataset", {}).get("template")
     for key in ("harmful_set", "overrefusal_set"):
-        if not _is_named_set(settings[key]):
+        if not is_named_prompt_set(settings[key]):
             settings[key] = resolve_data_path(settings[key])
-    settings["extra_harmful_sets"] = tuple(name if _is_named_set(name) else resolve_data_path(name)
+    settings["extra_harmful_sets"] = tuple(name if is_named_prompt_set(name) else resolve_data_path(name)
                                            for name in settings.get("extra_harmful_sets", ()))
     if settings["utility"] not in (None, "gsm8k"):
         settings["utility"] = prepare_dataset(settings["utility"], template, cache_dir)
@@ -450,7 +446,9 @@ def run_grid(grid: GridSpec, results_dir: str | Path = RESULTS_DIR, cache_dir: s
     records, executed, durations = [], [], []
     # a run's id hashes its whole configuration: a record another grid made of the same configuration is
     # this grid's record too (the modes grid shares its `none` and random-replay runs with the selectors grid)
-    shared = [(path, other) for path in paths if not path.is_file() for other in [_record_elsewhere(results_dir, path)] if other]
+    elsewhere = {other.name: other for other in sorted((results_dir / "bench_runs").glob("*/*.json"), reverse=True)
+                 if other.parent != runs_dir}
+    shared = [(path, elsewhere[path.name]) for path in paths if not path.is_file() and path.name in elsewhere]
     for path, other in shared:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(other.read_bytes())
@@ -484,11 +482,6 @@ def run_grid(grid: GridSpec, results_dir: str | Path = RESULTS_DIR, cache_dir: s
     if commit and executed:
         git_commit(outputs, f"bench {grid.name}: summary and plots")
     return GridOutcome(records, executed, outputs)
-
-
-def _record_elsewhere(results_dir: Path, path: Path) -> Path | None:
-    """A record of the same run id in another grid's folder, if any."""
-    return next((other for other in sorted((results_dir / "bench_runs").glob(f"*/{path.name}")) if other != path), None)
 
 
 def git_commit(paths: Sequence[Path], message: str, root: Path = REPO_ROOT) -> None:
@@ -561,12 +554,7 @@ def pooled_comparisons(comparisons: Sequence[dict]) -> list[dict]:
             "overrefusal_difference": round(statistics.mean(statistics.mean(o) for o in over), 4) if all(over) else None,
             "overrefusal_difference_ci95": stratified_bootstrap_ci(over) if all(over) else None,
         })
-    for judge in {c["judge"] for c in pooled}:
-        family = [c for c in pooled if c["judge"] == judge]
-        p_values = [c["wilcoxon"]["p_value"] for c in family]
-        for comparison, adjusted in zip(family, holm_adjust(p_values)):
-            comparison.update(p_holm=adjusted, n_tests=sum(p is not None for p in p_values))
-    return pooled
+    return holm_by_judge(pooled)
 
 
 def wilcoxon_signed_rank(differences: Sequence[float], alternative: str = "two-sided") -> dict:
@@ -598,6 +586,17 @@ def holm_adjust(p_values: Sequence[float | None]) -> list[float | None]:
         running = max(running, min(1.0, (m - rank) * p))
         adjusted[index] = round(running, 6)
     return adjusted
+
+
+def holm_by_judge(comparisons: list[dict]) -> list[dict]:
+    """Adds p_holm (Holm over every comparison of the same judge) and n_tests to each comparison, in place."""
+    for judge in dict.fromkeys(c["judge"] for c in comparisons):
+        family = [c for c in comparisons if c["judge"] == judge]
+        p_values = [c["wilcoxon"]["p_value"] for c in family]
+        n_tests = sum(p is not None for p in p_values)
+        for comparison, adjusted in zip(family, holm_adjust(p_values)):
+            comparison.update(p_holm=adjusted, n_tests=n_tests)
+    return comparisons
 
 
 def variance_components(table: dict[str, dict[int, float]]) -> dict | None:
@@ -815,12 +814,7 @@ def summarise(rows: Sequence[dict]) -> dict:
                                 **_paired(members, cells[(dataset, pool, k, mode, REFERENCE_SELECTOR)], judge)})
     # the grid asks many questions at once (every selector x dataset x k x mode): Holm's correction over
     # all of them, per judge, beside each raw p-value
-    for judge in judges:
-        family = [c for c in comparisons if c["judge"] == judge]
-        p_values = [c["wilcoxon"]["p_value"] for c in family]
-        n_tests = sum(p is not None for p in p_values)
-        for comparison, adjusted in zip(family, holm_adjust(p_values)):
-            comparison.update(p_holm=adjusted, n_tests=n_tests)
+    holm_by_judge(comparisons)
     variance = []
     blocks: dict[tuple, dict[str, dict[int, float]]] = {}
     for (dataset, pool, k, mode, selector), members in cells.items():
@@ -896,11 +890,20 @@ def _f(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _with_ci(value: float | None, ci: Sequence[float] | None, digits: int = 3) -> str:
+    return _f(value, digits) + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
 def _stat(entry: dict, digits: int = 3) -> str:
-    text = _f(entry["mean"], digits)
-    if entry.get("ci95"):
-        text += f" [{entry['ci95'][0]:.{digits}f}, {entry['ci95'][1]:.{digits}f}]"
-    return text
+    return _with_ci(entry["mean"], entry.get("ci95"), digits)
+
+
+def _p_text(test: dict) -> str:
+    return _f(test["p_value"], 4) if test["p_value"] is not None else f"n/a ({test['note']})"
+
+
+def _holm_text(comparison: dict) -> str:
+    return f"{_f(comparison['p_holm'], 4)} ({comparison['n_tests']} tests)" if comparison.get("p_holm") is not None else "n/a"
 
 
 def _wilson(rate: dict) -> str:
@@ -964,13 +967,9 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
                   "| pool | k | mode | selector | judge | datasets | pairs | harmful difference [95% CI] | Wilcoxon p | Holm p | "
                   "over-refusal difference [95% CI] |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for c in sorted(pooled, key=lambda c: (judges.index(c["judge"]) if c["judge"] in judges else len(judges), c["k"])):
-            ci, oci = c["difference_ci95"], c["overrefusal_difference_ci95"]
-            test = c["wilcoxon"]
-            p = _f(test["p_value"], 4) if test["p_value"] is not None else f"n/a ({test['note']})"
             lines.append(f"| {c['pool']} | {c['k']} | {c['mode']} | {c['selector']} | {c['judge']} | {len(c['datasets'])} | {c['n_pairs']} | "
-                         f"{_f(c['mean_difference'])}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f" | {p} | "
-                         f"{_f(c.get('p_holm'), 4) + ' (' + str(c['n_tests']) + ' tests)' if c.get('p_holm') is not None else 'n/a'} | "
-                         f"{_f(c['overrefusal_difference'])}" + (f" [{oci[0]:.3f}, {oci[1]:.3f}]" if oci else "") + " |")
+                         f"{_with_ci(c['mean_difference'], c['difference_ci95'])} | {_p_text(c['wilcoxon'])} | {_holm_text(c)} | "
+                         f"{_with_ci(c['overrefusal_difference'], c['overrefusal_difference_ci95'])} |")
     lines += ["", "## Each selector vs random (same dataset, pool, k, mode; paired by training seed)", "",
               "Difference = selector's harmful rate - random's (negative: the selector is safer). The two-sided "
               "Wilcoxon signed-rank test on n pairs cannot give p below 2/2^n (0.0625 with 5 seeds, 0.031 with 6). "
@@ -979,13 +978,9 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
               "| dataset | pool | k | mode | selector | judge | pairs | selector | random | difference [bootstrap 95% CI] | Wilcoxon p | Holm p | n prompts |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in summary["comparisons"]:
-        ci = c["difference_ci95"]
-        diff = _f(c["mean_difference"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-        test = c["wilcoxon"]
-        p = _f(test["p_value"], 4) if test["p_value"] is not None else f"n/a ({test['note']})"
         lines.append(f"| {c['dataset']} | {c['pool']} | {c['k']} | {c['mode']} | {c['selector']} | {c['judge']} | {c['n_pairs']} | "
-                     f"{_f(c['selector_mean'])} | {_f(c['random_mean'])} | {diff} | {p} | "
-                     f"{_f(c.get('p_holm'), 4) + ' (' + str(c['n_tests']) + ' tests)' if c.get('p_holm') is not None else 'n/a'} | {c['n_prompts']} |")
+                     f"{_f(c['selector_mean'])} | {_f(c['random_mean'])} | {_with_ci(c['mean_difference'], c['difference_ci95'])} | "
+                     f"{_p_text(c['wilcoxon'])} | {_holm_text(c)} | {c['n_prompts']} |")
     conditions = summary.get("condition_comparisons", [])
     if conditions:
         lines += ["", "## Modes and pools against replay (paired by training seed)", "",
@@ -996,14 +991,11 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
                   "[95% CI] | Wilcoxon p | over-refusal difference [95% CI] | held-out loss difference |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for c in sorted(conditions, key=lambda c: (judges.index(c["judge"]) if c["judge"] in judges else len(judges))):
-            ci, oci, ref = c["difference_ci95"], c["overrefusal_difference_ci95"], c["reference"]
-            test = c["wilcoxon"]
-            p = _f(test["p_value"], 4) if test["p_value"] is not None else f"n/a ({test['note']})"
+            ref = c["reference"]
             lines.append(f"| {c['dataset']} | {c['pool'] or '-'} | {c['k']} | {c['mode']} | {c['selector'] or '-'} | {c['judge']} | "
                          f"{ref['mode']} {ref['pool']} {ref['selector']} k={ref['k']} | {c['n_pairs']} | {_f(c['selector_mean'])} | "
-                         f"{_f(c['random_mean'])} | {_f(c['mean_difference'])}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-                         + f" | {p} | {_f(c['overrefusal_difference'])}" + (f" [{oci[0]:.3f}, {oci[1]:.3f}]" if oci else "")
-                         + f" | {_f(c['utility_loss_difference'], 4)} |")
+                         f"{_f(c['random_mean'])} | {_with_ci(c['mean_difference'], c['difference_ci95'])} | {_p_text(c['wilcoxon'])} | "
+                         f"{_with_ci(c['overrefusal_difference'], c['overrefusal_difference_ci95'])} | {_f(c['utility_loss_difference'], 4)} |")
     variance = [v for v in summary.get("variance", []) if v["judge"] == primary]
     if variance:
         lines += ["", f"## Where the variance comes from (harmful rate, `{primary}` judge)", "",

@@ -120,6 +120,14 @@ class EvalReport:
         return "\n".join(lines)
 
 
+NAMED_PROMPT_SET_PREFIXES = ("advbench-", "xstest-", "harmbench-", "jbb-")
+
+
+def is_named_prompt_set(name: str) -> bool:
+    """A set load_prompt_set reads from ../shared/data by name (anything else is a dataset path)."""
+    return name.startswith(NAMED_PROMPT_SET_PREFIXES)
+
+
 def load_prompt_set(name: str) -> tuple[str, list[str]]:
     """Named sets: advbench-{train,dev,test,unseen}, xstest-{dev,test,all}, harmbench-{standard,contextual,
     copyright}, jbb-harmful; anything else is a dataset file whose last user turns are the prompts."""
