@@ -162,6 +162,38 @@ def test_forgetting_scores_are_the_measured_loss_increases_round_robin(pool, use
     assert selection.scores[:11] == sorted(selection.scores[:11], reverse=True)
 
 
+@pytest.mark.parametrize("name", ["gradient_alignment", "forgetting"])
+def test_stored_results_are_shared_across_k_and_keyed_by_their_inputs(name, pool, users, tiny_model_dir, tmp_path):
+    """A k=15 run after a k=10 run on the same inputs reads the stored scores (no model load, no training)
+    and selects what a fresh computation selects; other user data, another seed or another model build is
+    computed afresh; without a model fingerprint nothing is stored."""
+    def context(k, seed=4, data=users, fingerprint="build-a", store=tmp_path / "store"):
+        return SelectionContext(pool, data, k, seed=seed, model_name=str(tiny_model_dir), store=store,
+                                model_fingerprint=fingerprint)
+
+    first = get_selector(name).select(context(10))
+    stored = sorted(p.name for p in (tmp_path / "store").glob("*.npz"))
+    assert len(stored) == 2 and not first.details["stored_results_reused"]
+    assert all((tmp_path / "store" / f).with_suffix(".json").is_file() for f in stored)
+
+    reading = context(15)
+    second = get_selector(name).select(reading)
+    assert second.details["stored_results_reused"]
+    assert not any(key.startswith("model:") for key in reading.cache)  # the model was never loaded
+    fresh = get_selector(name).select(SelectionContext(pool, users, 15, seed=4, model_name=str(tiny_model_dir)))
+    assert (second.ids, second.scores) == (fresh.ids, fresh.scores)
+    assert second.details == {**fresh.details, "stored_results_reused": True, "seconds": second.details["seconds"]}
+
+    for changed in (context(10, data=users[:12]), context(10, seed=5), context(10, fingerprint="build-b")):
+        assert not get_selector(name).select(changed).details["stored_results_reused"]
+    # the pool-only result serves the new user data; forgetting's (the base model's pool losses) also the new seed
+    assert len(list((tmp_path / "store").glob("*.npz"))) == 2 + 1 + (2 if name == "gradient_alignment" else 1) + 2
+
+    unknown = tmp_path / "unknown"
+    get_selector(name).select(context(10, fingerprint=None, store=unknown))
+    assert not unknown.exists()
+
+
 def test_round_robin_orders_categories_by_their_best():
     from safekeel.selectors.model_aware import round_robin
 

@@ -14,7 +14,10 @@ benchmarks/results/bench_runs/<grid>/, so an interrupted grid resumes, and `--co
 each finished record with the updated summary. Adapters, selections and eval responses go to
 benchmarks/cache/bench/ (outside git). Adapters are cached by a hash of the training inputs
 (safekeel.training.finetune.adapter_key): `none`, `icl` and `ptst` runs of one (dataset, seed)
-train once and share the adapter across selectors. Outputs: benchmarks/results/bench_<grid>.json
+train once and share the adapter across selectors. The model-aware selectors keep their k-independent
+results (pool gradients, pool losses before and after the probe steps) in benchmarks/cache/bench/selection/,
+keyed by a hash of their inputs (SelectionContext.persisted): a k=20 run reads what its k=10 twin computed,
+and the base model's pool gradients and losses are computed once per seed rather than per dataset. Outputs: benchmarks/results/bench_<grid>.json
 (one compact record per run + the summary), bench_<grid>.md and PNG plots, rendered from the JSON
 alone (`--render-only` re-renders).
 
@@ -400,7 +403,8 @@ def execute(config: dict, cache_dir: str | Path = CACHE_DIR, show_progress: bool
                             k=config["k"], selector=config["selector"] or REFERENCE_SELECTOR, mode=config["mode"],
                             pool=config["pool"] or "authored", seed=config["seed"], max_examples=dataset.max_examples,
                             sft=LoraSFTConfig(**dataset.sft), eval=settings)
-        result = run_finetune(spec, show_progress=show_progress, adapter_cache=cache_dir / "adapters")
+        result = run_finetune(spec, show_progress=show_progress, adapter_cache=cache_dir / "adapters",
+                              selection_store=cache_dir / "selection")
         report = result.report
         provenance = result.provenance
         extra = {key: provenance[key] for key in ("selected_ids", "train", "adapter_key", "mode_effect", "data_sha256",

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, Sequence
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
 
 from safekeel.data.conversation import Conversation, SafetyExample
+from safekeel.provenance import sha256_json, write_json_atomic
 from safekeel.registry import Registry
 
 
@@ -20,6 +25,13 @@ class SelectionContext:
     seed: int
     model_name: str | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    store: str | Path | None = None
+    """A folder where k-independent selector results (scores, gradients, losses) persist between runs, keyed
+    by a hash of everything they depend on; None keeps them in `cache` only. Needs `model_fingerprint`
+    for results computed with the model."""
+    model_fingerprint: str | None = None
+    """Identifies the model's weights (e.g. a hash of its build provenance), so a rebuilt model never reads
+    another build's stored results."""
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -29,6 +41,47 @@ class SelectionContext:
         ids = [e.id for e in self.pool]
         if len(set(ids)) != len(ids):
             raise ValueError("safety pool ids are not unique")
+
+    def pool_digest(self) -> str:
+        if "digest:pool" not in self.cache:
+            self.cache["digest:pool"] = sha256_json([asdict(e) for e in self.pool])
+        return self.cache["digest:pool"]
+
+    def user_digest(self) -> str:
+        if "digest:user" not in self.cache:
+            self.cache["digest:user"] = sha256_json([c.to_messages() for c in self.user_data])
+        return self.cache["digest:user"]
+
+    def persisted(self, name: str, compute: Callable[[], dict[str, np.ndarray]], *, uses_model: bool = True,
+                  uses_pool: bool = True, uses_user: bool = True, **params: Any) -> tuple[dict[str, np.ndarray], bool]:
+        """compute() (a dict of arrays) once per distinct input: memoised in `cache` and, with a `store`,
+        in store/<name>-<hash>.npz, the hash covering `name`, `params`, the model (name and fingerprint)
+        and, where used, the pool's and the user data's content. Returns (arrays, whether they were read
+        rather than computed). Nothing k-dependent may go into compute(): selectors cut their k from it."""
+        material = {"name": name, "params": params,
+                    "model": [self.model_name, self.model_fingerprint] if uses_model else None,
+                    "pool": self.pool_digest() if uses_pool else None,
+                    "user": self.user_digest() if uses_user else None}
+        key = f"{name}-{sha256_json(material)[:20]}"
+        if key in self.cache:
+            return self.cache[key], True
+        path = Path(self.store) / f"{key}.npz" if self.store is not None else None
+        if uses_model and self.model_fingerprint is None:
+            path = None  # the model's identity is unknown: never share its results across runs
+        if path is not None and path.is_file():
+            with np.load(path) as stored:
+                arrays = {k: stored[k] for k in stored.files}
+            self.cache[key] = arrays
+            return arrays, True
+        arrays = {k: np.asarray(v) for k, v in compute().items()}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+            np.savez(partial, **arrays)
+            write_json_atomic(path.with_suffix(".json"), material)
+            os.replace(partial, path)
+        self.cache[key] = arrays
+        return arrays, False
 
 
 @dataclass

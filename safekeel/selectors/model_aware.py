@@ -258,19 +258,24 @@ class GradientAlignmentSelector:
 
     def select(self, context: SelectionContext) -> Selection:
         started = time.perf_counter()
-        model, tokenizer = base_model(context, f"selector {self.name!r}")
-        modules = gradient_modules(model, self.n_layers)
-        projections = projection_matrices(modules, self.factor_dim, context.seed)
         users = trainable_conversations(context, self.name)
         if len(users) > self.max_user:
             users = [users[i] for i in sorted(random.Random(context.seed).sample(range(len(users)), self.max_user))]
-        key = f"gradients:{context.model_name}:{self.n_layers}x{self.factor_dim}:users{self.max_user}:seed{context.seed}:"
-        if key + "pool" not in context.cache:
-            context.cache[key + "pool"] = projected_gradients(model, tokenizer, [e.to_conversation() for e in context.pool],
-                                                             modules, projections)
-        if key + "user" not in context.cache:
-            context.cache[key + "user"] = projected_gradients(model, tokenizer, users, modules, projections).mean(axis=0)
-        pool, user = context.cache[key + "pool"], context.cache[key + "user"]
+
+        def features(conversations: Sequence[Conversation]) -> dict[str, np.ndarray]:
+            model, tokenizer = base_model(context, f"selector {self.name!r}")
+            modules = gradient_modules(model, self.n_layers)
+            return {"features": projected_gradients(model, tokenizer, conversations, modules,
+                                                    projection_matrices(modules, self.factor_dim, context.seed)),
+                    "modules": np.array([f"{name}.weight" for name, _ in modules])}
+
+        shape = {"n_layers": self.n_layers, "factor_dim": self.factor_dim, "projection_seed": context.seed}
+        stored_pool, pool_read = context.persisted(
+            "gradients-pool", lambda: features([e.to_conversation() for e in context.pool]), uses_user=False, **shape)
+        stored_user, user_read = context.persisted(
+            "gradients-user-mean", lambda: {"mean": features(users)["features"].mean(axis=0)},
+            uses_pool=False, max_user=self.max_user, sample_seed=context.seed, **shape)
+        pool, user = stored_pool["features"], stored_user["mean"]
         cosines = (pool @ user) / (np.linalg.norm(pool, axis=1) * np.linalg.norm(user) + 1e-30)
         if self.stratify:
             chosen = round_robin(cosines, [e.category for e in context.pool], context.k)
@@ -281,10 +286,11 @@ class GradientAlignmentSelector:
             "the pool examples whose assistant-turn loss gradient is most opposed to the mean gradient of the user data "
             "(fine-tuning on it raises their loss first)" + (", round-robin over harm categories" if self.stratify else "")
             + "; score = cosine",
-            parameter_subset=[f"{name}.weight" for name, _ in modules],
+            parameter_subset=[str(name) for name in stored_pool["modules"]],
             gradient_at="base model weights",
             projection=f"P_out^T dW P_in per weight, seeded Gaussian factors N(0, 1/{self.factor_dim}) (seed {context.seed})",
-            projection_dim=int(pool.shape[1]), n_user_examples=len(users), seconds=round(time.perf_counter() - started, 3))
+            projection_dim=int(pool.shape[1]), n_user_examples=len(users), stored_results_reused=pool_read and user_read,
+            seconds=round(time.perf_counter() - started, 3))
 
 
 @register_selector("gradient_alignment_stratified")
@@ -347,14 +353,26 @@ class ForgettingSelector:
 
     def select(self, context: SelectionContext) -> Selection:
         started = time.perf_counter()
-        model, tokenizer = base_model(context, f"selector {self.name!r}")
         config = replace(self.config, seed=context.seed)
         users = trainable_conversations(context, self.name)
         order = training_sample(len(users), self.steps * config.batch_size, context.seed)
         conversations = [e.to_conversation() for e in context.pool]
-        before = assistant_losses(model, tokenizer, conversations, max_length=config.max_length)
-        tuned, train_losses = lora_steps(model, tokenizer, [users[i] for i in order], self.steps, config)
-        after = assistant_losses(tuned, tokenizer, conversations, max_length=config.max_length)
+
+        def losses_before() -> dict[str, np.ndarray]:
+            model, tokenizer = base_model(context, f"selector {self.name!r}")
+            return {"loss": assistant_losses(model, tokenizer, conversations, max_length=config.max_length)}
+
+        def losses_after() -> dict[str, np.ndarray]:
+            model, tokenizer = base_model(context, f"selector {self.name!r}")
+            tuned, train_losses = lora_steps(model, tokenizer, [users[i] for i in order], self.steps, config)
+            return {"loss": assistant_losses(tuned, tokenizer, conversations, max_length=config.max_length),
+                    "train_loss": np.array(train_losses)}
+
+        stored_before, before_read = context.persisted("pool-loss", losses_before, uses_user=False,
+                                                       max_length=config.max_length)
+        stored_after, after_read = context.persisted("forgetting-pool-loss", losses_after, steps=self.steps,
+                                                     sft=config.to_dict())
+        before, after, train_losses = stored_before["loss"], stored_after["loss"], stored_after["train_loss"].tolist()
         increase = after - before
         chosen = round_robin(-increase, [e.category for e in context.pool], context.k)
         return _selection(
@@ -364,7 +382,7 @@ class ForgettingSelector:
             steps=self.steps, lr=config.learning_rate, batch_size=config.batch_size, lora_r=config.lora_r,
             n_user_examples=len(set(order)), train_loss=[round(x, 4) for x in train_losses],
             loss_before=[round(float(before[i]), 6) for i in chosen], loss_after=[round(float(after[i]), 6) for i in chosen],
-            seconds=round(time.perf_counter() - started, 3))
+            stored_results_reused=before_read and after_read, seconds=round(time.perf_counter() - started, 3))
 
 
 # --- hidden-state representation space -------------------------------------------------------------------------

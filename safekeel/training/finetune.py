@@ -95,8 +95,9 @@ def adapter_key(model: str, training_data_sha256: str, sft: LoraSFTConfig, base_
 
 def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = None,
                  on_event: Callable[[str, dict], None] | None = None, show_progress: bool = True,
-                 adapter_cache: str | Path | None = None) -> FinetuneResult:
-    """Select, mix, train (or reuse a cached adapter from `adapter_cache/<adapter_key>`), evaluate."""
+                 adapter_cache: str | Path | None = None, selection_store: str | Path | None = None) -> FinetuneResult:
+    """Select, mix, train (or reuse a cached adapter from `adapter_cache/<adapter_key>`), evaluate. With
+    `selection_store`, selectors keep their k-independent results there (SelectionContext.store) for later runs."""
     started = time.time()
     emit = on_event or (lambda kind, payload: None)
     out = Path(spec.output_dir)
@@ -109,11 +110,14 @@ def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = No
     emit("data", {"path": spec.data, "format": loaded.format, "n_used": len(user_data),
                   "skipped": [s.describe(spec.data, loaded.unit) for s in loaded.skipped]})
 
+    model_location = resolve_model(spec.model)
+    base_provenance = _read_json(Path(model_location) / "provenance.json") if isinstance(model_location, Path) else None
     selection = None
     safety = []
     if spec.mode in SELECTING_MODES:
         pool = load_pool(spec.pool)
-        context = SelectionContext(pool, user_data, spec.k, spec.seed, model_name=spec.model)
+        context = SelectionContext(pool, user_data, spec.k, spec.seed, model_name=spec.model, store=selection_store,
+                                   model_fingerprint=sha256_json(base_provenance) if base_provenance else None)
         selection_started = time.time()
         chosen = get_selector(spec.selector).select(context)
         selection = {**chosen.to_dict(), "pool": spec.pool, "pool_size": len(pool),
@@ -128,8 +132,6 @@ def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = No
         selection["backdoor_prefix"] = secret
         write_json_atomic(out / "selection.json", selection)
 
-    model_location = resolve_model(spec.model)
-    base_provenance = _read_json(Path(model_location) / "provenance.json") if isinstance(model_location, Path) else None
     training_sha = sha256_json([c.to_messages() for c in training_data])
     key = adapter_key(spec.model, training_sha, spec.sft, base_provenance)
     overrides = eval_overrides(spec.mode, safety, spec.eval.system_prompt if spec.eval else None, spec.seed)
