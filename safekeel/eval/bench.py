@@ -17,7 +17,8 @@ benchmarks/cache/bench/ (outside git). Adapters are cached by a hash of the trai
 train once and share the adapter across selectors. The model-aware selectors keep their k-independent
 results (pool gradients, pool losses before and after the probe steps) in benchmarks/cache/bench/selection/,
 keyed by a hash of their inputs (SelectionContext.persisted): a k=20 run reads what its k=10 twin computed,
-and the base model's pool gradients and losses are computed once per seed rather than per dataset. Outputs: benchmarks/results/bench_<grid>.json
+the pool gradients are computed once per seed (not per dataset), the base model's pool losses once.
+Outputs: benchmarks/results/bench_<grid>.json
 (one compact record per run + the summary), bench_<grid>.md and PNG plots, rendered from the JSON
 alone (`--render-only` re-renders).
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -42,15 +43,13 @@ class SelectionContext:
         if len(set(ids)) != len(ids):
             raise ValueError("safety pool ids are not unique")
 
+    @cached_property
     def pool_digest(self) -> str:
-        if "digest:pool" not in self.cache:
-            self.cache["digest:pool"] = sha256_json([asdict(e) for e in self.pool])
-        return self.cache["digest:pool"]
+        return sha256_json([asdict(e) for e in self.pool])
 
+    @cached_property
     def user_digest(self) -> str:
-        if "digest:user" not in self.cache:
-            self.cache["digest:user"] = sha256_json([c.to_messages() for c in self.user_data])
-        return self.cache["digest:user"]
+        return sha256_json([c.to_messages() for c in self.user_data])
 
     def persisted(self, name: str, compute: Callable[[], dict[str, np.ndarray]], *, uses_model: bool = True,
                   uses_pool: bool = True, uses_user: bool = True, **params: Any) -> tuple[dict[str, np.ndarray], bool]:
@@ -60,14 +59,14 @@ class SelectionContext:
         rather than computed). Nothing k-dependent may go into compute(): selectors cut their k from it."""
         material = {"name": name, "params": params,
                     "model": [self.model_name, self.model_fingerprint] if uses_model else None,
-                    "pool": self.pool_digest() if uses_pool else None,
-                    "user": self.user_digest() if uses_user else None}
+                    "pool": self.pool_digest if uses_pool else None,
+                    "user": self.user_digest if uses_user else None}
         key = f"{name}-{sha256_json(material)[:20]}"
         if key in self.cache:
             return self.cache[key], True
-        path = Path(self.store) / f"{key}.npz" if self.store is not None else None
-        if uses_model and self.model_fingerprint is None:
-            path = None  # the model's identity is unknown: never share its results across runs
+        # without the model's identity, its results are never shared across runs
+        shareable = self.store is not None and not (uses_model and self.model_fingerprint is None)
+        path = Path(self.store) / f"{key}.npz" if shareable else None
         if path is not None and path.is_file():
             with np.load(path) as stored:
                 arrays = {k: stored[k] for k in stored.files}
