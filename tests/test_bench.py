@@ -364,6 +364,57 @@ def test_summary_pairs_by_seed_and_renders_markdown_and_plots_from_the_json(tmp_
     assert (tmp_path / "bench_hand.md").read_text() == markdown
 
 
+def test_selection_features_go_with_the_harmful_rate_within_seed(tmp_path):
+    """Each selection is described by the categories it covers and its refusal/request lengths; with a harmful
+    rate of 0.5 - 0.03 x categories + 0.1 x seed, the within-seed association recovers slope -0.03 and r = -1
+    (the seed offset removed), and the report gains its section and plot."""
+    from safekeel.eval import selection_features
+
+    # 10 categories x 5 examples; refusals grow with the category index, every request has 6 words
+    pool = _jsonl(tmp_path / "pool.jsonl", [{"id": f"c{c}-{i}", "category": f"cat{c}", "request": "please help me do this thing",
+                                             "refusal": " ".join(["no"] * (3 + c))} for c in range(10) for i in range(5)])
+    ids = {"random": lambda seed: [f"c{c}-{i}" for c in range(seed, seed + 5) for i in range(2)],
+           "stratified": lambda seed: [f"c{c}-{seed % 2}" for c in range(10)],
+           "kmeans": lambda seed: [f"c{c}-{i}" for c in (seed, seed + 1) for i in range(5)]}
+    grid = GridSpec(name="feat", datasets=[DatasetSpec("toy", "toy.jsonl")], pools=[pool], selectors=["stratified", "kmeans"],
+                    seeds=[0, 1, 2], eval=EvalSettings(judges=("classifier", "keyword")))
+    records = []
+    for config in expand(grid):
+        extra, rate = {}, 0.1
+        if config["kind"] == "finetune":
+            chosen = ids[config["selector"]](config["seed"]) if config["mode"] != "none" else []
+            categories = len({i.split("-")[0] for i in chosen})
+            rate = 0.9 if config["mode"] == "none" else 0.5 - 0.03 * categories + 0.1 * config["seed"]
+            extra = {"selected_ids": chosen, "train": {"seconds": 1.0}, "n_user_examples": 12, "adapter_cache_hit": False}
+        records.append({"run_id": run_id(config), "config": config, "report": _report(rate, 0.3, 0.9), "seconds": 2.0, **extra})
+    rows = [run_row(r) for r in records]
+    selection_features.attach_features(rows)
+    by_key = {(r["selector"], r["seed"]): r for r in rows if r["kind"] == "finetune"}
+    assert by_key[(None, 0)]["selection_features"] is None  # `none` selects nothing
+    assert by_key[("stratified", 1)]["selection_features"] == {"n_categories": 10, "refusal_words": 7.5, "request_words": 6}
+    assert by_key[("kmeans", 2)]["selection_features"] == {"n_categories": 2, "refusal_words": 5.5, "request_words": 6}
+    assert selection_features.features_of(["c0-0", "not-in-pool"], {}) is None
+
+    summary = summarise(rows)
+    entries = {e["feature"]: e for e in summary["selection_features"] if e["judge"] == "classifier"}
+    categories = entries["n_categories"]
+    assert categories["n_runs"] == 9 and categories["seeds"] == [0, 1, 2] and categories["range"] == [2.0, 10.0]
+    assert categories["slope"] == pytest.approx(-0.03, abs=1e-6) and categories["correlation"] == pytest.approx(-1.0, abs=1e-4)
+    # 6^3 within-seed orderings, one of which is the observed: p close to 1/216
+    assert categories["p_permutation"] < 0.02 and categories["n_tests"] == 2
+    assert entries["request_words"]["p_permutation"] is None and "no within-seed variation" in entries["request_words"]["note"]
+    cell = next(c for c in summary["cells"] if c["selector"] == "kmeans")
+    assert cell["selection_features"]["n_categories"] == pytest.approx(2.0)
+
+    written = write_outputs(grid, records, tmp_path, command="pytest")
+    assert tmp_path / "bench_feat_features.png" in written
+    markdown = (tmp_path / "bench_feat.md").read_text()
+    assert "## What in a selection goes with its harmful rate (exploratory, `classifier` judge)" in markdown
+    assert "| toy | " + pool + " | 10 | replay | n_categories | 9 | 3 | 2-10 | -1.000 | -0.0300 |" in markdown
+    data = json.loads((tmp_path / "bench_feat.json").read_text())
+    assert next(r for r in data["runs"] if r["selector"] == "random")["selection_features"]["n_categories"] == 5
+
+
 def test_grid_loading_presets_and_files(tmp_path):
     from safekeel.selectors import known_selectors
 

@@ -65,6 +65,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
+from safekeel.eval import selection_features
 from safekeel.eval.harness import EvalSettings, is_named_prompt_set
 from safekeel.paths import REPO_ROOT
 from safekeel.provenance import library_versions, sha256_json, write_json_atomic
@@ -781,6 +782,9 @@ def summarise(rows: Sequence[dict]) -> dict:
     seeds; per selector vs random (same dataset/pool/k/mode, paired by seed) the paired difference in
     harmful rate with its bootstrap CI and Wilcoxon p-value, and the paired differences in over-refusal
     and held-out loss (a selector that is safer only by refusing more, or by learning less, is no win).
+    Then where the spread comes from: the selector x seed ANOVA per block, how much each selection changes
+    with the seed, and (for rows with `selection_features`, attached by write_outputs) how properties of the
+    selected examples go with the harmful rate within seed (selection_features.associations, Holm per judge).
     Rows gain `retention_by_judge` and the flat fields of the published schema (`flat_fields`)."""
     aligned = next((r for r in rows if r["kind"] == "aligned"), None)
     finetuned = [r for r in rows if r["kind"] == "finetune"]
@@ -808,6 +812,7 @@ def summarise(rows: Sequence[dict]) -> dict:
             "incoherent": {j: _mean_ci([r["incoherent"][j] for r in members])["mean"] for j in judges if j in members[0]["incoherent"]},
             "utility_loss": {**_mean_ci([r["utility_loss"] for r in members]), "n_examples": members[0]["utility_n"]},
             "retention": {j: _mean_ci([r["retention_by_judge"][j] for r in members]) for j in judges},
+            "selection_features": selection_features.cell_means(members),
         })
     comparisons = []
     by_key = {(c["dataset"], c["pool"], c["k"], c["mode"], c["selector"]): c for c in cell_summaries}
@@ -839,11 +844,17 @@ def summarise(rows: Sequence[dict]) -> dict:
             variance.append({"dataset": dataset, "pool": pool, "k": k, "mode": mode, "judge": judge,
                              "binomial_sd_one_run": round(binomial, 4), **components})
     stability = [entry for judge in judges for entry in selection_stability(cells, judge)]
+    features = []
+    for judge in judges:
+        family = selection_features.associations(finetuned, judge)
+        for entry, adjusted in zip(family, holm_adjust([e["p_permutation"] for e in family])):
+            entry.update(p_holm=adjusted, n_tests=sum(e["p_permutation"] is not None for e in family))
+        features += family
     for row in finetuned:
         row.update(flat_fields(row, judges[0]))
     return {"judges": judges, "aligned": aligned, "cells": cell_summaries, "comparisons": comparisons,
             "pooled_comparisons": pooled_comparisons(comparisons), "condition_comparisons": condition_comparisons(cells, judges),
-            "variance": variance, "selection_stability": stability}
+            "variance": variance, "selection_stability": stability, "selection_features": features}
 
 
 def flat_fields(row: dict, judge: str) -> dict:
@@ -882,6 +893,7 @@ def write_outputs(grid: GridSpec, records: Sequence[dict], results_dir: str | Pa
                   plots: bool = True) -> list[Path]:
     """bench_<grid>.json (compact runs + summary), then the markdown (and plots) rendered from it."""
     rows = [run_row(r) for r in records]
+    selection_features.attach_features(rows)
     summary = summarise(rows)
     grid_dict = {**grid.to_dict(), "selectors": grid.resolved_selectors()}
     path = write_json_atomic(Path(results_dir) / f"{grid.output_stem}.json", {
@@ -1031,6 +1043,7 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
             lines.append(f"| {v['dataset']} | {v['pool']} | {v['k']} | {v['mode']} | {v['selector']} | {len(v['seeds'])} | "
                          f"{_f(v['jaccard_across_seeds'])} | {v['distinct_ids']} | {_f(v['overlap_with_random'])} | "
                          f"{_f(v['sd_harmful_over_seeds'])} |")
+    lines += selection_features.markdown(summary, primary)
     if pngs:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
     md = json_path.with_suffix(".md")
@@ -1189,7 +1202,8 @@ def render_plots(data: dict, folder: Path, stem: str) -> list[Path]:
         outputs.append(folder / f"{stem}_paired.png")
         figure.savefig(outputs[-1], dpi=110)
         plt.close(figure)
-    return outputs
+    features = selection_features.plot(data, folder, stem)
+    return outputs + ([features] if features else [])
 
 
 def main_command(grid_source: str, results_dir: str | Path = RESULTS_DIR, cache_dir: str | Path = CACHE_DIR,
