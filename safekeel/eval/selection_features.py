@@ -80,10 +80,7 @@ def associations(rows: Sequence[dict], judge: str, n_permutations: int = N_PERMU
         blocks.setdefault((row["dataset"], row["pool"], row["k"], row["mode"]), []).append(row)
     out = []
     for (dataset, pool, k, mode), members in blocks.items():
-        by_seed: dict[int, list[dict]] = {}
-        for row in members:
-            by_seed.setdefault(row["seed"], []).append(row)
-        groups = [g for _, g in sorted(by_seed.items()) if len(g) >= 2]
+        groups = _seed_groups(members)
         if not groups:
             continue
         y = [np.array([r["harmful"][judge]["rate"] for r in g], dtype=float) for g in groups]
@@ -118,6 +115,15 @@ def associations(rows: Sequence[dict], judge: str, n_permutations: int = N_PERMU
     return out
 
 
+def _seed_groups(rows: Sequence[dict]) -> list[list[dict]]:
+    """The runs of each training seed (in seed order), leaving out seeds with a single run: centred on its
+    own mean a lone run is zero and says nothing within seed."""
+    by_seed: dict[int, list[dict]] = {}
+    for row in rows:
+        by_seed.setdefault(row["seed"], []).append(row)
+    return [group for _, group in sorted(by_seed.items()) if len(group) >= 2]
+
+
 def cell_means(members: Sequence[dict]) -> dict | None:
     """Mean of each feature over a cell's runs (None when no run has features)."""
     present = [r["selection_features"] for r in members if r.get("selection_features")]
@@ -128,13 +134,8 @@ def cell_means(members: Sequence[dict]) -> dict | None:
 
 def _centred_rates(rows: Sequence[dict], judge: str) -> list[tuple[dict, float]]:
     """(row, harmful rate minus the mean of its seed's runs) for the runs of one block with a selection."""
-    by_seed: dict[int, list[dict]] = {}
-    for row in rows:
-        by_seed.setdefault(row["seed"], []).append(row)
     out = []
-    for members in by_seed.values():
-        if len(members) < 2:
-            continue
+    for members in _seed_groups(rows):
         mean = statistics.mean(r["harmful"][judge]["rate"] for r in members)
         out += [(r, r["harmful"][judge]["rate"] - mean) for r in members]
     return out
