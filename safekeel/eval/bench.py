@@ -594,11 +594,12 @@ def holm_adjust(p_values: Sequence[float | None]) -> list[float | None]:
     return adjusted
 
 
-def holm_by_judge(comparisons: list[dict]) -> list[dict]:
-    """Adds p_holm (Holm over every comparison of the same judge) and n_tests to each comparison, in place."""
+def holm_by_judge(comparisons: list[dict], p_value: Callable[[dict], float | None] = lambda c: c["wilcoxon"]["p_value"]) -> list[dict]:
+    """Adds p_holm (Holm over every comparison of the same judge) and n_tests to each comparison, in place;
+    `p_value` reads an entry's raw p (default: its Wilcoxon test)."""
     for judge in dict.fromkeys(c["judge"] for c in comparisons):
         family = [c for c in comparisons if c["judge"] == judge]
-        p_values = [c["wilcoxon"]["p_value"] for c in family]
+        p_values = [p_value(c) for c in family]
         n_tests = sum(p is not None for p in p_values)
         for comparison, adjusted in zip(family, holm_adjust(p_values)):
             comparison.update(p_holm=adjusted, n_tests=n_tests)
@@ -844,12 +845,8 @@ def summarise(rows: Sequence[dict]) -> dict:
             variance.append({"dataset": dataset, "pool": pool, "k": k, "mode": mode, "judge": judge,
                              "binomial_sd_one_run": round(binomial, 4), **components})
     stability = [entry for judge in judges for entry in selection_stability(cells, judge)]
-    features = []
-    for judge in judges:
-        family = selection_features.associations(finetuned, judge)
-        for entry, adjusted in zip(family, holm_adjust([e["p_permutation"] for e in family])):
-            entry.update(p_holm=adjusted, n_tests=sum(e["p_permutation"] is not None for e in family))
-        features += family
+    features = holm_by_judge([entry for judge in judges for entry in selection_features.associations(finetuned, judge)],
+                             lambda e: e["p_permutation"])
     for row in finetuned:
         row.update(flat_fields(row, judges[0]))
     return {"judges": judges, "aligned": aligned, "cells": cell_summaries, "comparisons": comparisons,

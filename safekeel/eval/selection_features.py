@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import statistics
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from safekeel.data.conversation import SafetyExample
 
@@ -79,7 +80,7 @@ def associations(rows: Sequence[dict], judge: str, n_permutations: int = N_PERMU
             continue
         blocks.setdefault((row["dataset"], row["pool"], row["k"], row["mode"]), []).append(row)
     out = []
-    for (dataset, pool, k, mode), members in blocks.items():
+    for (dataset, pool, k, mode), members in sorted(blocks.items(), key=lambda item: str(item[0])):
         groups = _seed_groups(members)
         if not groups:
             continue
@@ -116,10 +117,11 @@ def associations(rows: Sequence[dict], judge: str, n_permutations: int = N_PERMU
 
 
 def _seed_groups(rows: Sequence[dict]) -> list[list[dict]]:
-    """The runs of each training seed (in seed order), leaving out seeds with a single run: centred on its
-    own mean a lone run is zero and says nothing within seed."""
+    """The runs of each training seed (in seed order, each seed's runs by selector), leaving out seeds with a
+    single run: centred on its own mean a lone run is zero and says nothing within seed. The fixed order makes
+    the permutation p-values depend on the runs, not on the order they were read in."""
     by_seed: dict[int, list[dict]] = {}
-    for row in rows:
+    for row in sorted(rows, key=lambda r: (str(r["selector"]), r["run_id"])):
         by_seed.setdefault(row["seed"], []).append(row)
     return [group for _, group in sorted(by_seed.items()) if len(group) >= 2]
 
@@ -165,18 +167,18 @@ def markdown(summary: dict, judge: str) -> list[str]:
         lines.append(f"| {c['dataset']} | {c['pool']} | {c['k']} | {c['mode']} | {c['selector']} | {len(c['seeds'])} | "
                      f"{f['n_categories']:.1f} | {f['refusal_words']:.1f} | {f['request_words']:.1f} | "
                      + ("n/a" if harm is None else f"{harm:.3f}") + " |")
+    from safekeel.eval.bench import _f as number  # "n/a" for a missing value, as in the rest of the report
+
     lines += ["", "| dataset | pool | k | mode | feature | runs | seeds | range | r within seed | slope | p (permutation) | Holm p |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for e in entries:
-        def number(value, digits):
-            return "n/a" if value is None else f"{value:.{digits}f}"
         lines.append(f"| {e['dataset']} | {e['pool']} | {e['k']} | {e['mode']} | {e['feature']} | {e['n_runs']} | {len(e['seeds'])} | "
                      f"{e['range'][0]:g}-{e['range'][1]:g} | {number(e['correlation'], 3)} | {number(e['slope'], 4)} | "
                      f"{number(e['p_permutation'], 4)} | {number(e.get('p_holm'), 4)} |")
     return lines
 
 
-def plot(data: dict, folder, stem: str):
+def plot(data: dict, folder: Path, stem: str) -> Path | None:
     """<stem>_features.png: per block (columns) and feature (rows), each run's seed-centred harmful rate
     against the feature, coloured by selector; None when no run has features."""
     import matplotlib
