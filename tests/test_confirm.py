@@ -13,7 +13,7 @@ from scipy.stats import wilcoxon
 
 from safekeel.eval.bench import DatasetSpec, GridSpec, expand, run_id, run_row, selectors_grid, write_outputs
 from safekeel.eval.confirm import (CONFIRM_SEEDS, EXTRA_SET, IncompleteGrid, analyse, choose_selector, confirm_grid,
-                                   main_command)
+                                   main_command, render)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ["pure_bad_10", "gsm8k_random100", "samsum-100"]
@@ -139,6 +139,18 @@ def test_verdicts_not_shown_costly_and_interim():
     assert "beats random" in costly["verdict"] and "pays with worse over-refusal" in costly["verdict"]
     interim = analyse(_confirm_rows({"dpp": (-0.03, 0.0, 0.0)}, skip=lambda c: c.get("seed", 0) >= 104), "dpp", DATASETS)
     assert not interim["complete"] and interim["verdict"].startswith("interim (12 of 24 pairs)")
+
+
+def test_report_before_the_first_pair_says_n_a_not_none(tmp_path):
+    choice = choose_selector(_selectors_json(tmp_path, {"dpp": (-0.03, 0.0, 0.0)}))
+    rows = _confirm_rows({"dpp": (-0.03, 0.0, 0.0)}, skip=lambda c: c.get("selector") == "dpp")  # random's runs only
+    result = analyse(rows, "dpp", DATASETS)
+    assert result["primary"]["n_pairs"] == 0 and result["verdict"].startswith("interim (0 of 24 pairs)")
+    text = render({"command": "test", "choice": choice, "analysis": result, "n_runs_total": 49, "n_runs_done": len(rows)})
+    assert "None" not in text and "(n = n/a prompts per run)" in text and "(means: dpp n/a, random n/a)" in text
+    done = render({"command": "test", "choice": choice, "analysis": analyse(_confirm_rows({"dpp": (-0.03, 0.0, 0.0)}), "dpp", DATASETS),
+                   "n_runs_total": 49, "n_runs_done": 49})
+    assert "(n = 156 prompts per run)" in done and "(n = 200, one-sided)" in done and "None" not in done
 
 
 def test_main_writes_no_candidate_without_running_anything(tmp_path):
