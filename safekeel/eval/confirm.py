@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from safekeel.eval.bench import (CACHE_DIR, REFERENCE_SELECTOR, RESULTS_DIR, DatasetSpec, GridSpec, bootstrap_ci, expand,
+from safekeel.eval.bench import (CACHE_DIR, _f, REFERENCE_SELECTOR, RESULTS_DIR, DatasetSpec, GridSpec, bootstrap_ci, expand,
                                  git_commit, holm_adjust, run_grid, run_row, selectors_grid, wilcoxon_signed_rank)
 from safekeel.provenance import library_versions, write_json_atomic
 
@@ -174,11 +174,6 @@ def _diff(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.4f}"
 
 
-def _na(value: object) -> str:
-    """A count or mean as written, or n/a while no pair is finished."""
-    return "n/a" if value is None else str(value)
-
-
 def render(data: dict) -> str:
     choice = data["choice"]
     lines = ["# Confirmatory test: the chosen selector against random on fresh seeds", "",
@@ -196,16 +191,16 @@ def render(data: dict) -> str:
         primary = result["primary"]
         lines += [f"## The test ({data['n_runs_done']} of {n_total} runs; seeds {CONFIRM_SEEDS[0]}-{CONFIRM_SEEDS[-1]})", "",
                   f"**Verdict: {result['verdict']}.**", "",
-                  f"Primary: {primary['endpoint']} (n = {_na(result['n_prompts']['advbench'])} prompts per run), {result['selector']} "
+                  f"Primary: {primary['endpoint']} (n = {_f(result['n_prompts']['advbench'], 0)} prompts per run), {result['selector']} "
                   f"minus random over {primary['n_pairs']} pairs (dataset x seed): mean {_diff(primary['mean_difference'])}, "
                   f"bootstrap 95% CI {_ci(primary['ci95'])}, one-sided Wilcoxon p = {_p(primary['wilcoxon']['p_value'])} "
-                  f"(means: {result['selector']} {_na(primary['selector_mean'])}, random {_na(primary['random_mean'])}).", "",
+                  f"(means: {result['selector']} {_f(primary['selector_mean'], 4)}, random {_f(primary['random_mean'], 4)}).", "",
                   "| endpoint | pairs | mean difference | 95% CI | Wilcoxon p | Holm p |", "| --- | --- | --- | --- | --- | --- |"]
         for entry in result["per_dataset"]:
             lines.append(f"| harmful, {entry['dataset']} (one-sided) | {entry['n_pairs']} | {_diff(entry['mean_difference'])} | "
                          f"{_ci(entry['ci95'])} | {_p(entry['wilcoxon']['p_value'])} | {_p(entry['p_holm'])} |")
-        for name, key in ((f"harmful, {EXTRA_SET} (n = {_na(result['n_prompts']['harmbench'])}, one-sided)", "harmbench"),
-                          (f"over-refusal, XSTest (n = {_na(result['n_prompts']['xstest'])}, two-sided)", "overrefusal"),
+        for name, key in ((f"harmful, {EXTRA_SET} (n = {_f(result['n_prompts']['harmbench'], 0)}, one-sided)", "harmbench"),
+                          (f"over-refusal, XSTest (n = {_f(result['n_prompts']['xstest'], 0)}, two-sided)", "overrefusal"),
                           ("held-out loss, nats (two-sided)", "utility_loss")):
             entry = result[key]
             lines.append(f"| {name} | {entry['n_pairs']} | {_diff(entry['mean_difference'])} | {_ci(entry['ci95'])} | "
