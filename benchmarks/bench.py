@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--grid", default=None, help="preset (quick, selectors, full) or a grid file (.json, .yaml)")
     parser.add_argument("--quick", action="store_true", help="the quick preset (20 min on 2 CPU cores, measured)")
     parser.add_argument("--commit", action="store_true", help="git-commit each finished run record and the summary")
-    parser.add_argument("--render-only", action="store_true", help="re-render the markdown and plots from bench_<grid>.json")
+    parser.add_argument("--render-only", action="store_true", help="re-analyse the runs in bench_<grid>.json and re-render the markdown and plots (no run is executed)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     args = parser.parse_args()

@@ -167,7 +167,7 @@ def bench_command(
     grid: Optional[str] = typer.Option(None, help="Grid: a preset (quick, selectors, full) or a grid file (.json, .yaml)."),
     quick: bool = typer.Option(False, "--quick", help="The quick preset (20 min on 2 CPU cores with smollm2-135m-safe, measured)."),
     commit: bool = typer.Option(False, help="git-commit each finished run record and the updated summary."),
-    render_only: bool = typer.Option(False, help="Only re-render the markdown and plots from bench_<grid>.json."),
+    render_only: bool = typer.Option(False, help="Only re-analyse the runs in bench_<grid>.json and re-render the markdown and plots (no run is executed)."),
     results_dir: Optional[Path] = typer.Option(None, help="Results folder (default: benchmarks/results)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Adapters and responses (default: benchmarks/cache/bench)."),
 ) -> None:

@@ -4,6 +4,7 @@ caching and resume, icl/ptst modes and the shared adapter, the paired statistics
 from __future__ import annotations
 
 import json
+import random
 import statistics
 from pathlib import Path
 
@@ -357,11 +358,17 @@ def test_summary_pairs_by_seed_and_renders_markdown_and_plots_from_the_json(tmp_
     assert "## Where the variance comes from" in markdown and "| toy | authored | 10 | replay | 2 | 3 | 0.750 | 0.125 | 0.125 |" in markdown
 
     (tmp_path / "bench_hand.md").unlink()
+    # --render-only re-analyses the stored runs: a stale summary in the JSON does not reach the markdown
+    stale = json.loads(json_path.read_text())
+    stale["summary"]["comparisons"][0]["mean_difference"] = 9.99
+    stale["comparisons"] = []
+    json_path.write_text(json.dumps(stale))
     grid_file = tmp_path / "hand.json"
     grid_file.write_text(json.dumps(grid.to_dict()))
     result = CliRunner().invoke(app, ["bench", "--grid", str(grid_file), "--render-only", "--results-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "bench_hand.md").read_text() == markdown
+    assert json.loads(json_path.read_text())["comparisons"] == data["comparisons"]
 
 
 def test_selection_features_go_with_the_harmful_rate_within_seed(tmp_path):
@@ -520,32 +527,57 @@ def test_regime_map_is_a_bench_grid_over_sizes_and_renders_from_its_json(tmp_pat
     assert "| gsm8k | 100 | random | 0.091 | 2 | 0.250 [" in markdown and "![harmful rate vs user-data size](regimes.png)" in markdown
 
 
-def test_pooled_comparisons_weigh_datasets_equally_and_correct_over_the_pooled_family():
+def test_seed_clustered_test_makes_the_seed_the_unit_and_measures_how_alike_a_seeds_pairs_are():
     from scipy.stats import wilcoxon
 
-    from safekeel.eval.bench import pooled_comparisons, stratified_bootstrap_ci
+    from safekeel.eval.bench import seed_clustered_test
 
-    assert stratified_bootstrap_ci([[1.0, 1.0, 1.0], [3.0, 3.0]]) == (2.0, 2.0)
-    low, high = stratified_bootstrap_ci([[0.1, -0.2, 0.05, 0.0], [0.3, 0.1, 0.2]])
-    assert low < (-0.0125 + 0.2) / 2 < high
-    assert stratified_bootstrap_ci([[0.1, 0.2], [0.3]]) is None
+    # 3 datasets x 6 seeds, every difference negative and a seed's three alike: 18 pairs would give a tiny
+    # p, but there are 6 independent observations, so the two-sided test cannot go below 2/2^6
+    offsets = [-0.05, -0.02, -0.08, -0.01, -0.04, -0.06]
+    pairs = [(d, s, off + shift) for d, shift in (("A", 0.0), ("B", -0.01), ("C", 0.005)) for s, off in enumerate(offsets)]
+    test = seed_clustered_test(pairs)
+    assert wilcoxon([d for _, _, d in pairs]).pvalue < 1e-3
+    assert test["n_seeds"] == 6 and test["n_pairs"] == 18 and test["datasets"] == ["A", "B", "C"]
+    assert test["wilcoxon"]["p_value"] == pytest.approx(2 / 2 ** 6)
+    assert test["mean_difference"] == pytest.approx(statistics.mean(offsets) - 0.005 / 3, abs=1e-4)
+    assert [s for s, _ in test["seed_means"]] == list(range(6))
+    low, high = test["ci95"]
+    assert low < test["mean_difference"] < high < 0
+    assert test["seed_icc"] == pytest.approx(1.0)  # dataset shifts removed, a seed's pairs are identical
+    # independent noise around the same dataset means: the ICC is near 0 (here computed exactly)
+    rng = random.Random(0)
+    noise = [(d, s, rng.gauss(0, 0.03)) for d in "ABC" for s in range(40)]
+    assert abs(seed_clustered_test(noise)["seed_icc"]) < 0.2
+    # only seeds every dataset has count; each seed's mean weighs the datasets equally
+    partial = seed_clustered_test([("A", 0, -0.1), ("A", 1, -0.2), ("A", 2, 0.3), ("B", 0, 0.0), ("B", 1, 0.1)])
+    assert partial["n_seeds"] == 2 and partial["seed_means"] == [[0, -0.05], [1, -0.05]]
+    assert seed_clustered_test([])["wilcoxon"]["p_value"] is None
+
+
+def test_pooled_comparisons_use_the_seed_as_unit_and_correct_over_the_pooled_family():
+    from scipy.stats import wilcoxon
+
+    from safekeel.eval.bench import pooled_comparisons
 
     def comparison(dataset, selector, harmful, over):
         return {"dataset": dataset, "pool": "authored", "k": 10, "mode": "replay", "selector": selector, "judge": "classifier",
                 "paired_differences": {"harmful": [[s, d] for s, d in enumerate(harmful)], "overrefusal": [[s, d] for s, d in enumerate(over)]}}
 
-    a = [-0.1, -0.12, -0.08]
+    a = [-0.1, -0.12, -0.08, -0.2]
     b = [0.01, -0.02, 0.0, 0.03, -0.01, 0.02]
-    pooled = pooled_comparisons([comparison("A", "kmeans", a, [0.1] * 3), comparison("B", "kmeans", b, [0.0] * 6),
+    pooled = pooled_comparisons([comparison("A", "kmeans", a, [0.1] * 4), comparison("B", "kmeans", b, [0.0] * 6),
                                  comparison("A", "dpp", [0.05, 0.02, 0.04], [0.0] * 3), comparison("B", "dpp", [0.01, 0.03], [0.0] * 2),
                                  comparison("A", "kcenter", [0.1, 0.2], [0.0] * 2)])  # one dataset only: not pooled
     by_selector = {c["selector"]: c for c in pooled}
     assert set(by_selector) == {"kmeans", "dpp"}
     kmeans = by_selector["kmeans"]
-    assert kmeans["n_pairs"] == 9 and kmeans["datasets"] == ["A", "B"]
-    assert kmeans["mean_difference"] == pytest.approx((-0.1 + 0.005) / 2, abs=1e-4)  # not the mean of the 9 pairs (-0.0300)
+    seed_means = [(x + y) / 2 for x, y in zip(a, b)]  # seeds 4 and 5 are in B only: left out
+    assert kmeans["n_seeds"] == 4 and kmeans["n_pairs"] == 8 and kmeans["datasets"] == ["A", "B"]
+    assert kmeans["mean_difference"] == pytest.approx(statistics.mean(seed_means), abs=1e-4)
     assert kmeans["overrefusal_difference"] == pytest.approx(0.05)
-    assert kmeans["wilcoxon"]["p_value"] == pytest.approx(wilcoxon(a + b).pvalue, abs=1e-6)
+    assert kmeans["wilcoxon"]["p_value"] == pytest.approx(wilcoxon(seed_means).pvalue, abs=1e-6)
+    assert by_selector["dpp"]["n_seeds"] == 2
     p_values = sorted(c["wilcoxon"]["p_value"] for c in pooled)
     assert min(c["p_holm"] for c in pooled) == pytest.approx(min(1.0, 2 * p_values[0]), abs=1e-6)
     assert all(c["n_tests"] == 2 for c in pooled)

@@ -141,6 +141,29 @@ def test_verdicts_not_shown_costly_and_interim():
     assert not interim["complete"] and interim["verdict"].startswith("interim (12 of 24 pairs)")
 
 
+def test_seed_clustered_sensitivity_qualifies_a_verdict_that_rests_on_pairs_of_the_same_seed(tmp_path):
+    """The 24 pairs share 8 seeds. Five seeds safer on every dataset and three slightly worse on every dataset:
+    the pre-registered test on 24 pairs passes, the test with the seed as the unit does not (p = 14/256)."""
+    def correlated(d, seed):
+        i = seed - CONFIRM_SEEDS[0]
+        return (-(0.03 + 0.001 * (3 * i + d)) if i < 5 else 0.001 * (1 + 3 * (i - 5) + d), 0.0, 0.0)
+
+    result = analyse(_confirm_rows({"dpp": correlated}), "dpp", DATASETS)
+    clustered = result["seed_clustered"]
+    seed_means = [sum(correlated(d, s)[0] for d in range(3)) / 3 for s in CONFIRM_SEEDS]
+    assert result["primary"]["wilcoxon"]["p_value"] < 0.01 and clustered["n_seeds"] == 8 and clustered["n_pairs"] == 24
+    assert clustered["wilcoxon"]["p_value"] == pytest.approx(wilcoxon(seed_means, alternative="less").pvalue, abs=1e-6)
+    assert clustered["wilcoxon"]["p_value"] == pytest.approx(14 / 256, abs=1e-6) and clustered["seed_icc"] > 0.9
+    assert result["verdict"].startswith("dpp beats random at k=10")
+    assert "sensitivity test (added after the plan) does not reach 0.05 (p = 0.0547)" in result["verdict"]
+    choice = choose_selector(_selectors_json(tmp_path, {"dpp": (-0.03, 0.0, 0.0)}))
+    text = render({"command": "test", "choice": choice, "analysis": result, "n_runs_total": 49, "n_runs_done": 49})
+    assert "## Sensitivity: the training seed as the unit" in text and "8 seeds, mean" in text and "added after the plan" in text
+    # where every seed favours the selector, both tests agree
+    agree = analyse(_confirm_rows({"dpp": lambda d, s: (-0.02 - 0.001 * (s - 100) - 0.0003 * d, 0.0, 0.0)}), "dpp", DATASETS)
+    assert "sensitivity test (added after the plan) agrees: p = 0.0039" in agree["verdict"]
+
+
 def test_report_before_the_first_pair_says_n_a_not_none(tmp_path):
     choice = choose_selector(_selectors_json(tmp_path, {"dpp": (-0.03, 0.0, 0.0)}))
     rows = _confirm_rows({"dpp": (-0.03, 0.0, 0.0)}, skip=lambda c: c.get("selector") == "dpp")  # random's runs only

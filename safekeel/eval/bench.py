@@ -519,46 +519,56 @@ def bootstrap_ci(values: Sequence[float], n_resamples: int = N_RESAMPLES, seed: 
     return (round(float(low), 4), round(float(high), 4))
 
 
-def stratified_bootstrap_ci(groups: Sequence[Sequence[float]], n_resamples: int = N_RESAMPLES, seed: int = 0,
-                            level: float = 0.95) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of the mean of group means, resampling within each group (seeded);
-    None unless every group has >= 2 values."""
-    import numpy as np
-
-    if not groups or any(len(g) < 2 for g in groups):
-        return None
-    rng = np.random.default_rng(seed)
-    means = np.zeros(n_resamples)
-    for group in groups:
-        data = np.asarray(group, dtype=float)
-        means += data[rng.integers(0, len(data), size=(n_resamples, len(data)))].mean(axis=1)
-    means /= len(groups)
-    low, high = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return (round(float(low), 4), round(float(high), 4))
+def seed_clustered_test(pairs: Sequence[tuple], alternative: str = "two-sided") -> dict:
+    """A paired difference pooled over user datasets with the training seed as the unit: pairs are
+    (dataset, seed, difference). Pairs that share a seed are not independent (random draws the same
+    examples at a seed on every dataset, and the training seed is shared), so the test runs on the seeds
+    every dataset has: each seed's mean difference over the datasets (each dataset weighs the same) is one
+    observation; its mean, a bootstrap CI resampling seeds (all of a seed's datasets together), the
+    Wilcoxon signed-rank test on the seed means, and seed_icc: how alike a seed's differences are across
+    datasets (ICC(3,1) of the seed x dataset table, dataset means removed; 0: independent)."""
+    by_dataset: dict[str, dict[int, float]] = {}
+    for dataset, seed, difference in pairs:
+        by_dataset.setdefault(dataset, {})[seed] = difference
+    seeds = sorted(set.intersection(*(set(v) for v in by_dataset.values()))) if by_dataset else []
+    seed_means = [statistics.mean(by_dataset[d][s] for d in by_dataset) for s in seeds]
+    components = variance_components(by_dataset) if len(by_dataset) >= 2 else None
+    icc = None
+    if components and components["df"][1] > 0:
+        m, df_seed = len(by_dataset), len(seeds) - 1
+        ms_seed, ms_residual = components["ss"]["seed"] / df_seed, components["ss"]["residual"] / components["df"][1]
+        icc = round((ms_seed - ms_residual) / (ms_seed + (m - 1) * ms_residual), 4) if ms_seed + ms_residual > 0 else None
+    return {"n_seeds": len(seeds), "n_pairs": len(seeds) * len(by_dataset), "datasets": list(by_dataset),
+            "mean_difference": round(statistics.mean(seed_means), 4) if seed_means else None,
+            "ci95": bootstrap_ci(seed_means), "wilcoxon": wilcoxon_signed_rank(seed_means, alternative=alternative),
+            "seed_icc": icc, "seed_means": [[s, round(v, 6)] for s, v in zip(seeds, seed_means)]}
 
 
 def pooled_comparisons(comparisons: Sequence[dict]) -> list[dict]:
-    """Each selector vs random pooled over the user datasets (same pool, k, mode, judge): the mean of the
-    per-dataset mean differences (each dataset weighs the same), its bootstrap CI resampling seeds within
-    each dataset, the two-sided Wilcoxon test on every (dataset, seed) pair, and the same for over-refusal.
-    Holm over the pooled family of each judge (far fewer questions than per dataset)."""
+    """Each selector vs random pooled over the user datasets (same pool, k, mode, judge), with the training
+    seed as the unit (`seed_clustered_test`): per seed the mean difference over the datasets, then the
+    mean, bootstrap CI and two-sided Wilcoxon test over seeds; the same for over-refusal. Holm over the
+    pooled family of each judge (far fewer questions than per dataset)."""
     groups: dict[tuple, list[dict]] = {}
     for c in comparisons:
         groups.setdefault((c["pool"], c["k"], c["mode"], c["selector"], c["judge"]), []).append(c)
     pooled = []
     for (pool, k, mode, selector, judge), members in groups.items():
-        harmful = [[d for _, d in c["paired_differences"]["harmful"]] for c in members]
-        over = [[d for _, d in c["paired_differences"]["overrefusal"]] for c in members]
-        if len(members) < 2 or not all(harmful):
+        harmful = [(c["dataset"], seed, d) for c in members for seed, d in c["paired_differences"]["harmful"]]
+        over = [(c["dataset"], seed, d) for c in members for seed, d in c["paired_differences"]["overrefusal"]]
+        if len(members) < 2:
             continue
+        test = seed_clustered_test(harmful)
+        if test["n_seeds"] < 2:
+            continue
+        over_test = seed_clustered_test(over)
         pooled.append({
             "pool": pool, "k": k, "mode": mode, "selector": selector, "judge": judge,
-            "datasets": [c["dataset"] for c in members], "n_pairs": sum(len(h) for h in harmful),
-            "mean_difference": round(statistics.mean(statistics.mean(h) for h in harmful), 4),
-            "difference_ci95": stratified_bootstrap_ci(harmful),
-            "wilcoxon": wilcoxon_signed_rank([d for h in harmful for d in h]),
-            "overrefusal_difference": round(statistics.mean(statistics.mean(o) for o in over), 4) if all(over) else None,
-            "overrefusal_difference_ci95": stratified_bootstrap_ci(over) if all(over) else None,
+            "datasets": [c["dataset"] for c in members], "n_pairs": test["n_pairs"], "n_seeds": test["n_seeds"],
+            "mean_difference": test["mean_difference"], "difference_ci95": test["ci95"], "wilcoxon": test["wilcoxon"],
+            "seed_icc": test["seed_icc"],
+            "overrefusal_difference": over_test["mean_difference"] if over_test["n_seeds"] >= 2 else None,
+            "overrefusal_difference_ci95": over_test["ci95"] if over_test["n_seeds"] >= 2 else None,
         })
     return holm_by_judge(pooled)
 
@@ -576,10 +586,12 @@ def wilcoxon_signed_rank(differences: Sequence[float], alternative: str = "two-s
         return {"p_value": None, "statistic": None, "note": "all paired differences are zero"}
     result = wilcoxon(diffs, alternative=alternative)
     nonzero = sum(d != 0 for d in diffs)
-    # the smallest p any outcome can give with this many non-zero pairs (exact test, no ties): 2 / 2^n
-    # two-sided, 1 / 2^n one-sided. With 5 seeds two-sided it is 0.0625: five pairs never reach p < 0.05.
+    # the smallest p any outcome can give with this many non-zero pairs under the exact null distribution
+    # (no ties): 2 / 2^n two-sided, 1 / 2^n one-sided. With 5 seeds two-sided it is 0.0625: five pairs never
+    # reach p < 0.05. (With ties and more than 13 pairs scipy uses the normal approximation, whose floor is higher.)
     return {"p_value": round(float(result.pvalue), 6), "statistic": float(result.statistic), "note": None,
-            "alternative": alternative, "min_attainable_p": round((2.0 if alternative == "two-sided" else 1.0) / 2 ** nonzero, 6)}
+            "alternative": alternative,
+            "min_attainable_p": (2.0 if alternative == "two-sided" else 1.0) / 2 ** nonzero}
 
 
 def holm_adjust(p_values: Sequence[float | None]) -> list[float | None]:
@@ -900,6 +912,15 @@ def write_outputs(grid: GridSpec, records: Sequence[dict], results_dir: str | Pa
     return [path, *render(path, plots=plots)]
 
 
+def reanalyse(json_path: str | Path) -> Path:
+    """Recompute the summary and comparisons of bench_<grid>.json from the runs it holds (no run is executed),
+    so a change to the analysis reaches the published numbers without rerunning the grid."""
+    json_path = Path(json_path)
+    data = json.loads(json_path.read_text())
+    summary = summarise(data["runs"])
+    return write_json_atomic(json_path, {**data, "comparisons": flat_comparisons(summary), "summary": summary})
+
+
 def _f(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -951,7 +972,9 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
         + f", over-refusal {ev['overrefusal_set']}" + (f" (first {ev['n_overrefusal']})" if ev["n_overrefusal"] else "")
         + f"; greedy, {ev['max_new_tokens']} new tokens; judges {', '.join(judges)} (`{primary}` primary); "
         f"utility = held-out loss ({ev['utility']}). Intervals over seeds: percentile bootstrap of the mean, "
-        f"{N_RESAMPLES:,} resamples; per-run rates carry Wilson intervals in the JSON. "
+        f"{N_RESAMPLES:,} resamples (over 6 seeds such an interval is narrower than its name: it covered the true "
+        "mean in 86% of simulated normal draws, `python benchmarks/pairing_simulation.py`); per-run rates carry "
+        "Wilson intervals in the JSON. "
         "Retention = (HR_none - HR) / (HR_none - HR_aligned) per (dataset, seed): 1 keeps all the safety "
         "fine-tuning took, 0 none of it (undefined where fine-tuning lost none).", "",
     ]
@@ -973,17 +996,21 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
     pooled = summary.get("pooled_comparisons", [])
     if pooled:
         lines += ["", "## Each selector vs random, pooled over the user datasets", "",
-                  "Difference = the mean over datasets of the per-dataset mean paired difference (each dataset weighs "
-                  "the same) [bootstrap 95% CI, seeds resampled within each dataset]; Wilcoxon = two-sided signed-rank "
-                  "test on every (dataset, seed) pair; Holm over this table's comparisons of the judge. An analysis "
-                  "added after seed 0 was seen, so exploratory: the pre-registered test is benchmarks/confirm_plan.md "
-                  "(whose rule ranks selectors by this table's k=10 differences).", "",
-                  "| pool | k | mode | selector | judge | datasets | pairs | harmful difference [95% CI] | Wilcoxon p | Holm p | "
-                  "over-refusal difference [95% CI] |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "The training seed is the unit: pairs that share a seed are not independent (random draws the same "
+                  "examples at a seed on every dataset, and the training seed is shared; seed ICC = how alike a seed's "
+                  "differences are across datasets, dataset means removed, 0 = independent). Difference = the mean over "
+                  "seeds of each seed's mean paired difference over the datasets (each dataset weighs the same) "
+                  "[bootstrap 95% CI resampling seeds]; Wilcoxon = two-sided signed-rank test on those seed means (with "
+                  "6 seeds it cannot go below 0.031); Holm over this table's comparisons of the judge. Exploratory: the "
+                  "pre-registered test is benchmarks/confirm_plan.md (whose rule ranks selectors by this table's k=10 "
+                  "differences).", "",
+                  "| pool | k | mode | selector | judge | datasets | seeds (pairs) | harmful difference [95% CI] | Wilcoxon p | Holm p | "
+                  "seed ICC | over-refusal difference [95% CI] |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for c in sorted(pooled, key=lambda c: (judges.index(c["judge"]) if c["judge"] in judges else len(judges), c["k"])):
-            lines.append(f"| {c['pool']} | {c['k']} | {c['mode']} | {c['selector']} | {c['judge']} | {len(c['datasets'])} | {c['n_pairs']} | "
+            lines.append(f"| {c['pool']} | {c['k']} | {c['mode']} | {c['selector']} | {c['judge']} | {len(c['datasets'])} | "
+                         f"{_f(c.get('n_seeds'), 0)} ({c['n_pairs']}) | "
                          f"{_with_ci(c['mean_difference'], c['difference_ci95'])} | {_p_text(c['wilcoxon'])} | {_holm_text(c)} | "
-                         f"{_with_ci(c['overrefusal_difference'], c['overrefusal_difference_ci95'])} |")
+                         f"{_f(c.get('seed_icc'), 2)} | {_with_ci(c['overrefusal_difference'], c['overrefusal_difference_ci95'])} |")
     lines += ["", "## Each selector vs random (same dataset, pool, k, mode; paired by training seed)", "",
               "Difference = selector's harmful rate - random's (negative: the selector is safer). The two-sided "
               "Wilcoxon signed-rank test on n pairs cannot give p below 2/2^n (0.0625 with 5 seeds, 0.031 with 6). "
@@ -1211,6 +1238,7 @@ def main_command(grid_source: str, results_dir: str | Path = RESULTS_DIR, cache_
     if render_only:
         if not json_path.is_file():
             raise FileNotFoundError(f"{json_path} does not exist: run the grid first")
+        reanalyse(json_path)
         render(json_path)
         return json_path.with_suffix(".md")
     import os
