@@ -554,14 +554,12 @@ def pooled_comparisons(comparisons: Sequence[dict]) -> list[dict]:
         groups.setdefault((c["pool"], c["k"], c["mode"], c["selector"], c["judge"]), []).append(c)
     pooled = []
     for (pool, k, mode, selector, judge), members in groups.items():
-        harmful = [(c["dataset"], seed, d) for c in members for seed, d in c["paired_differences"]["harmful"]]
-        over = [(c["dataset"], seed, d) for c in members for seed, d in c["paired_differences"]["overrefusal"]]
         if len(members) < 2:
             continue
-        test = seed_clustered_test(harmful)
+        test = seed_clustered_test([(c["dataset"], seed, d) for c in members for seed, d in c["paired_differences"]["harmful"]])
         if test["n_seeds"] < 2:
             continue
-        over_test = seed_clustered_test(over)
+        over_test = seed_clustered_test([(c["dataset"], seed, d) for c in members for seed, d in c["paired_differences"]["overrefusal"]])
         pooled.append({
             "pool": pool, "k": k, "mode": mode, "selector": selector, "judge": judge,
             "datasets": [c["dataset"] for c in members], "n_pairs": test["n_pairs"], "n_seeds": test["n_seeds"],
@@ -972,8 +970,8 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
         + f", over-refusal {ev['overrefusal_set']}" + (f" (first {ev['n_overrefusal']})" if ev["n_overrefusal"] else "")
         + f"; greedy, {ev['max_new_tokens']} new tokens; judges {', '.join(judges)} (`{primary}` primary); "
         f"utility = held-out loss ({ev['utility']}). Intervals over seeds: percentile bootstrap of the mean, "
-        f"{N_RESAMPLES:,} resamples (over 6 seeds such an interval is narrower than its name: it covered the true "
-        "mean in 86% of simulated normal draws, `python benchmarks/pairing_simulation.py`); per-run rates carry "
+        f"{N_RESAMPLES:,} resamples (over few seeds such an interval is narrower than its name: over 6 it covered the "
+        "true mean in 87% of 3,000 simulated normal draws, `python benchmarks/pairing_simulation.py`); per-run rates carry "
         "Wilson intervals in the JSON. "
         "Retention = (HR_none - HR) / (HR_none - HR_aligned) per (dataset, seed): 1 keeps all the safety "
         "fine-tuning took, 0 none of it (undefined where fine-tuning lost none).", "",
@@ -1001,7 +999,7 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
                   "differences are across datasets, dataset means removed, 0 = independent). Difference = the mean over "
                   "seeds of each seed's mean paired difference over the datasets (each dataset weighs the same) "
                   "[bootstrap 95% CI resampling seeds]; Wilcoxon = two-sided signed-rank test on those seed means (with "
-                  "6 seeds it cannot go below 0.031); Holm over this table's comparisons of the judge. Exploratory: the "
+                  "n seeds it cannot go below 2/2^n: 0.031 with 6); Holm over this table's comparisons of the judge. Exploratory: the "
                   "pre-registered test is benchmarks/confirm_plan.md (whose rule ranks selectors by this table's k=10 "
                   "differences).", "",
                   "| pool | k | mode | selector | judge | datasets | seeds (pairs) | harmful difference [95% CI] | Wilcoxon p | Holm p | "

@@ -228,7 +228,8 @@ def render(data: dict) -> str:
                       f"An analysis {clustered['note']}. Each seed's mean difference over the {len(clustered['datasets'])} "
                       f"datasets is one observation: {clustered['n_seeds']} seeds, mean {_diff(clustered['mean_difference'])}, "
                       f"bootstrap 95% CI (seeds resampled) {_ci(clustered['ci95'])}, one-sided Wilcoxon p = "
-                      f"{_p(clustered['wilcoxon']['p_value'])} (the smallest possible with 8 seeds: 1/256 = 0.0039); "
+                      f"{_p(clustered['wilcoxon']['p_value'])} (the smallest possible with {len(CONFIRM_SEEDS)} seeds: "
+                      f"1/{2 ** len(CONFIRM_SEEDS)} = {_p(1 / 2 ** len(CONFIRM_SEEDS))}); "
                       f"seed ICC of the paired differences {_f(clustered['seed_icc'], 2)} (0: a seed's pairs are independent)."]
     return "\n".join(lines) + "\n"
 
