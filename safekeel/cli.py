@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from safekeel.selectors import DEFAULT_SELECTOR
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="safekeel: safety-preserving fine-tuning and evaluation for small chat models.")
 
@@ -78,7 +80,7 @@ def finetune_command(
     out: Path = typer.Option(Path("runs/finetune"), help="Output folder (adapter, provenance, eval report)."),
     model: str = typer.Option("smollm2-135m-safe", help="Base model: registered name, local folder or hub id."),
     k: int = typer.Option(10, help="Number of safety examples to select."),
-    selector: str = typer.Option("random", help="Selector name (see `safekeel selectors`)."),
+    selector: str = typer.Option(DEFAULT_SELECTOR, help="Selector name (see `safekeel selectors`); the default beat random in a pre-registered test (benchmarks/results/confirm.md); random is faster."),
     mode: str = typer.Option("replay", help="replay (mix the k examples into training) | backdoor (the same, with a secret system prompt that the evaluation and serving also use, BackdoorAlign) | icl (train on the data alone; the k examples are in-context demonstrations at evaluation) | ptst (train on the data alone, evaluate with a safety system prompt; no selection, k recorded as 0) | none."),
     pool: str = typer.Option("authored", help="Safety pool: 'authored', 'safety_tuned_llamas' (../shared/data) or a file."),
     seed: int = typer.Option(0, help="Seed for selection, data order and adapter init."),
@@ -120,6 +122,56 @@ def finetune_command(
     typer.echo(f"trained {result.provenance['train']['steps']} steps in {result.provenance['train']['seconds']} s")
     if result.report:
         typer.echo(result.report.summary())
+
+
+@app.command("select")
+def select_command(
+    data: Path = typer.Argument(..., help="User training data file (any format `safekeel validate` accepts)."),
+    k: int = typer.Option(10, help="Number of safety examples to select."),
+    selector: str = typer.Option(DEFAULT_SELECTOR, help="Selector name (see `safekeel selectors`)."),
+    pool: str = typer.Option("authored", help="Safety pool: 'authored', 'safety_tuned_llamas' (../shared/data) or a file."),
+    seed: int = typer.Option(0, help="Selection seed."),
+    model: str = typer.Option("smollm2-135m-safe", help="Base model the model-aware selectors (and *_hidden) look at."),
+    max_examples: Optional[int] = typer.Option(None, help="Use only the first n user examples."),
+    out: Optional[Path] = typer.Option(None, help="Write the selection record (ids, scores, rationale, provenance) as JSON."),
+    examples_out: Optional[Path] = typer.Option(None, help="Write the selected examples as chat JSONL, ready to mix into your own training data."),
+    store: Optional[Path] = typer.Option(None, help="Keep selectors' k-independent results here, so a later call (another k) reuses them."),
+) -> None:
+    """Select k safety examples from a pool for DATA, without training: prints them, and writes the selection
+    record and the examples on request."""
+    _setup()
+    from safekeel.data.formats import DatasetError, load_conversations
+    from safekeel.models.registry import ModelNotFoundError
+    from safekeel.provenance import library_versions, sha256_file, write_json_atomic
+    from safekeel.training.finetune import select_safety
+
+    try:
+        loaded = load_conversations(str(data))
+        if loaded.skipped:
+            typer.echo(loaded.summary(), err=True)
+        user_data = loaded.conversations[:max_examples] if max_examples else loaded.conversations
+        if not user_data:
+            raise ValueError(f"{data}: no usable examples")
+        record, examples = select_safety(user_data, pool, k, selector, seed, model, store=str(store) if store else None)
+    except (DatasetError, ModelNotFoundError, ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    record.update({"data": str(data), "data_sha256": sha256_file(data), "n_user_examples": len(user_data),
+                   "versions": library_versions()})
+    id_width = max(len(e["id"]) for e in record["examples"])
+    category_width = max(len(e["category"]) for e in record["examples"])
+    for example, score in zip(record["examples"], record["scores"]):
+        request = example["request"].replace("\n", " ")
+        typer.echo(f"{example['id']:<{id_width}}  {example['category']:<{category_width}}  {score:>10.4g}  {request[:70]}")
+    typer.echo(f"{record['selector']} chose {len(examples)} of {record['pool_size']} ({record['pool']}) in {record['seconds']} s: "
+               f"{record['rationale']}")
+    if out is not None:
+        write_json_atomic(out, record)
+        typer.echo(f"selection: {out}")
+    if examples_out is not None:
+        examples_out.parent.mkdir(parents=True, exist_ok=True)
+        examples_out.write_text("".join(json.dumps({"messages": e.to_conversation().to_messages()}, ensure_ascii=False) + "\n"
+                                        for e in examples), encoding="utf-8")
+        typer.echo(f"examples: {examples_out}")
 
 
 @app.command("eval")

@@ -74,3 +74,72 @@ def test_eval_command_reports_extra_harmful_sets_apart_and_names_a_bad_one(tiny_
     assert counted["n"] + counted["unjudged"] == 2
     result = CliRunner().invoke(app, [*common, "--extra-harmful-set", "harmbench-nonsense", "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "unknown HarmBench functional category 'nonsense'; known: standard, contextual, copyright" in result.output
+
+
+def _user_file(tmp_path):
+    from safekeel.data.safety import load_authored_benign
+
+    path = tmp_path / "user.jsonl"
+    path.write_text("".join(json.dumps({"messages": c.to_messages()}) + "\n" for c in load_authored_benign()[:12]))
+    return path
+
+
+def test_select_command_writes_a_reproducible_stratified_selection_and_trainable_examples(tmp_path):
+    from safekeel.data.formats import load_conversations
+    from safekeel.data.safety import load_authored_pool
+
+    data = _user_file(tmp_path)
+    runs, printed = {}, {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        result = CliRunner().invoke(app, ["select", str(data), "--selector", "stratified", "--k", "8", "--seed", str(seed),
+                                          "--out", str(tmp_path / f"{name}.json"), "--examples-out", str(tmp_path / f"{name}.jsonl")])
+        assert result.exit_code == 0, result.output
+        runs[name], printed[name] = json.loads((tmp_path / f"{name}.json").read_text()), result.output
+    record = runs["a"]
+    assert record["selector"] == "stratified" and record["k"] == 8 and record["seed"] == 3 and record["n_user_examples"] == 12
+    assert len(set(record["ids"])) == 8 and len({e["category"] for e in record["examples"]}) == 8  # one per category first
+    assert record["pool"] == "authored" and record["pool_size"] == len(load_authored_pool()) and record["data_sha256"]
+    assert runs["b"]["ids"] == record["ids"] and runs["c"]["ids"] != record["ids"]  # the seed decides
+    # the examples file is training data: the chosen requests with the pool's refusals, in the selection's order
+    by_id = {e.id: e for e in load_authored_pool()}
+    conversations = load_conversations(str(tmp_path / "a.jsonl")).conversations
+    assert [c.to_messages() for c in conversations] == [by_id[i].to_conversation().to_messages() for i in record["ids"]]
+    assert all(identifier in printed["a"] for identifier in record["ids"]) and "stratified chose 8 of" in printed["a"]
+
+
+def test_select_command_names_what_is_wrong(tmp_path):
+    data = _user_file(tmp_path)
+    cases = [(["--selector", "nope"], "unknown selector 'nope'"),
+             (["--selector", "random", "--k", "100000"], "larger than the safety pool"),
+             (["--selector", "random", "--pool", str(tmp_path / "missing.jsonl")], "no such safety pool")]
+    for extra, message in cases:
+        result = CliRunner().invoke(app, ["select", str(data), *extra])
+        assert result.exit_code == 2 and message in result.output, (extra, result.output)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    result = CliRunner().invoke(app, ["select", str(bad), "--selector", "random"])
+    assert result.exit_code == 2 and "line 1" in result.output and "invalid JSON" in result.output
+
+
+def test_select_command_runs_the_default_model_aware_selector_and_reuses_its_store_across_k(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safekeel.selectors import DEFAULT_SELECTOR
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "provenance.json").write_text(json.dumps({"build": "test"}))  # an identity: stored results may be shared
+    data, store = _user_file(tmp_path), tmp_path / "store"
+    records = {}
+    for k in (6, 3):
+        result = CliRunner().invoke(app, ["select", str(data), "--model", str(model), "--k", str(k), "--seed", "2",
+                                          "--store", str(store), "--out", str(tmp_path / f"k{k}.json")])
+        assert result.exit_code == 0, result.output
+        records[k] = json.loads((tmp_path / f"k{k}.json").read_text())
+        if k == 6:
+            stored = sorted(p.name for p in store.glob("*.npz"))
+            assert stored, "the model-aware selector kept nothing"
+    assert records[6]["selector"] == DEFAULT_SELECTOR == "forgetting"
+    assert sorted(p.name for p in store.glob("*.npz")) == stored  # k=3 read what k=6 computed
+    assert records[3]["ids"] == records[6]["ids"][:3]  # the same ranking, cut at k
+    assert len(set(records[6]["ids"])) == 6 and "loss increase" in records[6]["rationale"]

@@ -1,8 +1,8 @@
 """`safekeel demo`: the main job for a new user, through the real service and the official openai client.
 
 Starts `safekeel serve` (vLLM engine, one worker), uploads the shipped sample dataset, runs a
-safety-preserving fine-tune (k random safety examples replayed, safety gate on the dev splits),
-streams the job's events, prints the before/after safety report and chats with the result.
+safety-preserving fine-tune (k safety examples chosen by the default selector and replayed, safety gate
+on the dev splits), streams the job's events, prints the before/after safety report and chats with the result.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def run_demo(data: Path = SAMPLE, k: int = 10, epochs: int = 2, engine: str = "v
             gate["n_harmful"] = n_harmful
         job = client.fine_tuning.jobs.create(model="smollm2-135m-safe", training_file=uploaded.id, suffix="demo", seed=0,
                                              hyperparameters={"n_epochs": epochs},
-                                             extra_body={"safety": {"k": k, "selector": "random", "mode": "replay", "gate": gate}})
+                                             extra_body={"safety": {"k": k, "mode": "replay", "gate": gate}})  # the default selector
         echo(f"[demo] fine-tuning job {job.id} created; following its events")
         seen: set[str] = set()
         while True:

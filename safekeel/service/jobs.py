@@ -234,19 +234,19 @@ def guard_for_job(spec: dict, selection: dict | None) -> dict:
     guard["static_demonstrations"] = []
     if guard["demonstrations"] == "static":
         from safekeel.data.safety import load_pool
-        from safekeel.selectors import SelectionContext, get_selector
 
+        finetune = spec["finetune"]
+        pool = load_pool(finetune["pool"])
         if selection and selection.get("ids"):
             ids = selection["ids"][: guard["n_demonstrations"]]
         else:  # replay off: choose the demonstrations with the job's selector anyway (it may look at the data and the model)
             from safekeel.data.formats import load_conversations
+            from safekeel.training.finetune import select_safety
 
-            pool = load_pool(spec["finetune"]["pool"])
-            user_data = load_conversations(spec["finetune"]["data"]).conversations
-            context = SelectionContext(pool, user_data, guard["n_demonstrations"], spec["finetune"]["seed"],
-                                       model_name=spec["finetune"]["model"])
-            ids = get_selector(spec["finetune"]["selector"]).select(context).ids
-        by_id = {e.id: e for e in load_pool(spec["finetune"]["pool"])}
+            user_data = load_conversations(finetune["data"]).conversations
+            ids = select_safety(user_data, finetune["pool"], guard["n_demonstrations"], finetune["selector"],
+                                finetune["seed"], finetune["model"], pool=pool)[0]["ids"]
+        by_id = {e.id: e for e in pool}
         guard["static_demonstrations"] = [{"id": i, "request": by_id[i].request, "refusal": by_id[i].refusal} for i in ids]
     return guard
 
@@ -331,7 +331,8 @@ def _run(store: Store, settings: ServiceSettings, job: dict, spec: dict, emit, s
         emit(kind, payload)
 
     try:
-        outcome = run_finetune(finetune, should_stop=should_stop, on_event=on_event, show_progress=False)
+        outcome = run_finetune(finetune, should_stop=should_stop, on_event=on_event, show_progress=False,
+                               selection_store=settings.selection_store)
     except TrainingCancelled:
         raise JobCancelled()
     except DatasetError as error:

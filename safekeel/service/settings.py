@@ -93,6 +93,11 @@ class ServiceSettings(BaseSettings):
         return self.root / "safekeel.db"
 
     @property
+    def selection_store(self) -> Path:
+        """Selectors' k-independent results (e.g. the base model's loss on every pool example), shared by jobs."""
+        return self.root / "selection"
+
+    @property
     def blobs_dir(self) -> Path:
         return self.root / "blobs"
 

@@ -20,14 +20,15 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
+from safekeel.data.conversation import Conversation, SafetyExample
 from safekeel.data.formats import load_conversations
 from safekeel.data.safety import AUTHORED_POOL, load_pool
 from safekeel.eval.harness import EvalReport, EvalSettings, evaluate
 from safekeel.models.registry import load_model_and_tokenizer, resolve_model
 from safekeel.provenance import library_versions, sha256_file, sha256_json, write_json_atomic
-from safekeel.selectors import SelectionContext, get_selector
+from safekeel.selectors import DEFAULT_SELECTOR, SelectionContext, get_selector
 from safekeel.training.config import LoraSFTConfig
 from safekeel.training.mixing import MODES, SELECTING_MODES, TRAINING_MODES, backdoor_prefix, eval_overrides, mix
 from safekeel.training.sft import train_lora
@@ -43,7 +44,7 @@ class FinetuneSpec:
     model: str = "smollm2-135m-safe"
     k: int = 10
     """Safety examples to select (modes replay, backdoor, icl); recorded as 0 for ptst, which selects none."""
-    selector: str = "random"
+    selector: str = DEFAULT_SELECTOR
     mode: str = "replay"
     """none | replay | backdoor | icl | ptst (see safekeel.training.mixing.MODES)."""
     pool: str = AUTHORED_POOL
@@ -93,6 +94,35 @@ def adapter_key(model: str, training_data_sha256: str, sft: LoraSFTConfig, base_
                         "sft": sft.to_dict()})[:20]
 
 
+def base_model_provenance(model: str) -> dict | None:
+    """The build provenance of a registered or local model (None for a hub id): identifies its weights."""
+    location = resolve_model(model)
+    return _read_json(Path(location) / "provenance.json") if isinstance(location, Path) else None
+
+
+def select_safety(user_data: Sequence[Conversation], pool_name: str, k: int, selector: str, seed: int, model: str, *,
+                  store: str | Path | None = None, base_provenance: dict | None = None,
+                  pool: Sequence[SafetyExample] | None = None) -> tuple[dict, list[SafetyExample]]:
+    """k safety examples from the pool for this user data: (the selection record, the chosen examples).
+    The record (selection.json) holds the selector's ids, scores, rationale and details, the pool, its size and
+    content hash, the model, the time taken, and each chosen example's id, category and request. `store`: where
+    selectors keep k-independent results between calls (SelectionContext.store)."""
+    chooser = get_selector(selector)  # an unknown name fails here, before the pool and the model load
+    pool = list(pool) if pool is not None else load_pool(pool_name)
+    if base_provenance is None and store is not None:  # the model's identity keys the stored results
+        base_provenance = base_model_provenance(model)
+    context = SelectionContext(pool, user_data, k, seed, model_name=model, store=store,
+                               model_fingerprint=sha256_json(base_provenance) if base_provenance else None)
+    started = time.time()
+    chosen = chooser.select(context)
+    seconds = round(time.time() - started, 3)
+    safety = chosen.examples(pool)
+    selection = {**chosen.to_dict(), "pool": pool_name, "pool_size": len(pool), "pool_sha256": context.pool_digest,
+                 "model": model, "seconds": seconds,
+                 "examples": [{"id": e.id, "category": e.category, "request": e.request} for e in safety]}
+    return selection, safety
+
+
 def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = None,
                  on_event: Callable[[str, dict], None] | None = None, show_progress: bool = True,
                  adapter_cache: str | Path | None = None, selection_store: str | Path | None = None) -> FinetuneResult:
@@ -110,20 +140,12 @@ def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = No
     emit("data", {"path": spec.data, "format": loaded.format, "n_used": len(user_data),
                   "skipped": [s.describe(spec.data, loaded.unit) for s in loaded.skipped]})
 
-    model_location = resolve_model(spec.model)
-    base_provenance = _read_json(Path(model_location) / "provenance.json") if isinstance(model_location, Path) else None
+    base_provenance = base_model_provenance(spec.model)
     selection = None
     safety = []
     if spec.mode in SELECTING_MODES:
-        pool = load_pool(spec.pool)
-        context = SelectionContext(pool, user_data, spec.k, spec.seed, model_name=spec.model, store=selection_store,
-                                   model_fingerprint=sha256_json(base_provenance) if base_provenance else None)
-        selection_started = time.time()
-        chosen = get_selector(spec.selector).select(context)
-        selection = {**chosen.to_dict(), "pool": spec.pool, "pool_size": len(pool),
-                     "seconds": round(time.time() - selection_started, 3)}
-        safety = chosen.examples(pool)
-        selection["examples"] = [{"id": e.id, "category": e.category, "request": e.request} for e in safety]
+        selection, safety = select_safety(user_data, spec.pool, spec.k, spec.selector, spec.seed, spec.model,
+                                          store=selection_store, base_provenance=base_provenance)
         write_json_atomic(out / "selection.json", selection)
         emit("selection", selection)
     training_data = mix(user_data, safety, spec.mode, spec.seed)
