@@ -56,6 +56,8 @@ def test_vllm_serves_a_gated_fine_tune_through_the_openai_client(real_home, tmp_
         assert (real_home / "service" / "jobs" / blocked.id / "output" / "adapter" / "adapter_model.safetensors").is_file()
         assert all(m.id != f"ft:smollm2-135m-safe:alice:canary:{blocked.id[-8:]}" for m in c.models.list().data)
         selection = next(e for e in events if e.type == "selection").data
+        announced = next(i for i, e in enumerate(events) if e.message.startswith("Selecting 2 safety examples with 'forgetting'"))
+        assert announced < next(i for i, e in enumerate(events) if e.type == "selection")  # the wait is announced
         # the default selector, the one the confirmatory test established (benchmarks/results/confirm.md)
         assert len(selection["ids"]) == 2 and selection["selector"] == "forgetting" and "loss increase" in selection["rationale"]
 

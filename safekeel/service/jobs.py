@@ -151,6 +151,8 @@ def _event_for(kind: str, payload: dict) -> tuple[str, str, Any] | None:
         skipped = len(payload.get("skipped", []))
         return "message", f"Training data: {payload['n_used']} examples ({payload['format']})" + (
             f", {skipped} records skipped" if skipped else ""), payload
+    if kind == "selecting":
+        return "message", f"Selecting {payload['k']} safety examples with '{payload['selector']}' from pool '{payload['pool']}'", payload
     if kind == "selection":
         return "selection", (f"Selected {len(payload['ids'])} safety examples with '{payload['selector']}' "
                              f"from a pool of {payload['pool_size']}: {', '.join(payload['ids'])}"), payload

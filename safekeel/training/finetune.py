@@ -144,6 +144,7 @@ def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = No
     selection = None
     safety = []
     if spec.mode in SELECTING_MODES:
+        emit("selecting", {"selector": spec.selector, "k": spec.k, "pool": spec.pool})
         selection, safety = select_safety(user_data, spec.pool, spec.k, spec.selector, spec.seed, spec.model,
                                           store=selection_store, base_provenance=base_provenance)
         write_json_atomic(out / "selection.json", selection)
