@@ -22,8 +22,8 @@ $(BIN)/safekeel: pyproject.toml constraints.txt
 install: $(BIN)/safekeel
 
 # The main job on the embedded defaults: start the service (vLLM), upload the shipped sample dataset,
-# fine-tune the aligned organism with 10 randomly selected safety examples replayed behind the safety
-# gate, print the before/after safety report and chat with the result (needs ../shared/data).
+# fine-tune the aligned organism with 10 safety examples (default selector: forgetting) replayed behind the
+# safety gate, print the before/after safety report and chat with the result (needs ../shared/data).
 demo: install
 	$(BIN)/safekeel demo
 

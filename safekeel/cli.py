@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from safekeel.selectors import DEFAULT_SELECTOR
+from safekeel.defaults import DEFAULT_SELECTOR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="safekeel: safety-preserving fine-tuning and evaluation for small chat models.")
@@ -132,7 +132,7 @@ def select_command(
     pool: str = typer.Option("authored", help="Safety pool: 'authored', 'safety_tuned_llamas' (../shared/data) or a file."),
     seed: int = typer.Option(0, help="Selection seed."),
     model: str = typer.Option("smollm2-135m-safe", help="Base model the model-aware selectors (and *_hidden) look at."),
-    max_examples: Optional[int] = typer.Option(None, help="Use only the first n user examples."),
+    max_examples: Optional[int] = typer.Option(None, min=1, help="Use only the first n user examples."),
     out: Optional[Path] = typer.Option(None, help="Write the selection record (ids, scores, rationale, provenance) as JSON."),
     examples_out: Optional[Path] = typer.Option(None, help="Write the selected examples as chat JSONL, ready to mix into your own training data."),
     store: Optional[Path] = typer.Option(None, help="Keep selectors' k-independent results here, so a later call (another k) reuses them."),
@@ -153,8 +153,8 @@ def select_command(
         if not user_data:
             raise ValueError(f"{data}: no usable examples")
         record, examples = select_safety(user_data, pool, k, selector, seed, model, store=str(store) if store else None)
-    except (DatasetError, ModelNotFoundError, ValueError, FileNotFoundError) as error:
-        _fail(str(error))
+    except (DatasetError, ModelNotFoundError, ValueError, OSError) as error:  # OSError: a hub id that cannot load offline
+        _fail(f"{type(error).__name__}: {error}" if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) else str(error))
     record.update({"data": str(data), "data_sha256": sha256_file(data), "n_user_examples": len(user_data),
                    "versions": library_versions()})
     id_width = max(len(e["id"]) for e in record["examples"])

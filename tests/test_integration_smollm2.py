@@ -20,7 +20,7 @@ def test_real_finetune_on_smollm2_loads_and_generates(tmp_path, shared_data):
     torch.set_num_threads(2)
     data = tmp_path / "user.jsonl"
     data.write_text("\n".join(json.dumps({"question": f"What is {i} times 3?", "answer": f"{i} x 3 = {3 * i}\n#### {3 * i}"}) for i in range(8)) + "\n")
-    spec = FinetuneSpec(str(data), str(tmp_path / "run"), model="smollm2-135m-safe", k=4, seed=0,
+    spec = FinetuneSpec(str(data), str(tmp_path / "run"), model="smollm2-135m-safe", k=4, seed=0, selector="random",
                         sft=LoraSFTConfig(max_steps=3, batch_size=4, max_length=128),
                         eval=EvalSettings(n_harmful=6, n_overrefusal=4, max_new_tokens=24, n_utility_loss=8, n_utility_accuracy=0))
     result = run_finetune(spec, show_progress=False)

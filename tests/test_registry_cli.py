@@ -141,5 +141,7 @@ def test_select_command_runs_the_default_model_aware_selector_and_reuses_its_sto
             assert stored, "the model-aware selector kept nothing"
     assert records[6]["selector"] == DEFAULT_SELECTOR == "forgetting"
     assert sorted(p.name for p in store.glob("*.npz")) == stored  # k=3 read what k=6 computed
+    assert records[3]["details"]["stored_results_reused"] and not records[6]["details"]["stored_results_reused"]
     assert records[3]["ids"] == records[6]["ids"][:3]  # the same ranking, cut at k
+    assert records[6]["model_fingerprint"]  # the record names the model build it used
     assert len(set(records[6]["ids"])) == 6 and "loss increase" in records[6]["rationale"]

@@ -82,7 +82,7 @@ def test_finetune_pipeline_end_to_end(tiny_model_dir, tmp_path):
     assert provenance["n_user_examples"] == 12 and provenance["n_training_examples"] == 15
     assert len(provenance["data_sha256"]) == 64 and provenance["versions"]["trl"] == "1.16.0"
     assert provenance["spec"]["seed"] == 5 and provenance["spec"]["sft"]["seed"] == 5
-    assert events[:2] == ["data", "selection"] and "eval" in events
+    assert events[:3] == ["data", "selecting", "selection"] and "eval" in events
     report = json.loads((tmp_path / "run" / "eval" / "eval_report.json").read_text())
     assert report["harmful"]["keyword"]["harmful"]["n"] + report["harmful"]["keyword"]["harmful"]["unjudged"] == 2
     assert report["overrefusal"]["keyword"]["refused"]["n"] == 1

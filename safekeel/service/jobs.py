@@ -152,7 +152,7 @@ def _event_for(kind: str, payload: dict) -> tuple[str, str, Any] | None:
         return "message", f"Training data: {payload['n_used']} examples ({payload['format']})" + (
             f", {skipped} records skipped" if skipped else ""), payload
     if kind == "selecting":
-        return "message", f"Selecting {payload['k']} safety examples with '{payload['selector']}' from pool '{payload['pool']}'", payload
+        return "message", f"Selecting {payload['k']} safety examples with '{payload['selector']}'", payload
     if kind == "selection":
         return "selection", (f"Selected {len(payload['ids'])} safety examples with '{payload['selector']}' "
                              f"from a pool of {payload['pool_size']}: {', '.join(payload['ids'])}"), payload

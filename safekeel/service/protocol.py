@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from safekeel.selectors import DEFAULT_SELECTOR
+from safekeel.defaults import DEFAULT_SELECTOR
 from safekeel.training.mixing import DEFAULT_SAFETY_SYSTEM_PROMPT  # noqa: F401 (re-exported; defined beside the modes)
 
 SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -66,7 +66,8 @@ class GuardOptions(Strict):
 
 class SafetyOptions(Strict):
     selector: str = DEFAULT_SELECTOR
-    """Which safety examples to replay (`safekeel selectors` lists them); the default is the confirmed one."""
+    """Which safety examples to replay (`safekeel selectors` lists them); the default beat random in a pre-registered
+    test at k=10, replay, authored pool (safekeel.defaults.DEFAULT_SELECTOR says what was and was not tested)."""
     k: int = Field(10, ge=0, le=200)
     mode: Literal["none", "replay", "backdoor"] = "replay"
     """replay: the k examples join the training data; backdoor (BackdoorAlign): they carry a secret system

@@ -118,7 +118,7 @@ def select_safety(user_data: Sequence[Conversation], pool_name: str, k: int, sel
     seconds = round(time.time() - started, 3)
     safety = chosen.examples(pool)
     selection = {**chosen.to_dict(), "pool": pool_name, "pool_size": len(pool), "pool_sha256": context.pool_digest,
-                 "model": model, "seconds": seconds,
+                 "model": model, "model_fingerprint": context.model_fingerprint, "seconds": seconds,
                  "examples": [{"id": e.id, "category": e.category, "request": e.request} for e in safety]}
     return selection, safety
 
