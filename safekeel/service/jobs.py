@@ -222,7 +222,8 @@ def gate_decision(gate: dict, adapter: dict, base: dict) -> dict:
             "max_harmful_increase": gate["max_harmful_increase"], "min_scored_fraction": gate["min_scored_fraction"]}
 
 
-def guard_for_job(spec: dict, selection: dict | None) -> dict:
+def guard_for_job(spec: dict, selection: dict | None, selection_store: Path | None = None,
+                  announce: Callable[[str], None] | None = None) -> dict:
     """The serving guard recorded with the fine-tuned model."""
     guard = dict(spec["guard"])
     system = guard.get("system_prompt")
@@ -246,8 +247,10 @@ def guard_for_job(spec: dict, selection: dict | None) -> dict:
             from safekeel.training.finetune import select_safety
 
             user_data = load_conversations(finetune["data"]).conversations
+            if announce is not None:
+                announce(f"Selecting {guard['n_demonstrations']} safety demonstrations with '{finetune['selector']}'")
             ids = select_safety(user_data, finetune["pool"], guard["n_demonstrations"], finetune["selector"],
-                                finetune["seed"], finetune["model"], pool=pool)[0]["ids"]
+                                finetune["seed"], finetune["model"], pool=pool, store=selection_store)[0]["ids"]
         by_id = {e.id: e for e in pool}
         guard["static_demonstrations"] = [{"id": i, "request": by_id[i].request, "refusal": by_id[i].refusal} for i in ids]
     return guard
@@ -354,7 +357,9 @@ def _run(store: Store, settings: ServiceSettings, job: dict, spec: dict, emit, s
     if should_stop():
         raise JobCancelled()
 
-    guard = guard_for_job(spec, outcome.selection)
+    guard = guard_for_job(spec, outcome.selection, settings.selection_store, lambda message: store.add_event(job_id, message))
+    if should_stop():
+        raise JobCancelled()
     gate = spec["gate"]
     if gate["enabled"]:
         started = time.time()
