@@ -154,7 +154,7 @@ def select_command(
             raise ValueError(f"{data}: no usable examples")
         record, examples = select_safety(user_data, pool, k, selector, seed, model, store=str(store) if store else None)
     except (DatasetError, ModelNotFoundError, ValueError, OSError) as error:  # OSError: a hub id that cannot load offline
-        _fail(f"{type(error).__name__}: {error}" if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) else str(error))
+        _fail(str(error))
     record.update({"data": str(data), "data_sha256": sha256_file(data), "n_user_examples": len(user_data),
                    "versions": library_versions()})
     id_width = max(len(e["id"]) for e in record["examples"])

@@ -145,3 +145,11 @@ def test_select_command_runs_the_default_model_aware_selector_and_reuses_its_sto
     assert records[3]["ids"] == records[6]["ids"][:3]  # the same ranking, cut at k
     assert records[6]["model_fingerprint"]  # the record names the model build it used
     assert len(set(records[6]["ids"])) == 6 and "loss increase" in records[6]["rationale"]
+    # without a store the record still names the model build; a selector that never loads the model neither
+    # builds nor needs one (a name that resolves to nothing is recorded without a fingerprint)
+    for name, expect_fingerprint in ((str(model), records[6]["model_fingerprint"]), ("not-a-model", None)):
+        result = CliRunner().invoke(app, ["select", str(data), "--model", name, "--k", "3", "--selector", "random",
+                                          "--out", str(tmp_path / "random.json")])
+        assert result.exit_code == 0, result.output
+        record = json.loads((tmp_path / "random.json").read_text())
+        assert record["model"] == name and record["model_fingerprint"] == expect_fingerprint

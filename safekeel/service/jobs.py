@@ -181,11 +181,9 @@ def base_report(settings: ServiceSettings, model_name: str, eval_settings, model
     from dataclasses import asdict
 
     from safekeel.eval.harness import evaluate
-    from safekeel.models.registry import resolve_model
+    from safekeel.training.finetune import base_model_provenance
 
-    location = resolve_model(model_name)
-    provenance = Path(location) / "provenance.json" if isinstance(location, Path) else None
-    key = sha256_json({"model": model_name, "model_provenance": provenance.read_text() if provenance and provenance.is_file() else None,
+    key = sha256_json({"model": model_name, "model_provenance": base_model_provenance(model_name),
                        "settings": {**asdict(eval_settings), "utility": None}})[:16]
     cache = settings.root / "gate_baselines" / f"{key}.json"
     if cache.is_file():
@@ -223,8 +221,9 @@ def gate_decision(gate: dict, adapter: dict, base: dict) -> dict:
 
 
 def guard_for_job(spec: dict, selection: dict | None, selection_store: Path | None = None,
-                  announce: Callable[[str], None] | None = None) -> dict:
-    """The serving guard recorded with the fine-tuned model."""
+                  announce: Callable[[str], None] | None = None, base_provenance: dict | None = None) -> dict:
+    """The serving guard recorded with the fine-tuned model. `base_provenance`: the base model's build, when the
+    caller has it (run_finetune records it), so selecting static demonstrations does not look it up again."""
     guard = dict(spec["guard"])
     system = guard.get("system_prompt")
     system = DEFAULT_SAFETY_SYSTEM_PROMPT if system is True else (system or None)
@@ -250,7 +249,8 @@ def guard_for_job(spec: dict, selection: dict | None, selection_store: Path | No
             if announce is not None:
                 announce(f"Selecting {guard['n_demonstrations']} safety demonstrations with '{finetune['selector']}'")
             ids = select_safety(user_data, finetune["pool"], guard["n_demonstrations"], finetune["selector"],
-                                finetune["seed"], finetune["model"], pool=pool, store=selection_store)[0]["ids"]
+                                finetune["seed"], finetune["model"], pool=pool, store=selection_store,
+                                base_provenance=base_provenance)[0]["ids"]
         by_id = {e.id: e for e in pool}
         guard["static_demonstrations"] = [{"id": i, "request": by_id[i].request, "refusal": by_id[i].refusal} for i in ids]
     return guard
@@ -357,7 +357,8 @@ def _run(store: Store, settings: ServiceSettings, job: dict, spec: dict, emit, s
     if should_stop():
         raise JobCancelled()
 
-    guard = guard_for_job(spec, outcome.selection, settings.selection_store, lambda message: store.add_event(job_id, message))
+    guard = guard_for_job(spec, outcome.selection, settings.selection_store, lambda message: store.add_event(job_id, message),
+                          base_provenance=outcome.provenance.get("base_model_provenance"))
     if should_stop():
         raise JobCancelled()
     gate = spec["gate"]

@@ -26,7 +26,7 @@ from safekeel.data.conversation import Conversation, SafetyExample
 from safekeel.data.formats import load_conversations
 from safekeel.data.safety import AUTHORED_POOL, load_pool
 from safekeel.eval.harness import EvalReport, EvalSettings, evaluate
-from safekeel.models.registry import load_model_and_tokenizer, resolve_model
+from safekeel.models.registry import ModelNotFoundError, load_model_and_tokenizer, resolve_model
 from safekeel.provenance import library_versions, sha256_file, sha256_json, write_json_atomic
 from safekeel.selectors import DEFAULT_SELECTOR, SelectionContext, get_selector
 from safekeel.training.config import LoraSFTConfig
@@ -94,9 +94,15 @@ def adapter_key(model: str, training_data_sha256: str, sft: LoraSFTConfig, base_
                         "sft": sft.to_dict()})[:20]
 
 
-def base_model_provenance(model: str) -> dict | None:
-    """The build provenance of a registered or local model (None for a hub id): identifies its weights."""
-    location = resolve_model(model)
+def base_model_provenance(model: str, build: bool = True) -> dict | None:
+    """The build provenance of a registered or local model (None for a hub id): identifies its weights.
+    With build=False, a registered model that is not built yet, or a name that resolves to nothing, gives None."""
+    try:
+        location = resolve_model(model, build=build)
+    except ModelNotFoundError:
+        if build:
+            raise
+        return None
     return _read_json(Path(location) / "provenance.json") if isinstance(location, Path) else None
 
 
@@ -116,6 +122,9 @@ def select_safety(user_data: Sequence[Conversation], pool_name: str, k: int, sel
     started = time.time()
     chosen = chooser.select(context)
     seconds = round(time.time() - started, 3)
+    if context.model_fingerprint is None:  # recorded all the same, without building a model the selector never used
+        found = base_model_provenance(model, build=False)
+        context.model_fingerprint = sha256_json(found) if found else None
     safety = chosen.examples(pool)
     selection = {**chosen.to_dict(), "pool": pool_name, "pool_size": len(pool), "pool_sha256": context.pool_digest,
                  "model": model, "model_fingerprint": context.model_fingerprint, "seconds": seconds,
