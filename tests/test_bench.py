@@ -555,6 +555,40 @@ def test_seed_clustered_test_makes_the_seed_the_unit_and_measures_how_alike_a_se
     assert seed_clustered_test([])["wilcoxon"]["p_value"] is None
 
 
+def test_pooled_test_sees_exact_ties_between_seeds_and_a_seed_never_counts_twice():
+    """Rates are counts out of 156 prompts, as in the grid: seeds 0 and 5 have exactly equal mean differences
+    over the two datasets (-3/156) from unequal per-dataset differences. Rounding each difference before
+    pooling once broke that tie and changed the p-value."""
+    from scipy.stats import wilcoxon
+
+    n = 156
+    steps = {"A": [-1, 1, -6, 3, -5, -3], "B": [-5, 1, -4, 1, -3, -3]}  # stratified - random, in prompts
+    grid = GridSpec(name="ties", datasets=[DatasetSpec("A", "a.jsonl"), DatasetSpec("B", "b.jsonl")], selectors=["stratified"],
+                    seeds=list(range(6)), eval=EvalSettings(judges=("classifier", "keyword")))
+    records = []
+    for config in expand(grid):
+        if config["kind"] == "aligned":
+            count = 10
+        elif config["mode"] == "none":
+            count = 60
+        else:
+            count = 30 + config["seed"] + (steps[config["dataset"]["name"]][config["seed"]] if config["selector"] == "stratified" else 0)
+        extra = {} if config["kind"] == "aligned" else {"selected_ids": [], "train": {"seconds": 1.0}, "n_user_examples": 12,
+                                                         "adapter_cache_hit": False}
+        records.append({"run_id": run_id(config), "config": config, "report": _report(count / n, 0.3, 0.9, n=n), "seconds": 2.0, **extra})
+    summary = summarise([run_row(r) for r in records])
+    [pooled] = [c for c in summary["pooled_comparisons"] if c["judge"] == "classifier"]
+    seed_means = [round((a + b) / 2 / n, 10) for a, b in zip(steps["A"], steps["B"])]
+    assert seed_means[0] == seed_means[5]
+    expected = wilcoxon(seed_means).pvalue
+    assert expected != pytest.approx(wilcoxon([seed_means[0] + 1e-7, *seed_means[1:]]).pvalue)  # the tie matters here
+    assert pooled["n_seeds"] == 6 and pooled["wilcoxon"]["p_value"] == pytest.approx(expected, abs=1e-6)
+
+    duplicate = next(r for r in records if r["config"].get("selector") == "stratified" and r["config"]["seed"] == 3)
+    with pytest.raises(ValueError, match="two runs of A/authored/10/replay/stratified at seed 3"):
+        summarise([run_row(r) for r in records + [{**duplicate, "run_id": "a-second-copy"}]])
+
+
 def test_pooled_comparisons_use_the_seed_as_unit_and_correct_over_the_pooled_family():
     from scipy.stats import wilcoxon
 

@@ -759,9 +759,11 @@ def _paired(members: Sequence[dict], reference: Sequence[dict], judge: str) -> d
         "overrefusal_difference_ci95": bootstrap_ci(over),
         "utility_loss_difference": round(statistics.mean(loss), 6) if loss else None,
         "utility_loss_difference_ci95": bootstrap_ci(loss),
-        # [seed, member - reference] per pair: what the paired plot draws
-        "paired_differences": {"harmful": [[seed, round(x - y, 6)] for seed, x, y in harmful],
-                               "overrefusal": [[seed, round(d, 6)] for seed, d in overrefusal]},
+        # [seed, member - reference] per pair: what the paired plot draws and what pooled_comparisons pools.
+        # Unrounded: rounding each difference could break an exact tie between two seeds' means, and ties
+        # change the Wilcoxon p-value
+        "paired_differences": {"harmful": [[seed, x - y] for seed, x, y in harmful],
+                               "overrefusal": [[seed, d] for seed, d in overrefusal]},
     }
 
 
@@ -808,6 +810,13 @@ def summarise(rows: Sequence[dict]) -> dict:
     cells: dict[tuple, list[dict]] = {}
     for row in finetuned:
         cells.setdefault((row["dataset"], row["pool"], row["k"], row["mode"], row["selector"]), []).append(row)
+    for cell, members in cells.items():  # one run per seed, or a seed would count twice in every mean and test
+        seen: dict[int, str] = {}
+        for row in members:
+            if row["seed"] in seen:
+                raise ValueError(f"two runs of {'/'.join(map(str, cell))} at seed {row['seed']}: {seen[row['seed']]} and "
+                                 f"{row['run_id']} (runs of one grid must differ in dataset, pool, k, mode, selector or seed)")
+            seen[row["seed"]] = row["run_id"]
     cell_summaries = []
     for (dataset, pool, k, mode, selector), members in cells.items():
         members = sorted(members, key=lambda r: r["seed"])

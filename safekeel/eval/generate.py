@@ -108,6 +108,10 @@ class VLLMGenerator:
         # the worker every core. Measured (benchmarks/vllm_threads.py): 279 prompts through an adapter,
         # 89 s -> 56 s, the same replies. An explicit VLLM_CPU_NUM_OF_RESERVED_CPU still wins.
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        # vLLM gives one model step 300 s of wall-clock time before it declares the engine dead. A grid paused
+        # with SIGSTOP (Ctrl-Z, or to free the cores for another job) for longer than that lost its engine and
+        # stopped, twice (grid log, 27 and 28 Nov 2026). An offline batch has no client waiting: allow an hour.
+        os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
         from vllm import LLM
 
         self.max_model_len = max_model_len
