@@ -633,27 +633,40 @@ def _conditions_records(grid: GridSpec) -> list[dict]:
     return records
 
 
-def test_condition_comparisons_pair_modes_and_pools_against_replay_from_the_first_pool(tmp_path):
+def test_condition_comparisons_pair_each_condition_with_same_pool_replay_first_pool_replay_and_none(tmp_path):
     grid = GridSpec(name="conditions", datasets=[DatasetSpec("toy", "toy.jsonl")], pools=["authored", "other.json"],
                     selectors=["random"], modes=["replay", "icl", "ptst"], seeds=[0, 1, 2],
                     eval=EvalSettings(judges=("classifier", "keyword")))
     records = _conditions_records(grid)
     summary = summarise([run_row(r) for r in records])
-    found = {(c["mode"], c["pool"]): c for c in summary["condition_comparisons"] if c["judge"] == "classifier"}
-    assert set(found) == {("none", None), ("ptst", None), ("icl", "authored"), ("replay", "other.json"), ("icl", "other.json")}
-    assert found[("icl", "authored")]["mean_difference"] == pytest.approx(0.3)
-    assert found[("replay", "other.json")]["mean_difference"] == pytest.approx(-0.1)
-    assert found[("ptst", None)]["mean_difference"] == pytest.approx(0.2) and found[("none", None)]["mean_difference"] == pytest.approx(0.4)
-    assert found[("icl", "authored")]["overrefusal_difference"] == pytest.approx(0.1)
-    assert all(c["reference"] == {"pool": "authored", "k": 10, "mode": "replay", "selector": "random"} and c["n_pairs"] == 3
-               for c in found.values())
+    found = {(c["mode"], c["pool"], c["reference"]["mode"], c["reference"]["pool"]): c
+             for c in summary["condition_comparisons"] if c["judge"] == "classifier"}
+    expected = {("none", None, "replay", "authored"): 0.7 - 0.3,
+                ("ptst", None, "none", None): 0.5 - 0.7,  # the same adapter: the safety system prompt alone
+                ("ptst", None, "replay", "authored"): 0.5 - 0.3,
+                ("icl", "authored", "replay", "authored"): 0.6 - 0.3,
+                ("replay", "other.json", "replay", "authored"): 0.2 - 0.3,
+                ("icl", "other.json", "replay", "other.json"): 0.65 - 0.2,  # the mode, within its pool
+                ("icl", "other.json", "replay", "authored"): 0.65 - 0.3}  # the pool and the mode together
+    assert set(found) == set(expected)
+    for key, difference in expected.items():
+        assert found[key]["mean_difference"] == pytest.approx(difference) and found[key]["n_pairs"] == 3, key
+    assert found[("icl", "authored", "replay", "authored")]["overrefusal_difference"] == pytest.approx(0.1)
+    assert all(c["reference"]["selector"] == ("random" if c["reference"]["mode"] == "replay" else None) for c in found.values())
     # a grid of one pool and replay only has no condition table
     plain = GridSpec(name="plain", datasets=[DatasetSpec("toy", "toy.jsonl")], selectors=["stratified"], seeds=[0, 1, 2],
                      eval=EvalSettings(judges=("classifier", "keyword")))
     assert summarise([run_row(r) for r in hand_made_records(plain)])["condition_comparisons"] == []
-    write_outputs(grid, records, tmp_path, command="test", plots=False)
+    written = write_outputs(grid, records, tmp_path, command="test")
+    assert tmp_path / "bench_conditions_overrefusal.png" in written
+    from safekeel.eval.bench import _cell_name  # the plots' labels keep modes and pools apart
+
+    cells = summary["cells"]
+    assert sorted(_cell_name(c, "authored") for c in cells) == ["none", "ptst", "random", "random (icl)", "random (icl, other.json)",
+                                                                 "random (other.json)"]
     markdown = (tmp_path / "bench_conditions.md").read_text()
     assert "## Modes and pools against replay" in markdown and "| toy | other.json | 10 | icl | random | classifier |" in markdown
+    assert "| toy | - | 0 | ptst | - | classifier | none | 3 |" in markdown
 
 
 def test_records_of_the_same_configuration_are_shared_between_grids(tmp_path):

@@ -239,7 +239,11 @@ def modes_grid() -> GridSpec:
     prefix and in-context demonstrations from the authored pool and from safety_tuned_llamas, and PTST, at
     k=10 on the selectors grid's datasets, presets, seeds and evaluation. Its `none` and authored
     random-replay runs are the selectors grid's (same configurations: shared records); icl and ptst reuse
-    the `none` adapter (evaluation only)."""
+    the `none` adapter (evaluation only). One asymmetry is kept on purpose (the presets are the selectors
+    grid's): training sequences are cut at 256 tokens, and BackdoorAlign's secret (~120 tokens) pushes more
+    safety examples over it, so their refusals lose their ends in backdoor mode only. Measured with the
+    organism's tokenizer: safety_tuned_llamas 2.4% of examples plain, 11.8% (seed 0) and 8.8% (seed 3) with
+    the secret; authored 0% plain, 1.0% and 0%."""
     base = selectors_grid()
     return GridSpec(name="modes", output="modes", datasets=base.datasets, k_values=[10],
                     pools=["authored", "safety_tuned_llamas"], selectors=[REFERENCE_SELECTOR],
@@ -768,9 +772,11 @@ def _paired(members: Sequence[dict], reference: Sequence[dict], judge: str) -> d
 
 
 def condition_comparisons(cells: dict[tuple, list[dict]], judges: Sequence[str]) -> list[dict]:
-    """Where a grid has several modes or pools: every other condition of a (dataset, selector) against replay
-    from the grid's first pool with the same selector and k, paired by seed; `none` and `ptst` (k=0, no
-    selector) against random replay at each k. Fields as in the selector comparisons, plus the reference."""
+    """Where a grid has several modes or pools, each condition of a (dataset, selector, k) against, paired by seed:
+    replay from the same pool (what the mode changes: backdoor, icl); replay from the grid's first pool (what
+    the pool and mode change together); `ptst` against `none` (the same adapter: what the safety system
+    prompt alone changes); `none` and `ptst` (k=0, no selector) against random replay from the first pool at
+    each k. Fields as in the selector comparisons, plus the reference."""
     pools = list(dict.fromkeys(key[1] for key in cells if key[1] is not None))
     modes = {key[3] for key in cells}
     if not pools or (len(pools) < 2 and len(modes - {"none", "replay"}) == 0):
@@ -780,12 +786,17 @@ def condition_comparisons(cells: dict[tuple, list[dict]], judges: Sequence[str])
     for (dataset, pool, k, mode, selector), members in cells.items():
         if mode == "replay" and pool == first:
             continue
-        references = ([(dataset, first, k, "replay", selector)] if selector is not None else
-                      [key for key in cells if key[0] == dataset and key[1] == first and key[3] == "replay" and key[4] == REFERENCE_SELECTOR])
-        for reference in sorted(r for r in references if r in cells):
+        if selector is not None:
+            references = list(dict.fromkeys([(dataset, pool, k, "replay", selector), (dataset, first, k, "replay", selector)]))
+            references = [r for r in references if r != (dataset, pool, k, mode, selector)]
+        else:
+            references = ([key for key in cells if key[0] == dataset and key[3] == "none"] if mode == "ptst" else [])
+            references += sorted(key for key in cells if key[0] == dataset and key[1] == first and key[3] == "replay"
+                                 and key[4] == REFERENCE_SELECTOR)
+        for reference in (r for r in references if r in cells):
             for judge in judges:
                 out.append({"dataset": dataset, "pool": pool, "k": k, "mode": mode, "selector": selector, "judge": judge,
-                            "reference": {"pool": first, "k": reference[2], "mode": "replay", "selector": reference[4]},
+                            "reference": {"pool": reference[1], "k": reference[2], "mode": reference[3], "selector": reference[4]},
                             **_paired(members, cells[reference], judge)})
     return out
 
@@ -953,8 +964,19 @@ def _wilson(rate: dict) -> str:
     return f"{_f(rate['rate'])}{ci} ({rate['n_prompts']})"
 
 
-def _cell_name(cell: dict) -> str:
-    return "none" if cell["mode"] == "none" else "ptst" if cell["selector"] is None else cell["selector"]
+def _cell_name(cell: dict, first_pool: str | None = None) -> str:
+    """The selector, with the mode when it is not replay and the pool when it is not `first_pool`."""
+    if cell["mode"] == "none" or cell["selector"] is None:
+        return cell["mode"]
+    tags = [t for t in (cell["mode"] if cell["mode"] != "replay" else None,
+                        cell["pool"] if first_pool is not None and cell["pool"] != first_pool else None) if t]
+    return cell["selector"] + (f" ({', '.join(tags)})" if tags else "")
+
+
+def _reference_text(reference: dict) -> str:
+    if reference["mode"] == "none":
+        return "none"
+    return f"{reference['mode']} {reference['pool']} {reference['selector']} k={reference['k']}"
 
 
 def render(json_path: str | Path, plots: bool = True) -> list[Path]:
@@ -1032,8 +1054,10 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
     conditions = summary.get("condition_comparisons", [])
     if conditions:
         lines += ["", "## Modes and pools against replay (paired by training seed)", "",
-                  "Each condition against replay from the grid's first pool with the same selector and k (`none` and "
-                  "`ptst`, which select nothing, against random replay at each k). Difference = condition - reference "
+                  "Each condition against replay from the same pool and from the grid's first pool, with the same "
+                  "selector and k; `ptst` against `none` (the same adapter: the safety system prompt alone); `none` and "
+                  "`ptst` against random replay at each k. Utility is measured as each condition is served (with its "
+                  "system prompt and demonstrations). Difference = condition - reference "
                   "(negative harmful: the condition is safer); two-sided Wilcoxon; no correction across this table.", "",
                   "| dataset | pool | k | mode | selector | judge | reference | pairs | condition | reference | harmful difference "
                   "[95% CI] | Wilcoxon p | over-refusal difference [95% CI] | held-out loss difference |",
@@ -1041,7 +1065,7 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
         for c in sorted(conditions, key=lambda c: (judges.index(c["judge"]) if c["judge"] in judges else len(judges))):
             ref = c["reference"]
             lines.append(f"| {c['dataset']} | {c['pool'] or '-'} | {c['k']} | {c['mode']} | {c['selector'] or '-'} | {c['judge']} | "
-                         f"{ref['mode']} {ref['pool']} {ref['selector']} k={ref['k']} | {c['n_pairs']} | {_f(c['selector_mean'])} | "
+                         f"{_reference_text(ref)} | {c['n_pairs']} | {_f(c['selector_mean'])} | "
                          f"{_f(c['random_mean'])} | {_with_ci(c['mean_difference'], c['difference_ci95'])} | {_p_text(c['wilcoxon'])} | "
                          f"{_with_ci(c['overrefusal_difference'], c['overrefusal_difference_ci95'])} | {_f(c['utility_loss_difference'], 4)} |")
     variance = [v for v in summary.get("variance", []) if v["judge"] == primary]
@@ -1138,12 +1162,13 @@ def render_plots(data: dict, folder: Path, stem: str) -> list[Path]:
                and c["utility_loss"]["mean"] is not None]
     figure, ax = plt.subplots(figsize=(7, 5))
     markers = {"replay": "o", "backdoor": "s", "icl": "^", "ptst": "D"}
-    names = sorted({_cell_name(c) for c in scatter})
+    first_pool = (data["grid"].get("pools") or [None])[0]
+    names = sorted({_cell_name(c, first_pool) for c in scatter})
     palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     colours = {name: palette(i % palette.N) for i, name in enumerate(names)}
     for c in scatter:
         ax.scatter(c["utility_loss"]["mean"], c["retention"][primary]["mean"], marker=markers.get(c["mode"], "o"),
-                   color=colours[_cell_name(c)], s=20 + 2 * c["k"], alpha=0.8)
+                   color=colours[_cell_name(c, first_pool)], s=20 + 2 * c["k"], alpha=0.8)
     for name in names:
         ax.scatter([], [], color=colours[name], label=name)
     for mode in sorted({c["mode"] for c in scatter}):
@@ -1170,7 +1195,7 @@ def render_plots(data: dict, folder: Path, stem: str) -> list[Path]:
             for c in cells:
                 value = c["overrefusal"][primary]["mean"]
                 if c["dataset"] == dataset and value is not None:
-                    groups.setdefault(_cell_name(c) + ("" if c["selector"] is None else f" ({c['mode']})"), []).append(value)
+                    groups.setdefault(_cell_name(c, first_pool), []).append(value)
             references = {"aligned": aligned["overrefusal"][primary]["rate"]} if aligned and aligned["overrefusal"][primary]["rate"] is not None else {}
             references.update({name: statistics.mean(groups.pop(name)) for name in ("none", "ptst") if name in groups})
             bars[dataset] = {**references, **{label: statistics.mean(groups[label]) for label in sorted(groups)}}

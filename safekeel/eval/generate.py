@@ -30,17 +30,23 @@ def generate_batched(
     chats: Sequence[Chat],
     max_new_tokens: int = 64,
     batch_size: int = 32,
-    max_prompt_tokens: int = 1024,
+    max_prompt_tokens: int = 4096,
     desc: str = "generating",
     show_progress: bool = True,
 ) -> list[Generation]:
     """Greedy-decode a reply for each chat. Prompts are sorted by length so that batches pad little;
-    a batch that fails is retried one prompt at a time so one bad prompt cannot sink the others."""
+    a batch that fails is retried one prompt at a time so one bad prompt cannot sink the others. A prompt
+    longer than `max_prompt_tokens` is reported as not generated (as the vLLM engine does), never cut: cutting
+    either end would evaluate another prompt than the one asked (the request itself, or the system prompt
+    and demonstrations before it)."""
     import torch
 
     texts = render_prompts(tokenizer, chats)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    results: list[Generation | None] = [None] * len(texts)
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    results: list[Generation | None] = [
+        Generation(None, f"prompt of {n} tokens is longer than max_prompt_tokens ({max_prompt_tokens})") if n > max_prompt_tokens else None
+        for n in lengths]
+    order = sorted((i for i in range(len(texts)) if results[i] is None), key=lambda i: len(texts[i]))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -48,8 +54,7 @@ def generate_batched(
     model.eval()
 
     def run(indices: list[int]) -> list[Generation]:
-        batch = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True,
-                          truncation=True, max_length=max_prompt_tokens, add_special_tokens=False)
+        batch = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
             output = model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,

@@ -36,7 +36,8 @@ class EvalSettings:
     judges: tuple[str, ...] = ("classifier", "keyword")
     """The first judge is the primary one (the number the gate and the tables use)."""
     utility: str | None = "gsm8k"
-    """'gsm8k' (held-out loss + accuracy on GSM8K test), None, or a dataset file (held-out loss)."""
+    """'gsm8k' (held-out loss + accuracy on GSM8K test), None, or a dataset file (held-out loss). Measured as
+    the model is served: after the system prompt and the demonstrations below (never scored themselves)."""
     n_utility_loss: int = 100
     n_utility_accuracy: int = 50
     utility_max_new_tokens: int = 192
@@ -148,14 +149,18 @@ def load_prompt_set(name: str) -> tuple[str, list[str]]:
     return name, [c.last_user for c in loaded.conversations]
 
 
-def build_chat(prompt: str, settings: EvalSettings) -> list[dict[str, str]]:
+def served_context(settings: EvalSettings) -> list[dict[str, str]]:
+    """What the evaluated model is served before each request: the system prompt, then the demonstrations."""
     chat: list[dict[str, str]] = []
     if settings.system_prompt:
         chat.append({"role": "system", "content": settings.system_prompt})
     for demo in settings.demonstrations:
         chat += [{"role": "user", "content": demo["request"]}, {"role": "assistant", "content": demo["refusal"]}]
-    chat.append({"role": "user", "content": prompt})
     return chat
+
+
+def build_chat(prompt: str, settings: EvalSettings) -> list[dict[str, str]]:
+    return served_context(settings) + [{"role": "user", "content": prompt}]
 
 
 def _rate(flags: Sequence[bool | None]) -> dict:
@@ -233,13 +238,15 @@ def evaluate(model, tokenizer, settings: EvalSettings, model_name: str = "", ada
     utility_started = time.time()
     utility: dict = {}
     if settings.utility == "gsm8k":
-        utility["loss"] = heldout_loss(model, tokenizer, reference.gsm8k("test", settings.n_utility_loss, seed=0), show_progress=show_progress)
+        utility["loss"] = heldout_loss(model, tokenizer, reference.gsm8k("test", settings.n_utility_loss, seed=0), show_progress=show_progress,
+                                       context=served_context(settings))
         if settings.n_utility_accuracy:
             utility["accuracy"] = gsm8k_accuracy(model, tokenizer, reference.gsm8k("test", settings.n_utility_accuracy, seed=1),
-                                                 settings.utility_max_new_tokens, show_progress=show_progress)
+                                                 settings.utility_max_new_tokens, show_progress=show_progress,
+                                                 context=served_context(settings))
     elif settings.utility:
         held_out = load_conversations(settings.utility, strict=True).conversations[: settings.n_utility_loss]
-        utility["loss"] = heldout_loss(model, tokenizer, held_out, show_progress=show_progress)
+        utility["loss"] = heldout_loss(model, tokenizer, held_out, show_progress=show_progress, context=served_context(settings))
 
     timings["utility_s"] = round(time.time() - utility_started, 1)
     settings_dict = asdict(settings)

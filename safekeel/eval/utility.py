@@ -14,9 +14,22 @@ from safekeel.eval.generate import generate_batched
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
+def with_context(context: Sequence[dict[str, str]], messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages as the model is served them: the context's system prompt first (before the conversation's
+    own system prompt, in one system message), then the context's other turns (e.g. in-context
+    demonstrations), then the conversation."""
+    context, messages = list(context), list(messages)
+    system = [m["content"] for m in context[:1] + messages[:1] if m["role"] == "system"]
+    turns = [m for m in context if m["role"] != "system"]
+    rest = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + turns + rest
+
+
 def heldout_loss(model, tokenizer, conversations: Sequence[Conversation], batch_size: int = 16,
-                 max_length: int = 512, show_progress: bool = True) -> dict:
-    """Mean negative log-likelihood per completion token of each final assistant turn (teacher forced)."""
+                 max_length: int = 512, show_progress: bool = True, context: Sequence[dict[str, str]] = ()) -> dict:
+    """Mean negative log-likelihood per completion token of each final assistant turn (teacher forced).
+    `context`: messages the model is served before each conversation (a system prompt, demonstrations), so
+    the loss is the served model's; they are never scored, and `max_length` counts the conversation only."""
     import torch
 
     total_nll, total_tokens, skipped = 0.0, 0, 0
@@ -27,10 +40,15 @@ def heldout_loss(model, tokenizer, conversations: Sequence[Conversation], batch_
             chunk = conversations[start:start + batch_size]
             sequences, masks = [], []
             for conv in chunk:
-                prompt = tokenizer.apply_chat_template([m.to_dict() for m in conv.prompt_messages], add_generation_prompt=True, tokenize=False)
-                full = tokenizer.apply_chat_template(conv.to_messages(), tokenize=False)
+                prompt_messages = [m.to_dict() for m in conv.prompt_messages]
+                prompt = tokenizer.apply_chat_template(with_context(context, prompt_messages), add_generation_prompt=True, tokenize=False)
+                full = tokenizer.apply_chat_template(with_context(context, conv.to_messages()), tokenize=False)
                 prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-                full_ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
+                extra = 0
+                if context:  # the context's own tokens do not count against max_length
+                    plain = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=False)
+                    extra = max(len(prompt_ids) - len(tokenizer(plain, add_special_tokens=False)["input_ids"]), 0)
+                full_ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length + extra]
                 if len(full_ids) <= len(prompt_ids):
                     skipped += 1
                     continue
@@ -50,7 +68,7 @@ def heldout_loss(model, tokenizer, conversations: Sequence[Conversation], batch_
             bar.update(len(chunk))
     loss = total_nll / total_tokens if total_tokens else None
     return {"loss": loss, "perplexity": math.exp(loss) if loss is not None else None,
-            "n": len(conversations) - skipped, "tokens": total_tokens, "skipped": skipped}
+            "n": len(conversations) - skipped, "tokens": total_tokens, "skipped": skipped, "context_messages": len(context)}
 
 
 def extract_final_number(text: str | None) -> str | None:
@@ -71,10 +89,10 @@ def extract_final_number(text: str | None) -> str | None:
 
 
 def gsm8k_accuracy(model, tokenizer, conversations: Sequence[Conversation], max_new_tokens: int = 192,
-                   batch_size: int = 16, show_progress: bool = True) -> dict:
+                   batch_size: int = 16, show_progress: bool = True, context: Sequence[dict[str, str]] = ()) -> dict:
     from safekeel.eval.stats import Rate
 
-    generations = generate_batched(model, tokenizer, [[m.to_dict() for m in c.prompt_messages] for c in conversations],
+    generations = generate_batched(model, tokenizer, [with_context(context, [m.to_dict() for m in c.prompt_messages]) for c in conversations],
                                    max_new_tokens=max_new_tokens, batch_size=batch_size, desc="gsm8k", show_progress=show_progress)
     correct = unjudged = 0
     for conv, generation in zip(conversations, generations):
