@@ -653,6 +653,22 @@ def test_condition_comparisons_pair_each_condition_with_same_pool_replay_first_p
         assert found[key]["mean_difference"] == pytest.approx(difference) and found[key]["n_pairs"] == 3, key
     assert found[("icl", "authored", "replay", "authored")]["overrefusal_difference"] == pytest.approx(0.1)
     assert all(c["reference"]["selector"] == ("random" if c["reference"]["mode"] == "replay" else None) for c in found.values())
+
+    # icl/ptst reuse none's adapter; where one was retrained (seed 1 here), its training loss is compared with none's
+    def adapter(record, key, loss):
+        return {**record, "adapter_key": key, "train": {"seconds": 1.0, "train_loss": loss}}
+
+    keyed = [adapter(r, f"key-{r['config']['seed']}" + ("-new" if r["config"]["seed"] == 1 and r["config"]["mode"] != "none" else ""),
+                     1.5 + (0.1 if r["config"]["seed"] == 1 and r["config"]["mode"] == "ptst" else 0.0))
+             if r["config"]["kind"] == "finetune" else r for r in records]
+    checks = summarise([run_row(r) for r in keyed])["shared_adapter_checks"]
+    assert len(checks) == 9 and sum(c["same_adapter"] for c in checks) == 6  # icl x 2 pools + ptst, 3 seeds
+    assert sorted((c["mode"], c["same_train_loss"]) for c in checks if not c["same_adapter"]) == [("icl", True), ("icl", True), ("ptst", False)]
+    from safekeel.eval.bench import _shared_adapter_text
+
+    text = _shared_adapter_text(checks)
+    assert text.startswith("icl and ptst reuse `none`'s adapter: 6 of 9 runs") and "2 of them reached" in text
+    assert "toy seed 1 ptst 1.600000 vs 1.500000" in text
     # a grid of one pool and replay only has no condition table
     plain = GridSpec(name="plain", datasets=[DatasetSpec("toy", "toy.jsonl")], selectors=["stratified"], seeds=[0, 1, 2],
                      eval=EvalSettings(judges=("classifier", "keyword")))

@@ -719,6 +719,8 @@ def run_row(record: dict) -> dict:
         "utility_n": loss["n"] if loss else None,
         "selected_ids": record.get("selected_ids", []),
         "train_seconds": record["train"]["seconds"] if finetune else None,
+        "train_loss": record["train"].get("train_loss") if finetune else None,
+        "adapter_key": record.get("adapter_key"),
         "adapter_cache_hit": record.get("adapter_cache_hit"),
         "seconds": record["seconds"],
     }
@@ -881,7 +883,27 @@ def summarise(rows: Sequence[dict]) -> dict:
         row.update(flat_fields(row, judges[0]))
     return {"judges": judges, "aligned": aligned, "cells": cell_summaries, "comparisons": comparisons,
             "pooled_comparisons": pooled_comparisons(comparisons), "condition_comparisons": condition_comparisons(cells, judges),
-            "variance": variance, "selection_stability": stability, "selection_features": features}
+            "variance": variance, "selection_stability": stability, "selection_features": features,
+            "shared_adapter_checks": shared_adapter_checks(finetuned)}
+
+
+def shared_adapter_checks(finetuned: Sequence[dict]) -> list[dict]:
+    """icl and ptst train exactly as `none` does and reuse its adapter, so comparing them with `none` isolates
+    what serving adds. Per such run: whether its adapter is the one recorded for `none` at its (dataset, seed),
+    and if not (an adapter cache emptied, or an adapter key that gained a field since), whether the retrained
+    one reached the same training loss."""
+    nones = {(r["dataset"], r["seed"]): r for r in finetuned if r["mode"] == "none"}
+    checks = []
+    for row in finetuned:
+        none = nones.get((row["dataset"], row["seed"]))
+        if row["mode"] not in ("icl", "ptst") or none is None:
+            continue
+        losses = (row.get("train_loss"), none.get("train_loss"))
+        checks.append({"dataset": row["dataset"], "seed": row["seed"], "mode": row["mode"], "pool": row["pool"],
+                       "same_adapter": row.get("adapter_key") is not None and row.get("adapter_key") == none.get("adapter_key"),
+                       "train_loss": losses[0], "none_train_loss": losses[1],
+                       "same_train_loss": None if None in losses else math.isclose(*losses, rel_tol=1e-6)})
+    return checks
 
 
 def flat_fields(row: dict, judge: str) -> dict:
@@ -971,6 +993,19 @@ def _cell_name(cell: dict, first_pool: str | None = None) -> str:
     tags = [t for t in (cell["mode"] if cell["mode"] != "replay" else None,
                         cell["pool"] if first_pool is not None and cell["pool"] != first_pool else None) if t]
     return cell["selector"] + (f" ({', '.join(tags)})" if tags else "")
+
+
+def _shared_adapter_text(checks: Sequence[dict]) -> str:
+    own = [c for c in checks if not c["same_adapter"]]
+    text = (f"icl and ptst reuse `none`'s adapter: {len(checks) - len(own)} of {len(checks)} runs used the adapter recorded "
+            "for `none` at their (dataset, seed).")
+    if own:
+        differ = [c for c in own if not c["same_train_loss"]]
+        text += (f" {len(own)} retrained it from the same training inputs; {len(own) - len(differ)} of them reached `none`'s "
+                 "training loss (to a relative 1e-6)")
+        text += "." if not differ else (", these did not (read their comparisons with `none` with care): " + "; ".join(
+            f"{c['dataset']} seed {c['seed']} {c['mode']} {_f(c['train_loss'], 6)} vs {_f(c['none_train_loss'], 6)}" for c in differ) + ".")
+    return text
 
 
 def _reference_text(reference: dict) -> str:
@@ -1068,6 +1103,9 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
                          f"{_reference_text(ref)} | {c['n_pairs']} | {_f(c['selector_mean'])} | "
                          f"{_f(c['random_mean'])} | {_with_ci(c['mean_difference'], c['difference_ci95'])} | {_p_text(c['wilcoxon'])} | "
                          f"{_with_ci(c['overrefusal_difference'], c['overrefusal_difference_ci95'])} | {_f(c['utility_loss_difference'], 4)} |")
+    checks = summary.get("shared_adapter_checks", [])
+    if checks:
+        lines += ["", _shared_adapter_text(checks)]
     variance = [v for v in summary.get("variance", []) if v["judge"] == primary]
     if variance:
         lines += ["", f"## Where the variance comes from (harmful rate, `{primary}` judge)", "",
