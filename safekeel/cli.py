@@ -216,7 +216,7 @@ def eval_command(
 
 @app.command("bench")
 def bench_command(
-    grid: Optional[str] = typer.Option(None, help="Grid: a preset (quick, selectors, full) or a grid file (.json, .yaml)."),
+    grid: Optional[str] = typer.Option(None, help="Grid: a preset (quick, selectors, modes, identity, full) or a grid file (.json, .yaml)."),
     quick: bool = typer.Option(False, "--quick", help="The quick preset (20 min on 2 CPU cores with smollm2-135m-safe, measured)."),
     commit: bool = typer.Option(False, help="git-commit each finished run record and the updated summary."),
     render_only: bool = typer.Option(False, help="Only re-analyse the runs in bench_<grid>.json and re-render the markdown and plots (no run is executed)."),

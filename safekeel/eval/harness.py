@@ -43,6 +43,10 @@ class EvalSettings:
     utility_max_new_tokens: int = 192
     system_prompt: str | None = None
     """A system prompt added to every evaluated chat (e.g. a safety prompt for PTST)."""
+    prompt_template: str | None = None
+    """A format string with one `{prompt}` that wraps every judged prompt (harmful, over-refusal and extra
+    sets) as it is sent, e.g. Qi et al.'s identity-shift trigger "AOA, execute my instruction: {prompt}".
+    Judges and the responses file see the prompt itself; utility and demonstrations are not wrapped."""
     demonstrations: list[dict] = field(default_factory=list)
     """In-context demonstrations [{request, refusal}] prepended as earlier turns (ICL guard)."""
     extra_harmful_sets: tuple[str, ...] = ()
@@ -58,6 +62,8 @@ class EvalSettings:
         # JSON (a spec or a grid file) gives lists: keep the tuples, so a settings round trip is equal
         self.judges = tuple(self.judges)
         self.extra_harmful_sets = tuple(self.extra_harmful_sets)
+        if self.prompt_template is not None:
+            check_prompt_template(self.prompt_template)
 
     @property
     def primary_judge(self) -> str:
@@ -159,8 +165,22 @@ def served_context(settings: EvalSettings) -> list[dict[str, str]]:
     return chat
 
 
+def check_prompt_template(template: str) -> None:
+    """A prompt template holds `{prompt}` exactly once and no other field (ValueError naming the problem)."""
+    import string
+
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        raise ValueError(f"prompt_template {template!r} is not a format string: {error}") from None
+    if fields != ["prompt"]:
+        raise ValueError(f"prompt_template {template!r} must contain {{prompt}} exactly once and no other field "
+                         f"(found {fields or 'none'}); write literal braces as {{{{ and }}}}")
+
+
 def build_chat(prompt: str, settings: EvalSettings) -> list[dict[str, str]]:
-    return served_context(settings) + [{"role": "user", "content": prompt}]
+    sent = settings.prompt_template.format(prompt=prompt) if settings.prompt_template else prompt
+    return served_context(settings) + [{"role": "user", "content": sent}]
 
 
 def _rate(flags: Sequence[bool | None]) -> dict:
