@@ -373,7 +373,8 @@ def expand(grid: GridSpec) -> list[dict]:
     own); then per k, seed and dataset: none and ptst (with the first
     k), then pool x mode x selector."""
     selectors = grid.resolved_selectors()
-    configs = list({run_id(c): c for c in map(lambda d: aligned_config(grid, d), grid.datasets or [None])}.values())
+    aligned = [aligned_config(grid, dataset) for dataset in grid.datasets] or [aligned_config(grid)]
+    configs = list({run_id(c): c for c in aligned}.values())  # one per distinct evaluation, in dataset order
     for index, k in enumerate(sorted(grid.k_values) or [0]):
         for seed in grid.seeds:
             for dataset in grid.datasets:
