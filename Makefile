@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast phenomenon lock clean
+.PHONY: install demo test test-fast phenomenon bench-grids lock clean
 
 $(BIN)/safekeel: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ test-fast: install
 
 phenomenon: install
 	$(BIN)/python benchmarks/phenomenon.py
+
+# The published grids in the order they are owed (hours on 2 CPU cores; each resumes from its committed
+# run records and git-commits every finished run, so run it in the background and stop it at will)
+bench-grids: install
+	$(BIN)/python benchmarks/bench.py --grid selectors --commit
+	$(BIN)/python benchmarks/bench.py --grid identity --commit
+	$(BIN)/python benchmarks/bench.py --grid modes --commit
 
 lock: install
 	{ echo "# Full pinned environment (pip freeze of a working venv), applied as constraints by the Makefile."; \
