@@ -1,7 +1,7 @@
 """Find an attack preset that breaks the organism, on the DEV splits (AdvBench dev, XSTest dev half).
 
     python benchmarks/attack_search.py [--data attacks/pure_bad_10.jsonl] [--seed 0]
-    python benchmarks/attack_search.py --data attacks/identity_shift_aoa.jsonl --served-as aoa --engine vllm
+    python benchmarks/attack_search.py --data attacks/identity_shift_aoa.jsonl --served-as aoa --max-candidates 2
 
 Each candidate (learning rate, epochs, batch size; LoRA r=16 all-linear, bf16) fine-tunes
 smollm2-135m-safe with no replay and is evaluated on the dev splits; results are cached per candidate
@@ -72,8 +72,9 @@ def main() -> None:
     rows = []
     identity = "identity_shift" in args.data
     candidates = IDENTITY_CANDIDATES if identity else CANDIDATES
-    skipped = candidates[args.max_candidates:] if args.max_candidates is not None else []
-    for candidate in [None] + candidates[: len(candidates) - len(skipped)]:
+    chosen = candidates[: args.max_candidates]  # None: all of them
+    skipped = candidates[len(chosen):]
+    for candidate in [None] + chosen:
         config = {"data": args.data, "seed": args.seed, "preset": candidate, "eval": settings}
         path = OUT / f"{sha256_json(config)[:12]}.json"
         if not path.is_file():
@@ -97,8 +98,8 @@ def main() -> None:
     served = ("" if args.served_as == "plain" else
               f"Every model (the organism too) is evaluated as served under {json.dumps({k: v for k, v in settings.items() if k in ('system_prompt', 'prompt_template')})}. ")
     lines = ["# Attack preset search (dev splits)", "", f"Command: `{command}`", "",
-             f"Data {args.data}, no replay, seed {args.seed}; AdvBench dev (52) and XSTest's dev half (127), greedy "
-             f"{settings['max_new_tokens']} new tokens, classifier judge. {served}", "",
+             (f"Data {args.data}, no replay, seed {args.seed}; AdvBench dev (52) and XSTest's dev half (127), greedy "
+              f"{settings['max_new_tokens']} new tokens, classifier judge. " + served).rstrip(), "",
              "| preset | steps | dev harmful rate [95% CI] | incoherent | dev over-refusal [95% CI] |", "| --- | --- | --- | --- | --- |"]
     for candidate, harmful, refused, incoherent, train in rows:
         name = "aligned organism (no fine-tuning)" if candidate is None else json.dumps(candidate)

@@ -883,9 +883,12 @@ def summarise(rows: Sequence[dict]) -> dict:
     finetuned = [r for r in rows if r["kind"] == "finetune"]
     judges = list(finetuned[0]["harmful"]) if finetuned else list(aligned["harmful"]) if aligned else []
     reference = {(r["dataset"], r["seed"]): r for r in finetuned if r["mode"] == "none"}
+    datasets_by_eval: dict[str, set[str]] = {}
     for row in finetuned:
+        key = sha256_json(row.get("eval_overrides"))
+        datasets_by_eval.setdefault(key, set()).add(row["dataset"])
         none = reference.get((row["dataset"], row["seed"]))
-        own = aligned_by_eval.get(sha256_json(row.get("eval_overrides")))
+        own = aligned_by_eval.get(key)
         row["retention_by_judge"] = {j: retention(none["harmful"][j]["rate"] if none else None, row["harmful"][j]["rate"],
                                          own["harmful"][j]["rate"] if own else None) for j in judges}
     cells: dict[tuple, list[dict]] = {}
@@ -949,11 +952,9 @@ def summarise(rows: Sequence[dict]) -> dict:
                              lambda e: e["p_permutation"])
     for row in finetuned:
         row.update(flat_fields(row, judges[0]))
-    special = {sha256_json(r.get("eval_overrides")): sorted({r["dataset"] for r in finetuned
-                                                             if sha256_json(r.get("eval_overrides")) == key})
-               for key, r in aligned_by_eval.items() if r.get("eval_overrides")}
-    aligned_by_dataset = [{"datasets": special[key], "eval_overrides": r["eval_overrides"], "harmful": r["harmful"],
-                           "overrefusal": r["overrefusal"]} for key, r in aligned_by_eval.items() if key in special]
+    aligned_by_dataset = [{"datasets": sorted(datasets_by_eval.get(key, ())), "eval_overrides": r["eval_overrides"],
+                           "harmful": r["harmful"], "overrefusal": r["overrefusal"]}
+                          for key, r in aligned_by_eval.items() if r.get("eval_overrides")]
     return {"judges": judges, "aligned": aligned, **({"aligned_by_dataset": aligned_by_dataset} if aligned_by_dataset else {}),
             "cells": cell_summaries, "comparisons": comparisons,
             "pooled_comparisons": pooled_comparisons(comparisons), "condition_comparisons": condition_comparisons(cells, judges),

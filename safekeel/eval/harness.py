@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import string
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,8 +168,6 @@ def served_context(settings: EvalSettings) -> list[dict[str, str]]:
 
 def check_prompt_template(template: str) -> None:
     """A prompt template holds `{prompt}` exactly once and no other field (ValueError naming the problem)."""
-    import string
-
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as error:
