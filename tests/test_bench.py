@@ -710,17 +710,22 @@ def test_modes_preset_shares_none_and_random_replay_with_the_selectors_grid():
     assert {(c.get("mode"), c.get("pool")) for c in shared} == {(None, None), ("none", None), ("replay", "authored")}
 
 
-def test_committed_run_records_keep_their_ids_under_the_current_schema():
+@pytest.mark.parametrize("grid", ["selectors", "identity", "modes"])
+def test_committed_run_records_keep_their_ids_under_the_current_schema(grid):
     """A field added to DatasetSpec or EvalSettings must not change the hash of runs that do not set it: every
-    committed record's id is still its configuration's id, and the presets still name those records."""
-    from safekeel.eval.bench import RESULTS_DIR, selectors_grid
+    committed record's id is still its configuration's id, and the presets still name those records (a grid
+    whose records the code no longer names would rerun them all on resume)."""
+    from safekeel.eval.bench import PRESETS, RESULTS_DIR
 
-    folder = RESULTS_DIR / "bench_runs" / "selectors"
+    folder = RESULTS_DIR / "bench_runs" / grid
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    assert len(records) >= 100, "the committed selectors grid records are missing"
+    if grid == "selectors":
+        assert len(records) == 343, "the committed selectors grid records are missing"
+    elif not records:
+        pytest.skip(f"no committed records of the {grid} grid yet ({folder})")
     for record in records:
         assert run_id(record["config"]) == record["run_id"]
-    preset = {run_id(c): c for c in expand(selectors_grid())}
+    preset = {run_id(c): c for c in expand(PRESETS[grid]())}
     for record in records:
         assert preset[record["run_id"]] == record["config"]
 
