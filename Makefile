@@ -39,9 +39,9 @@ phenomenon: install
 # The published grids in the order they are owed (hours on 2 CPU cores; each resumes from its committed
 # run records and git-commits every finished run, so run it in the background and stop it at will)
 bench-grids: install
-	$(BIN)/python benchmarks/bench.py --grid selectors --commit
-	$(BIN)/python benchmarks/bench.py --grid identity --commit
-	$(BIN)/python benchmarks/bench.py --grid modes --commit
+	$(BIN)/python benchmarks/bench.py --grid selectors --commit $(if $(CODE_FROM),--code-from $(CODE_FROM))
+	$(BIN)/python benchmarks/bench.py --grid identity --commit $(if $(CODE_FROM),--code-from $(CODE_FROM))
+	$(BIN)/python benchmarks/bench.py --grid modes --commit $(if $(CODE_FROM),--code-from $(CODE_FROM))
 
 lock: install
 	{ echo "# Full pinned environment (pip freeze of a working venv), applied as constraints by the Makefile."; \

@@ -3,9 +3,14 @@ selector against random selection, paired by training seed. Same as `safekeel be
 
     python benchmarks/bench.py --quick [--commit]
     python benchmarks/bench.py --grid selectors|full|<grid.yaml|grid.json> [--commit] [--render-only]
+    python benchmarks/bench.py --grid modes --commit --code-from REV
 
 Run records: benchmarks/results/bench_runs/<grid>/ (resumable, committed with --commit); outputs:
 benchmarks/results/bench_<grid>.{json,md,*.png} (the selectors preset: selectors.*); adapters and responses: benchmarks/cache/bench/.
+
+--code-from REV runs the grid with the code of git revision REV, checked out once as a detached worktree
+beside this checkout (<checkout>-code-<sha>), while records, caches and commits go to this checkout: a grid
+that runs for hours is not changed midway by edits here, and a later session resumes it with the same code.
 """
 
 from __future__ import annotations
@@ -13,30 +18,74 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from safekeel.eval.bench import CACHE_DIR, RESULTS_DIR, main_command  # noqa: E402
+
+def frozen_worktree(repo: Path, revision: str, path: Path | None = None) -> Path:
+    """A detached git worktree of `repo` at `revision` (made once, reused after; an existing folder at the
+    path that is not that revision is an error, never overwritten). Its path."""
+    def git(*args: str, cwd: Path = repo) -> str:
+        done = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"git {' '.join(args)} failed in {cwd}: {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    try:
+        sha = git("rev-parse", "--verify", f"{revision}^{{commit}}")
+    except RuntimeError as error:
+        raise ValueError(f"--code-from {revision!r} is not a commit of {repo}") from error
+    path = path or repo.parent / f"{repo.name}-code-{sha[:10]}"
+    if path.exists():
+        if not (path / ".git").exists() or git("rev-parse", "HEAD", cwd=path) != sha:
+            raise FileExistsError(f"{path} exists and is not a worktree at {sha[:10]}: move it away or pick another revision")
+        if git("status", "--porcelain", "--untracked-files=no", cwd=path):
+            raise RuntimeError(f"{path} has local edits: it would not be the code of {sha[:10]}")
+        return path
+    git("worktree", "add", "--detach", str(path), sha)
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", default=None, help="preset (quick, selectors, full) or a grid file (.json, .yaml)")
+    parser.add_argument("--grid", default=None, help="preset (quick, selectors, modes, identity, full) or a grid file (.json, .yaml)")
     parser.add_argument("--quick", action="store_true", help="the quick preset (20 min on 2 CPU cores, measured)")
     parser.add_argument("--commit", action="store_true", help="git-commit each finished run record and the summary")
     parser.add_argument("--render-only", action="store_true", help="re-analyse the runs in bench_<grid>.json and re-render the markdown and plots (no run is executed)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
+    parser.add_argument("--code-from", metavar="REV", default=None,
+                        help="run with the code of this git revision (a detached worktree beside the checkout), records and commits here")
+    parser.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / "benchmarks" / "cache" / "bench")
     args = parser.parse_args()
     if args.quick == bool(args.grid):
         parser.error("give exactly one of --quick and --grid")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    markdown = main_command("quick" if args.quick else args.grid, args.results_dir, args.cache_dir, commit=args.commit,
-                            render_only=args.render_only, command="python benchmarks/bench.py " + " ".join(sys.argv[1:]))
+    code = ROOT
+    if args.code_from:
+        code = frozen_worktree(ROOT, args.code_from)
+        # subprocesses (vLLM's workers) import the same code
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [os.environ.get("PYTHONPATH")])])
+        os.environ.setdefault("SAFEKEEL_SHARED_DATA", str(ROOT.parent / "shared" / "data"))
+    sys.path.insert(0, str(code))
+    import safekeel
+    import safekeel.eval.bench as bench
+
+    if Path(safekeel.__file__).resolve().parents[1] != code.resolve():
+        raise RuntimeError(f"safekeel was imported from {safekeel.__file__}, not from {code}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.code_from:
+        logging.info("code from %s (%s); records and commits in %s", args.code_from, code, ROOT)
+        commit_here = bench.git_commit
+
+        def git_commit(paths, message, root=ROOT):  # the frozen code's default root is its worktree
+            return commit_here(paths, message, root=root)
+
+        bench.git_commit = git_commit
+    markdown = bench.main_command("quick" if args.quick else args.grid, args.results_dir, args.cache_dir, commit=args.commit,
+                                  render_only=args.render_only, command="python benchmarks/bench.py " + " ".join(sys.argv[1:]))
     print(markdown.read_text())
 
 

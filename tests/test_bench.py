@@ -485,13 +485,54 @@ def test_execute_aligned_run_record(tiny_model_dir, files, tmp_path):
     assert (tmp_path / "cache" / "runs" / record["run_id"] / "eval" / "responses.jsonl").is_file()
 
 
-def _regimes_module():
+def _benchmark_module(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("regimes", Path(__file__).resolve().parent.parent / "benchmarks" / "regimes.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _regimes_module():
+    return _benchmark_module("regimes")
+
+
+def test_code_from_checks_out_a_revision_once_beside_the_checkout_and_never_overwrites(tmp_path):
+    import subprocess
+
+    frozen_worktree = _benchmark_module("bench").frozen_worktree
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (repo / "code.py").write_text("VERSION = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "one")
+    first = git("rev-parse", "HEAD")
+    (repo / "code.py").write_text("VERSION = 2\n")
+    git("commit", "-q", "-am", "two")
+
+    path = frozen_worktree(repo, first[:7])
+    assert path == tmp_path / f"checkout-code-{first[:10]}"
+    assert (path / "code.py").read_text() == "VERSION = 1\n"  # the revision's code, not the checkout's
+    assert (repo / "code.py").read_text() == "VERSION = 2\n"
+    assert frozen_worktree(repo, first) == path  # reused, not made twice
+    (path / "code.py").write_text("VERSION = 3\n")
+    with pytest.raises(RuntimeError, match="local edits"):
+        frozen_worktree(repo, first)
+    squatter = tmp_path / "elsewhere"
+    squatter.mkdir()
+    (squatter / "keep.txt").write_text("data")
+    with pytest.raises(FileExistsError, match="not a worktree"):
+        frozen_worktree(repo, "HEAD", squatter)
+    assert (squatter / "keep.txt").read_text() == "data"
+    with pytest.raises(ValueError, match="not a commit"):
+        frozen_worktree(repo, "no-such-revision")
 
 
 def test_regime_map_is_a_bench_grid_over_sizes_and_renders_from_its_json(tmp_path):
