@@ -66,9 +66,8 @@ def main() -> None:
     code = ROOT
     if args.code_from:
         code = frozen_worktree(ROOT, args.code_from)
-        # subprocesses (vLLM's workers) import the same code
+        # Python subprocesses started otherwise than by multiprocessing (which passes sys.path on) import it too
         os.environ["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [os.environ.get("PYTHONPATH")])])
-        os.environ.setdefault("SAFEKEEL_SHARED_DATA", str(ROOT.parent / "shared" / "data"))
     sys.path.insert(0, str(code))
     import safekeel
     import safekeel.eval.bench as bench
