@@ -42,6 +42,7 @@ bench-grids: install
 	$(BIN)/python benchmarks/bench.py --grid selectors --commit $(if $(CODE_FROM),--code-from $(CODE_FROM))
 	$(BIN)/python benchmarks/bench.py --grid identity --commit $(if $(CODE_FROM),--code-from $(CODE_FROM))
 	$(BIN)/python benchmarks/bench.py --grid modes --commit $(if $(CODE_FROM),--code-from $(CODE_FROM))
+	$(BIN)/python benchmarks/backdoor_control.py --commit
 
 lock: install
 	{ echo "# Full pinned environment (pip freeze of a working venv), applied as constraints by the Makefile."; \

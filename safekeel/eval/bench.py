@@ -504,16 +504,17 @@ def _duration(seconds: float) -> str:
 
 def run_grid(grid: GridSpec, results_dir: str | Path = RESULTS_DIR, cache_dir: str | Path = CACHE_DIR,
              commit: bool = False, command: str = "", writer: Writer | None = None,
-             show_progress: bool = True) -> GridOutcome:
+             show_progress: bool = True, configs: Sequence[dict] | None = None) -> GridOutcome:
     """Run every configuration of the grid that has no run record yet; write the outputs.
 
     Records: results_dir/bench_runs/<grid>/<run id>.json. `writer` (default: bench_<grid>.json/.md
     and the plots) runs after each executed run; with `commit`, each new record is git-committed with
-    what the writer wrote, and the final outputs once more at the end."""
+    what the writer wrote, and the final outputs once more at the end. `configs`: run these instead of
+    expand(grid) (controls that a GridSpec cannot express, such as a system prompt that differs per seed)."""
     from tqdm import tqdm
 
     results_dir = Path(results_dir)
-    configs = expand(grid)
+    configs = list(configs) if configs is not None else expand(grid)
     runs_dir = results_dir / "bench_runs" / grid.name
     paths = [runs_dir / f"{run_id(c)}.json" for c in configs]
     write = writer or (lambda records, final: write_outputs(grid, records, results_dir, command, plots=final))
