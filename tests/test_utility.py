@@ -83,3 +83,27 @@ def test_heldout_loss_is_the_served_models_and_scores_only_the_final_answer(tiny
     # max_length counts the conversation: a context longer than it does not push the answers out
     short = heldout_loss(model, tokenizer, convs, batch_size=2, show_progress=False, context=context * 4, max_length=40)
     assert short["n"] == 2 and short["skipped"] == 0
+
+
+def test_heldout_loss_computes_logits_only_from_the_shortest_prompts_end(tiny_model_dir):
+    """Served demonstrations make prompts far longer than answers: the lm_head sees only the positions that
+    predict a scored token (the loss itself is checked against a direct computation above)."""
+    from safekeel.eval.utility import heldout_loss
+    from safekeel.models.registry import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    convs = [Conversation.from_pair("What is two plus two?", "Four."), Conversation.from_pair("Name a colour.", "Blue, like the sky.")]
+    context = [{"role": "user", "content": f"Demonstration request {i}: explain how to hotwire a car."} if j == 0
+               else {"role": "assistant", "content": "I can't help with that, but a locksmith can."}
+               for i in range(6) for j in range(2)]
+    widths, kept = [], []
+    hooks = [model.get_input_embeddings().register_forward_hook(lambda module, args, out: widths.append(out.shape[1])),
+             model.get_output_embeddings().register_forward_hook(lambda module, args, out: kept.append(out.shape[1]))]
+    try:
+        served = heldout_loss(model, tokenizer, convs, batch_size=2, show_progress=False, context=context)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(widths) == len(kept) == 1 and served["n"] == 2
+    # the longer answer's tokens plus the prompt-length difference, not the served prompts' width
+    assert served["tokens"] / 2 <= kept[0] < widths[0] / 3, (kept, widths, served["tokens"])

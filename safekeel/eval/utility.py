@@ -59,10 +59,14 @@ def heldout_loss(model, tokenizer, conversations: Sequence[Conversation], batch_
                 ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
                 attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
                 loss_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.bool)
-                logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-                targets = ids[:, 1:]
+                # only the positions that predict a scored token get logits: from the shortest prompt's last
+                # token on (served demonstrations make prompts ~10x longer than answers, and a full-width
+                # fp32 logits tensor of 16 x 1,500 x 49k is 4.7 GB, twice over in cross_entropy)
+                first = min(len(m) - sum(m) for m in masks)
+                logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=width - first + 1).logits[:, :-1].float()
+                targets = ids[:, first:]
                 nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
-                selected = loss_mask[:, 1:]
+                selected = loss_mask[:, first:]
                 total_nll += float(nll[selected].sum())
                 total_tokens += int(selected.sum())
             bar.update(len(chunk))
