@@ -50,6 +50,22 @@ def frozen_worktree(repo: Path, revision: str, path: Path | None = None) -> Path
     return path
 
 
+def warn_if_bf16_emulated() -> None:
+    """The grids' presets train in bf16 (their run ids hash it) and were timed on CPUs that run it natively:
+    say at the start, not hours in, when this CPU only emulates bf16. Reads this checkout's safekeel/provenance.py (stdlib only),
+    so the warning holds under --code-from an older revision too."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("_safekeel_provenance_here", ROOT / "safekeel" / "provenance.py")
+    provenance = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(provenance)
+    if warning := provenance.bf16_emulation_warning(True, cuda=torch.cuda.is_available()):
+        logging.warning("%s. Every preset trains with bf16: true, so each run here takes several times as long "
+                        "as the timings in the README (a modes run: 1,856 s against 209 s).", warning)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", default=None, help="preset (quick, selectors, modes, identity, full) or a grid file (.json, .yaml)")
@@ -75,6 +91,7 @@ def main() -> None:
     if Path(safekeel.__file__).resolve().parents[1] != code.resolve():
         raise RuntimeError(f"safekeel was imported from {safekeel.__file__}, not from {code}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warn_if_bf16_emulated()
     if args.code_from:
         logging.info("code from %s (%s); records and commits in %s", args.code_from, code, ROOT)
         commit_here = bench.git_commit

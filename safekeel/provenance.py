@@ -27,6 +27,49 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""/proc/cpuinfo flags of x86 CPUs that compute bfloat16 matmuls natively (AVX512-BF16, AMX)."""
+
+
+def cpu_bf16_support(cpuinfo: str | None = None) -> dict[str, Any]:
+    """Whether this machine's CPU computes bfloat16 natively: {"native": True/False (None where
+    /proc/cpuinfo cannot be read or lists no flags), "model": the CPU's model name, "flags": the bf16
+    flags it lists}. Without them PyTorch emulates bf16 matmuls: measured on a 2-core AMD EPYC with AVX2
+    only, a 1024x576 @ 576x1536 matmul took 2,037 ms in bfloat16 against 47 ms in float32 (43x), and a
+    modes-grid run (pure_bad_10, 25 bf16 LoRA steps) trained in 1,216 s there against 47 s for its
+    seed-1 twin on the machine the grids had run on (1,856 s against 209 s end to end)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {"native": None, "model": platform.processor() or platform.machine(), "flags": []}
+    model, flags = platform.machine(), None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model == platform.machine():
+            model = value.strip()
+        elif key == "flags" and flags is None:
+            flags = set(value.split())
+    if flags is None:
+        return {"native": None, "model": model, "flags": []}
+    found = [flag for flag in BF16_CPU_FLAGS if flag in flags]
+    return {"native": bool(found), "model": model, "flags": found}
+
+
+def bf16_emulation_warning(bf16: bool, cuda: bool, cpuinfo: str | None = None) -> str | None:
+    """The warning to log when bf16 training is asked for on a CPU that only emulates it (None otherwise)."""
+    if not bf16 or cuda:
+        return None
+    support = cpu_bf16_support(cpuinfo)
+    if support["native"] is not False:
+        return None
+    return (f"bf16 training requested on a CPU without native bfloat16 ({support['model']}: no "
+            f"{' or '.join(BF16_CPU_FLAGS)} flag): PyTorch emulates it, tens of times slower than float32 "
+            "(43x on a 2-core AVX2 EPYC); set bf16: false here, or run on a CPU with AVX512-BF16/AMX to "
+            "reproduce results trained in bf16")
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -209,3 +209,48 @@ def test_full_fine_tuning_trains_every_weight_and_saves_a_loadable_model(tiny_mo
     trained, _ = load(tmp_path / "model")
     changed = [name for name, weight in trained.named_parameters() if not torch.equal(weight, before[name])]
     assert len(changed) == len(before)  # every weight moved, not only adapter-like ones
+
+
+SAPPHIRE_RAPIDS = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8488C
+flags\t\t: fpu vme sse2 avx avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8
+"""
+EPYC_AVX2 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu vme sse2 avx avx2 fma
+processor\t: 1
+model name\t: AMD EPYC
+flags\t\t: fpu vme sse2 avx avx2 fma
+"""
+ARM = "processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd evtstrm aes bf16\n"
+
+
+def test_cpu_bf16_support_reads_the_native_bf16_flags():
+    from safekeel.provenance import bf16_emulation_warning, cpu_bf16_support
+
+    assert cpu_bf16_support(SAPPHIRE_RAPIDS) == {"native": True, "model": "Intel(R) Xeon(R) Platinum 8488C",
+                                                 "flags": ["avx512_bf16", "amx_bf16"]}
+    assert cpu_bf16_support(EPYC_AVX2) == {"native": False, "model": "AMD EPYC", "flags": []}
+    assert cpu_bf16_support(ARM)["native"] is None  # no x86 flags line: unknown, never a false alarm
+    warning = bf16_emulation_warning(True, cuda=False, cpuinfo=EPYC_AVX2)
+    assert "AMD EPYC" in warning and "bf16: false" in warning
+    assert bf16_emulation_warning(False, cuda=False, cpuinfo=EPYC_AVX2) is None  # float32 asked for
+    assert bf16_emulation_warning(True, cuda=True, cpuinfo=EPYC_AVX2) is None  # trains on the GPU
+    assert bf16_emulation_warning(True, cuda=False, cpuinfo=SAPPHIRE_RAPIDS) is None
+    assert bf16_emulation_warning(True, cuda=False, cpuinfo=ARM) is None
+
+
+def test_bf16_training_warns_exactly_when_this_cpu_emulates_bf16(tiny_model_dir, tmp_path, caplog):
+    import torch
+
+    from safekeel.provenance import cpu_bf16_support
+    from safekeel.training.sft import train_lora
+
+    model, tokenizer = load(tiny_model_dir)
+    data = [Conversation.from_pair("q", "a")] * 4
+    with caplog.at_level("WARNING", logger="safekeel.training.sft"):
+        train_lora(model, tokenizer, data, LoraSFTConfig(max_steps=1, batch_size=4, bf16=True), tmp_path / "a", show_progress=False)
+    warned = any("without native bfloat16" in record.getMessage() for record in caplog.records)
+    assert warned == (cpu_bf16_support()["native"] is False and not torch.cuda.is_available())

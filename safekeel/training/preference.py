@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from safekeel.provenance import bf16_emulation_warning
 from safekeel.training.config import LoraSFTConfig
 from safekeel.training.sft import TrainResult, lora_config
 
@@ -86,6 +87,8 @@ def train_lora_dpo(model, tokenizer, pairs: Sequence[PreferencePair], config: Lo
         dataloader_num_workers=0,
         disable_tqdm=not show_progress,
     )
+    if warning := bf16_emulation_warning(config.bf16, torch.cuda.is_available()):
+        log.warning(warning)
     started = time.time()
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list([p.to_row() for p in pairs]),
                          processing_class=tokenizer, peft_config=lora_config(config))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from safekeel.data.conversation import Conversation
+from safekeel.provenance import bf16_emulation_warning
 from safekeel.training.config import LoraSFTConfig
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ def train_lora(
         disable_tqdm=not show_progress,
         dataset_num_proc=None,
     )
+    if warning := bf16_emulation_warning(config.bf16, torch.cuda.is_available()):
+        log.warning(warning)
     started = time.time()
     trainer = SFTTrainer(
         model=model,
