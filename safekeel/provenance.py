@@ -70,6 +70,13 @@ def bf16_emulation_warning(bf16: bool, cuda: bool, cpuinfo: str | None = None) -
             "reproduce results trained in bf16")
 
 
+def machine_info() -> dict[str, Any]:
+    """The hardware a record was made on (its seconds depend on it, and bf16 results on its arithmetic)."""
+    support = cpu_bf16_support()
+    return {"platform": platform.platform(), "cpu": support["model"], "cpus": os.cpu_count(),
+            "cpu_bf16_native": support["native"]}
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -4,6 +4,7 @@ caching and resume, icl/ptst modes and the shared adapter, the paired statistics
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 from pathlib import Path
@@ -15,6 +16,7 @@ from safekeel.eval.bench import (
     run_id, summarise, run_row, variance_components, wilcoxon_signed_rank, write_outputs,
 )
 from safekeel.eval.harness import EvalSettings
+from safekeel.provenance import cpu_bf16_support
 from safekeel.training.mixing import DEFAULT_SAFETY_SYSTEM_PROMPT
 
 
@@ -61,6 +63,7 @@ def test_mini_grid_runs_caches_and_resumes_only_missing_runs(tiny_model_dir, fil
     for record in first.records[1:]:
         assert record["report"]["harmful"]["keyword"]["harmful"]["n"] + record["report"]["harmful"]["keyword"]["harmful"]["unjudged"] == 3
         assert not record["adapter_cache_hit"]  # none and the two selections train on different data
+        assert record["machine"]["cpus"] == os.cpu_count() and record["machine"]["cpu_bf16_native"] == cpu_bf16_support()["native"]
     replay = [r for r in first.records if r["config"].get("mode") == "replay"]
     assert all(len(r["selected_ids"]) == 3 and r["n_training_examples"] == 15 for r in replay)
     data = json.loads((results / "bench_mini.json").read_text())

@@ -1,10 +1,12 @@
 """Training, generation and the finetune pipeline on a tiny randomly initialised Llama."""
 
 import json
+import os
 
 import pytest
 
 from safekeel.data.conversation import Conversation
+from safekeel.provenance import cpu_bf16_support
 from safekeel.training.config import LoraSFTConfig
 
 
@@ -87,6 +89,7 @@ def test_finetune_pipeline_end_to_end(tiny_model_dir, tmp_path):
     assert provenance["selected_ids"] == result.selection["ids"] and len(provenance["selected_ids"]) == 3
     assert provenance["n_user_examples"] == 12 and provenance["n_training_examples"] == 15
     assert len(provenance["data_sha256"]) == 64 and provenance["versions"]["trl"] == "1.16.0"
+    assert provenance["machine"]["cpu"] == cpu_bf16_support()["model"] and provenance["machine"]["cpus"] == os.cpu_count()
     assert provenance["spec"]["seed"] == 5 and provenance["spec"]["sft"]["seed"] == 5
     assert events[:3] == ["data", "selecting", "selection"] and "eval" in events
     report = json.loads((tmp_path / "run" / "eval" / "eval_report.json").read_text())
@@ -228,7 +231,7 @@ ARM = "processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd evtstrm aes bf16
 
 
 def test_cpu_bf16_support_reads_the_native_bf16_flags():
-    from safekeel.provenance import bf16_emulation_warning, cpu_bf16_support
+    from safekeel.provenance import bf16_emulation_warning
 
     assert cpu_bf16_support(SAPPHIRE_RAPIDS) == {"native": True, "model": "Intel(R) Xeon(R) Platinum 8488C",
                                                  "flags": ["avx512_bf16", "amx_bf16"]}
@@ -245,7 +248,6 @@ def test_cpu_bf16_support_reads_the_native_bf16_flags():
 def test_bf16_training_warns_exactly_when_this_cpu_emulates_bf16(tiny_model_dir, tmp_path, caplog):
     import torch
 
-    from safekeel.provenance import cpu_bf16_support
     from safekeel.training.sft import train_lora
 
     model, tokenizer = load(tiny_model_dir)

@@ -70,7 +70,7 @@ from typing import Callable, Sequence
 from safekeel.eval import selection_features
 from safekeel.eval.harness import EvalSettings, is_named_prompt_set
 from safekeel.paths import REPO_ROOT
-from safekeel.provenance import library_versions, sha256_json, write_json_atomic
+from safekeel.provenance import library_versions, machine_info, sha256_json, write_json_atomic
 from safekeel.training.mixing import MODES, SELECTING_MODES, TRAINING_MODES
 
 log = logging.getLogger(__name__)
@@ -481,7 +481,7 @@ def execute(config: dict, cache_dir: str | Path = CACHE_DIR, show_progress: bool
                                                   "n_user_examples", "n_training_examples")}
         extra["adapter_cache_hit"] = bool(provenance["train"].get("cached"))
     return {"run_id": identifier, "config": config, "report": report.to_dict(), **extra,
-            "seconds": round(time.time() - started, 1), "versions": library_versions()}
+            "seconds": round(time.time() - started, 1), "versions": library_versions(), "machine": machine_info()}
 
 
 @dataclass

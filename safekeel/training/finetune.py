@@ -27,7 +27,7 @@ from safekeel.data.formats import load_conversations
 from safekeel.data.safety import AUTHORED_POOL, load_pool
 from safekeel.eval.harness import EvalReport, EvalSettings, evaluate
 from safekeel.models.registry import ModelNotFoundError, load_model_and_tokenizer, resolve_model
-from safekeel.provenance import library_versions, sha256_file, sha256_json, write_json_atomic
+from safekeel.provenance import library_versions, machine_info, sha256_file, sha256_json, write_json_atomic
 from safekeel.selectors import DEFAULT_SELECTOR, SelectionContext, get_selector
 from safekeel.training.config import LoraSFTConfig
 from safekeel.training.mixing import MODES, SELECTING_MODES, TRAINING_MODES, backdoor_prefix, eval_overrides, mix
@@ -215,6 +215,7 @@ def run_finetune(spec: FinetuneSpec, should_stop: Callable[[], bool] | None = No
         "base_model_provenance": base_provenance,
         "train": train,
         "versions": library_versions(),
+        "machine": machine_info(),
     }
     write_json_atomic(out / "provenance.json", provenance)
     emit("trained", provenance["train"])
