@@ -35,22 +35,23 @@ def cpu_bf16_support(cpuinfo: str | None = None) -> dict[str, Any]:
     """Whether this machine's CPU computes bfloat16 natively: {"native": True/False (None where
     /proc/cpuinfo cannot be read or lists no flags), "model": the CPU's model name, "flags": the bf16
     flags it lists}. Without them PyTorch emulates bf16 matmuls: measured on a 2-core AMD EPYC with AVX2
-    only, a 1024x576 @ 576x1536 matmul took 2,037 ms in bfloat16 against 47 ms in float32 (43x), and a
-    modes-grid run (pure_bad_10, 25 bf16 LoRA steps) trained in 1,216 s there against 47 s for its
-    seed-1 twin on the machine the grids had run on (1,856 s against 209 s end to end)."""
+    only, a 1024x576 @ 576x1536 matmul took 2,037 ms in bfloat16 against 47 ms in float32 (43x), and the
+    modes grid's gsm8k_random100-ptst run (25 bf16 LoRA steps) trained in 6,399 s at seed 2 there against
+    168 s at seed 1 on the machine the grids had run on (6,732 s against 264 s end to end)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return {"native": None, "model": platform.processor() or platform.machine(), "flags": []}
-    model, flags = platform.machine(), None
-    for line in cpuinfo.splitlines():
+    model = flags = None
+    for line in cpuinfo.splitlines():  # one block per core: the first of each key speaks for all
         key, _, value = line.partition(":")
         key = key.strip()
-        if key == "model name" and model == platform.machine():
+        if key == "model name" and model is None:
             model = value.strip()
         elif key == "flags" and flags is None:
             flags = set(value.split())
+    model = model or platform.machine()
     if flags is None:
         return {"native": None, "model": model, "flags": []}
     found = [flag for flag in BF16_CPU_FLAGS if flag in flags]

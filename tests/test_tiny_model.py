@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 
 import pytest
 
@@ -237,6 +238,7 @@ def test_cpu_bf16_support_reads_the_native_bf16_flags():
                                                  "flags": ["avx512_bf16", "amx_bf16"]}
     assert cpu_bf16_support(EPYC_AVX2) == {"native": False, "model": "AMD EPYC", "flags": []}
     assert cpu_bf16_support(ARM)["native"] is None  # no x86 flags line: unknown, never a false alarm
+    assert cpu_bf16_support("flags\t: avx2\n") == {"native": False, "model": platform.machine(), "flags": []}
     warning = bf16_emulation_warning(True, cuda=False, cpuinfo=EPYC_AVX2)
     assert "AMD EPYC" in warning and "bf16: false" in warning
     assert bf16_emulation_warning(False, cuda=False, cpuinfo=EPYC_AVX2) is None  # float32 asked for
