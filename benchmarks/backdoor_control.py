@@ -24,9 +24,7 @@ adapters are cached (the modes grid's icl and ptst runs train them), about 3 min
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import statistics
 import sys
@@ -37,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from safekeel.eval.bench import (  # noqa: E402
-    CACHE_DIR, RESULTS_DIR, GridSpec, _paired, aligned_config, bootstrap_ci, modes_grid, run_config, run_grid, run_row,
+    GridSpec, _paired, aligned_config, bootstrap_ci, modes_grid, run_config, run_grid, run_row, script_parser, start_script,
 )
 from safekeel.provenance import library_versions, write_json_atomic  # noqa: E402
 from safekeel.training.mixing import backdoor_prefix, eval_overrides  # noqa: E402
@@ -180,21 +178,13 @@ def write(records: list[dict], results_dir: Path, command: str, n_total: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--commit", action="store_true", help="git-commit each finished run record and the tables")
-    parser.add_argument("--render-only", action="store_true", help="re-analyse the committed records and re-render (no run)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = script_parser(__doc__, "re-analyse the committed records and re-render (no run)").parse_args()
+    start_script(args.render_only)
     command = "python benchmarks/backdoor_control.py " + " ".join(sys.argv[1:])
     configs = control_configs()
     if args.render_only:
         write(_load(args.results_dir / "bench_runs" / NAME), args.results_dir, command, len(configs))
     else:
-        import torch
-
-        torch.set_num_threads(os.cpu_count() or 1)
         run_grid(control_grid(), args.results_dir, args.cache_dir, commit=args.commit, command=command, configs=configs,
                  writer=lambda records, final: write(records, args.results_dir, command, len(configs)))
     print((args.results_dir / f"{NAME}.md").read_text())

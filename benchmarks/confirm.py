@@ -10,8 +10,6 @@ benchmarks/results/confirm.{json,md}. Refuses (exit 2) while the selectors grid'
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -20,22 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from safekeel.eval.bench import CACHE_DIR, RESULTS_DIR  # noqa: E402
+from safekeel.eval.bench import script_parser, start_script  # noqa: E402
 from safekeel.eval.confirm import IncompleteGrid, main_command  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--commit", action="store_true", help="git-commit each finished run record and the outputs")
-    parser.add_argument("--render-only", action="store_true", help="re-render confirm.md from confirm.json")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not args.render_only:
-        import torch
-
-        torch.set_num_threads(os.cpu_count() or 1)
+    args = script_parser(__doc__, "re-render confirm.md from confirm.json").parse_args()
+    start_script(args.render_only)
     try:
         markdown = main_command(args.results_dir, args.cache_dir, commit=args.commit, render_only=args.render_only,
                                 command="python benchmarks/confirm.py " + " ".join(sys.argv[1:]))

@@ -29,9 +29,7 @@ The pilot in ../shared/FACTS.md covers n = 1,000 (another preset:
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import statistics
 import sys
@@ -42,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from safekeel.eval.bench import (  # noqa: E402
-    BENIGN_SFT, CACHE_DIR, RESULTS_DIR, SAMSUM_TEMPLATE, DatasetSpec, GridSpec, bootstrap_ci, expand, run_grid, run_row, summarise,
+    BENIGN_SFT, SAMSUM_TEMPLATE, DatasetSpec, GridSpec, bootstrap_ci, expand, run_grid, run_row, script_parser, start_script, summarise,
 )
 from safekeel.eval.harness import EvalSettings  # noqa: E402
 from safekeel.provenance import library_versions, write_json_atomic  # noqa: E402
@@ -225,26 +223,19 @@ def render_plot(data: dict, path: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__, "re-render NAME.md/.png from NAME.json")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--commit", action="store_true", help="git-commit each finished run record and the tables")
-    parser.add_argument("--render-only", action="store_true", help="re-render NAME.md/.png from NAME.json")
     parser.add_argument("--sft", type=json.loads, default=None,
                         help='JSON overrides of the training preset, e.g. \'{"epochs": 1, "learning_rate": 6e-4}\' (use with --name)')
     parser.add_argument("--name", default="regimes", help="grid name: outputs NAME.json/.md/.png, records bench_runs/NAME/")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    start_script(args.render_only)
     if args.render_only:
         render(args.results_dir / f"{args.name}.json")
     else:
-        import torch
-
-        torch.set_num_threads(os.cpu_count() or 1)
         command = "python benchmarks/regimes.py " + " ".join(sys.argv[1:])
         if args.sft and args.name == "regimes":
             parser.error("--sft changes the preset: give the map its own --name")

@@ -56,9 +56,11 @@ one pool), and choose its datasets from the regime map (benchmarks/regimes.py).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -1383,6 +1385,26 @@ def render_plots(data: dict, folder: Path, stem: str) -> list[Path]:
         plt.close(figure)
     features = selection_features.plot(data, folder, stem)
     return outputs + ([features] if features else [])
+
+
+def script_parser(doc: str, render_help: str) -> argparse.ArgumentParser:
+    """The command line every benchmarks/ grid script starts from, described by the first paragraph of its
+    docstring: --commit, --render-only (with the script's own help), --results-dir and --cache-dir."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--commit", action="store_true", help="git-commit each finished run record and the outputs")
+    parser.add_argument("--render-only", action="store_true", help=render_help)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
+    return parser
+
+
+def start_script(render_only: bool) -> None:
+    """Log to stderr, and give torch every core unless the script only re-renders (torch not imported)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not render_only:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
 
 
 def main_command(grid_source: str, results_dir: str | Path = RESULTS_DIR, cache_dir: str | Path = CACHE_DIR,
