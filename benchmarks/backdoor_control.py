@@ -1,7 +1,7 @@
 """The control of the modes grid's `backdoor` cells: is BackdoorAlign's trigger learned, or does serving
 under a random-string system prompt move the harmful rate by itself?
 
-    python benchmarks/backdoor_control.py [--commit] [--render-only]
+    python benchmarks/backdoor_control.py [--commit] [--render-only] [--seeds 3 4]
 
 In the modes grid (benchmarks/results/modes.md) a backdoor run is trained with the k safety examples under
 the seed's secret system prompt (safekeel.training.mixing.backdoor_prefix) and served under it; its
@@ -20,6 +20,8 @@ Records: benchmarks/results/bench_runs/backdoor_control/ (resumable, committed w
 grid's records are read from bench_runs/modes/; outputs benchmarks/results/backdoor_control.{json,md}.
 Cost: 24 evaluations (6 seeds x (3 datasets + aligned)), about 2-3 min each on 2 cores where the `none`
 adapters are cached (the modes grid's icl and ptst runs train them), about 3 min more each where not.
+`--seeds` runs some seeds' evaluations only (the same records): run a seed on the machine that just ran the
+modes grid's runs of that seed, and its adapters are cache hits; the outputs analyse every record there is.
 """
 
 from __future__ import annotations
@@ -178,15 +180,25 @@ def write(records: list[dict], results_dir: Path, command: str, n_total: int) ->
 
 
 def main() -> None:
-    args = script_parser(__doc__, "re-analyse the committed records and re-render (no run)").parse_args()
-    start_script(args.render_only)
+    parser = script_parser(__doc__, "re-analyse the committed records and re-render (no run)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run only these training seeds' evaluations (the same records as the full control: run "
+                             "a seed where its `none` adapter is cached, i.e. after the modes grid's runs of that seed)")
+    args = parser.parse_args()
     command = "python benchmarks/backdoor_control.py " + " ".join(sys.argv[1:])
     configs = control_configs()
+    runs_dir = args.results_dir / "bench_runs" / NAME
+    if args.seeds is not None:
+        unknown = sorted(set(args.seeds) - {c["seed"] for c in configs})
+        if unknown:
+            parser.error(f"--seeds {unknown}: the control's seeds are {sorted({c['seed'] for c in configs})}")
+    start_script(args.render_only)
     if args.render_only:
-        write(_load(args.results_dir / "bench_runs" / NAME), args.results_dir, command, len(configs))
-    else:
-        run_grid(control_grid(), args.results_dir, args.cache_dir, commit=args.commit, command=command, configs=configs,
-                 writer=lambda records, final: write(records, args.results_dir, command, len(configs)))
+        write(_load(runs_dir), args.results_dir, command, len(configs))
+    else:  # the outputs always analyse every record there is, whichever seeds this invocation runs
+        run_grid(control_grid(), args.results_dir, args.cache_dir, commit=args.commit, command=command,
+                 configs=[c for c in configs if args.seeds is None or c["seed"] in args.seeds],
+                 writer=lambda records, final: write(_load(runs_dir), args.results_dir, command, len(configs)))
     print((args.results_dir / f"{NAME}.md").read_text())
 
 

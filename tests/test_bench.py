@@ -7,6 +7,8 @@ import json
 import os
 import random
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,8 @@ from safekeel.eval.bench import (
 from safekeel.eval.harness import EvalSettings
 from safekeel.provenance import cpu_bf16_support
 from safekeel.training.mixing import DEFAULT_SAFETY_SYSTEM_PROMPT
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _jsonl(path: Path, rows: list[dict]) -> str:
@@ -860,6 +864,15 @@ def test_backdoor_control_serves_the_none_adapter_and_the_aligned_model_under_ea
         assert {**config["eval"], "system_prompt": None} == plain["eval"]
         backdoor = next(c for c in modes if c.get("mode") == "backdoor" and c["seed"] == config["seed"] and c["dataset"] == config["dataset"])
         assert eval_overrides("backdoor", [], backdoor["eval"]["system_prompt"], backdoor["seed"])["system_prompt"] == secret
+
+
+def test_backdoor_control_refuses_seeds_it_does_not_have(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "backdoor_control.py"), "--seeds", "7", "3",
+                           "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2
+    assert "--seeds [7]: the control's seeds are [0, 1, 2, 3, 4, 5]" in done.stderr
+    assert not list(tmp_path.iterdir())  # refused before anything ran or was written
 
 
 def test_backdoor_control_analysis_separates_the_prompt_from_the_training(tmp_path):
