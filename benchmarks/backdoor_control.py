@@ -189,9 +189,10 @@ def main() -> None:
     configs = control_configs()
     runs_dir = args.results_dir / "bench_runs" / NAME
     if args.seeds is not None:
-        unknown = sorted(set(args.seeds) - {c["seed"] for c in configs})
+        seeds = sorted({c["seed"] for c in configs})
+        unknown = sorted(set(args.seeds) - set(seeds))
         if unknown:
-            parser.error(f"--seeds {unknown}: the control's seeds are {sorted({c['seed'] for c in configs})}")
+            parser.error(f"--seeds {unknown}: the control's seeds are {seeds}")
     start_script(args.render_only)
     if args.render_only:
         write(_load(runs_dir), args.results_dir, command, len(configs))
