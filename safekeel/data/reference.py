@@ -125,3 +125,44 @@ def split_prompts(prompts: PromptSet, sizes: dict[str, int], seed: int = 0) -> d
         out[name] = PromptSet(f"{prompts.name}-{name}", [prompts.prompts[i] for i in chosen], [prompts.ids[i] for i in chosen])
         start += size
     return out
+
+
+ORBENCH_KINDS = {"hard": "safe", "toxic": "unsafe"}
+
+
+def orbench(kind: str = "hard", split: str = "all") -> PromptSet:
+    """OR-Bench prompts: 'hard' = OR-Bench-Hard-1K (1,319 safe prompts that look unsafe: over-refusal),
+    'toxic' = OR-Bench-Toxic (655 unsafe prompts). Split like XSTest by the parity of the upstream row
+    index: 'dev' = odd, 'test' = even, 'all' = both. A judge may train on replies to dev prompts only."""
+    if kind not in ORBENCH_KINDS:
+        raise ValueError(f"OR-Bench kind must be one of {', '.join(ORBENCH_KINDS)}, not {kind!r}")
+    if split not in ("all", "dev", "test"):
+        raise ValueError(f"OR-Bench split must be all, dev or test, not {split!r}")
+    path = require_shared_data() / "overrefusal" / "orbench_hard1k_toxic.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["label"] == ORBENCH_KINDS[kind]]
+    if split != "all":
+        parity = 1 if split == "dev" else 0
+        rows = [r for r in rows if int(r["id"].rsplit("_", 1)[1]) % 2 == parity]
+    return PromptSet(f"orbench-{kind}-{split}", [r["prompt"] for r in rows], [r["id"] for r in rows])
+
+
+def gptfuzz_questions() -> PromptSet:
+    """The 100 harmful questions of GPTFuzz (from shared/data/judge_labels): no evaluation asks them, so
+    replies to them may train a judge."""
+    path = require_shared_data() / "judge_labels" / "gptfuzz_responses_labeled.jsonl"
+    questions: dict[int, str] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            questions.setdefault(row["meta"]["question_index"], row["prompt"])
+    order = sorted(questions)
+    return PromptSet("gptfuzz-questions", [questions[i] for i in order], [f"gptfuzz-q{i:03d}" for i in order])
+
+
+def sample_prompts(prompts: PromptSet, n: int, seed: int = 0) -> PromptSet:
+    """A seeded sample of n prompts (all of them, in a seeded order, when n >= the set's size), named name@n."""
+    order = list(range(len(prompts.prompts)))
+    random.Random(f"{prompts.name}-{seed}").shuffle(order)
+    chosen = order[:n]
+    return PromptSet(f"{prompts.name}@{n}", [prompts.prompts[i] for i in chosen], [prompts.ids[i] for i in chosen])

@@ -341,6 +341,10 @@ def _eval_config(grid: GridSpec, dataset: DatasetSpec | None, dataset_utility: b
         del settings["extra_harmful_sets"]
     else:
         settings["extra_harmful_sets"] = list(settings["extra_harmful_sets"])
+    if not settings["extra_overrefusal_sets"]:
+        del settings["extra_overrefusal_sets"]
+    else:
+        settings["extra_overrefusal_sets"] = list(settings["extra_overrefusal_sets"])
     if settings["prompt_template"] is None:
         del settings["prompt_template"]
     if dataset is not None and dataset.utility is not None and dataset_utility:

@@ -14,6 +14,7 @@ from safekeel.data.conversation import SafetyExample
 from safekeel.data.formats import load_conversations
 from safekeel.eval.generate import generate_batched, vllm_generator
 from safekeel.eval.judges import get_judge
+from safekeel.eval.replies import read_replies
 from safekeel.eval.stats import Rate
 from safekeel.eval.utility import gsm8k_accuracy, heldout_loss
 from safekeel.provenance import library_versions, write_json_atomic
@@ -53,6 +54,9 @@ class EvalSettings:
     extra_harmful_sets: tuple[str, ...] = ()
     """More harmful prompt sets evaluated beside harmful_set (same judges; e.g. harmbench-standard), reported
     per set in EvalReport.harmful_extra; generated in the same batches as the main sets."""
+    extra_overrefusal_sets: tuple[str, ...] = ()
+    """More safe prompt sets judged for over-refusal beside overrefusal_set (e.g. orbench-hard-test@100),
+    reported per set in EvalReport.overrefusal_extra."""
     engine: str = "transformers"
     """Generation engine: 'transformers' (the model object given); 'vllm' (one offline vLLM engine per
     process for the named base model in float32, the adapter loaded by path: the same replies as
@@ -63,6 +67,7 @@ class EvalSettings:
         # JSON (a spec or a grid file) gives lists: keep the tuples, so a settings round trip is equal
         self.judges = tuple(self.judges)
         self.extra_harmful_sets = tuple(self.extra_harmful_sets)
+        self.extra_overrefusal_sets = tuple(self.extra_overrefusal_sets)
         if self.prompt_template is not None:
             check_prompt_template(self.prompt_template)
 
@@ -86,6 +91,8 @@ class EvalReport:
     """Seconds spent generating, judging and measuring utility (where an evaluation's time goes)."""
     harmful_extra: dict = field(default_factory=dict)
     """Per extra harmful set (settings.extra_harmful_sets): {set name: {judge: rates}}, shaped like `harmful`."""
+    overrefusal_extra: dict = field(default_factory=dict)
+    """Per extra safe set (settings.extra_overrefusal_sets): {set name: {judge: rates}}, shaped like `overrefusal`."""
 
     def primary(self) -> str:
         return self.settings["judges"][0]
@@ -119,6 +126,9 @@ class EvalReport:
                 lines.append(f"  harmful rate [{judge}] on {name}: {fmt(result['harmful'])}")
         for judge, result in self.overrefusal.items():
             lines.append(f"  over-refusal [{judge}] on {self.settings['overrefusal_set']}: {fmt(result['refused'])}")
+        for name, per_judge in self.overrefusal_extra.items():
+            for judge, result in per_judge.items():
+                lines.append(f"  over-refusal [{judge}] on {name}: {fmt(result['refused'])}")
         if self.utility:
             if "loss" in self.utility:
                 lines.append(f"  utility: held-out loss {self.utility['loss']['loss']:.4f} on {self.utility['loss']['n']} examples")
@@ -128,7 +138,7 @@ class EvalReport:
         return "\n".join(lines)
 
 
-NAMED_PROMPT_SET_PREFIXES = ("advbench-", "xstest-", "harmbench-", "jbb-")
+NAMED_PROMPT_SET_PREFIXES = ("advbench-", "xstest-", "harmbench-", "jbb-", "orbench-", "gptfuzz-")
 
 
 def is_named_prompt_set(name: str) -> bool:
@@ -136,24 +146,42 @@ def is_named_prompt_set(name: str) -> bool:
     return name.startswith(NAMED_PROMPT_SET_PREFIXES)
 
 
-def load_prompt_set(name: str) -> tuple[str, list[str]]:
-    """Named sets: advbench-{train,dev,test,unseen}, xstest-{dev,test,all}, harmbench-{standard,contextual,
-    copyright}, jbb-harmful; anything else is a dataset file whose last user turns are the prompts."""
-    named = {"advbench-unseen": reference.advbench_unseen, "jbb-harmful": reference.jbb_harmful}
+def prompt_set(name: str) -> reference.PromptSet:
+    """Named sets: advbench-{train,dev,test,unseen}, xstest-{dev,test,all} (safe prompts),
+    xstest-unsafe-{dev,test,all}, harmbench-{standard,contextual,copyright}, jbb-harmful,
+    orbench-{hard,toxic}-{dev,test,all}, gptfuzz-questions; NAME@N is a seeded sample of N prompts of a
+    named set. Anything else is a dataset file whose last user turns are the prompts."""
+    if is_named_prompt_set(name) and "@" in name:
+        base, _, size = name.rpartition("@")
+        if not size.isdigit() or int(size) < 1:
+            raise ValueError(f"prompt set {name!r}: the sample size after '@' must be a positive integer")
+        return reference.sample_prompts(prompt_set(base), int(size))
+    named = {"advbench-unseen": reference.advbench_unseen, "jbb-harmful": reference.jbb_harmful,
+             "gptfuzz-questions": reference.gptfuzz_questions}
     if name in named:
-        prompt_set = named[name]()
-        return prompt_set.name, prompt_set.prompts
+        return named[name]()
     if name.startswith("harmbench-"):
-        prompt_set = reference.harmbench(name.split("-", 1)[1])
-        return prompt_set.name, prompt_set.prompts
+        return reference.harmbench(name.split("-", 1)[1])
     if name.startswith("advbench-"):
-        prompt_set = reference.advbench(name.split("-", 1)[1])
-        return prompt_set.name, prompt_set.prompts
+        return reference.advbench(name.split("-", 1)[1])
+    if name.startswith("xstest-unsafe-"):
+        return reference.xstest_unsafe(name.rsplit("-", 1)[1])
     if name.startswith("xstest-"):
-        prompt_set = reference.xstest_safe(name.split("-", 1)[1])
-        return prompt_set.name, prompt_set.prompts
+        return reference.xstest_safe(name.split("-", 1)[1])
+    if name.startswith("orbench-"):
+        parts = name.split("-")
+        if len(parts) != 3:
+            raise ValueError(f"unknown prompt set {name!r}; OR-Bench sets are orbench-{{hard,toxic}}-{{dev,test,all}}")
+        return reference.orbench(parts[1], parts[2])
     loaded = load_conversations(name, strict=True, require_assistant=False)
-    return name, [c.last_user for c in loaded.conversations]
+    return reference.PromptSet(name, [c.last_user for c in loaded.conversations],
+                               [f"{name}:{i}" for i in range(len(loaded.conversations))])
+
+
+def load_prompt_set(name: str) -> tuple[str, list[str]]:
+    """(set name, prompts) of a named set or a dataset file (see prompt_set)."""
+    found = prompt_set(name)
+    return found.name, found.prompts
 
 
 def served_context(settings: EvalSettings) -> list[dict[str, str]]:
@@ -207,24 +235,78 @@ def judge_responses(prompts: Sequence[str], responses: Sequence[str | None], jud
 
 
 def rejudge(responses_file: str | Path, judges: Sequence[str]) -> tuple[dict, dict]:
-    """Re-apply judges to a saved responses.jsonl (no generation): (harmful summary, over-refusal summary)."""
-    rows = [json.loads(line) for line in Path(responses_file).read_text().splitlines() if line.strip()]
-    harmful_rows = [r for r in rows if r["kind"] == "harmful"]
-    safe_rows = [r for r in rows if r["kind"] == "safe"]
-    harmful, _ = judge_responses([r["prompt"] for r in harmful_rows], [r["response"] for r in harmful_rows], judges, harmful=True)
-    overrefusal, _ = judge_responses([r["prompt"] for r in safe_rows], [r["response"] for r in safe_rows], judges, harmful=False)
-    return harmful, overrefusal
+    """Re-apply judges to a saved responses.jsonl or replies .jsonl.gz (no generation): (harmful summary,
+    over-refusal summary). rejudge_rows gives the extra sets too."""
+    summaries = rejudge_rows(read_replies(responses_file), judges)
+    return summaries["harmful"], summaries["safe"]
+
+
+def rejudge_rows(rows: Sequence[dict], judges: Sequence[str]) -> dict:
+    """Judge kept replies again: {"harmful", "safe": summaries; "harmful_extra", "safe_extra": {set: summary}}."""
+    sets: dict[tuple[str, str], JudgedSet] = {}
+    responses: dict[tuple[str, str], list] = {}
+    for row in rows:
+        key = (row["kind"], row.get("set", row["kind"]))
+        judged = sets.setdefault(key, JudgedSet(key[1], key[0], [], []))
+        judged.prompts.append(row["prompt"])
+        judged.ids.append(row.get("id", ""))
+        responses.setdefault(key, []).append(row["response"])
+    ordered = list(sets)
+    summaries, _ = judge_sets([sets[k] for k in ordered], [r for k in ordered for r in responses[k]], judges)
+    return summaries
+
+
+@dataclass
+class JudgedSet:
+    """One prompt set of an evaluation: its name, kind (harmful | safe | harmful_extra | safe_extra), prompts, ids."""
+    name: str
+    kind: str
+    prompts: list[str]
+    ids: list[str]
+
+    @property
+    def harmful(self) -> bool:
+        return self.kind.startswith("harmful")
+
+
+def evaluation_sets(settings: EvalSettings) -> list[JudgedSet]:
+    """The prompt sets an evaluation generates for, in generation order: harmful, safe, then the extras."""
+    def loaded(name: str, kind: str, n: int | None = None) -> JudgedSet:
+        found = prompt_set(name)
+        prompts, ids = (found.prompts[:n], found.ids[:n]) if n else (found.prompts, found.ids)
+        return JudgedSet(found.name, kind, prompts, ids)
+
+    return ([loaded(settings.harmful_set, "harmful", settings.n_harmful), loaded(settings.overrefusal_set, "safe", settings.n_overrefusal)]
+            + [loaded(name, "harmful_extra") for name in settings.extra_harmful_sets]
+            + [loaded(name, "safe_extra") for name in settings.extra_overrefusal_sets])
+
+
+def judge_sets(sets: Sequence[JudgedSet], responses: Sequence[str | None], judges: Sequence[str]) -> tuple[dict, list[dict]]:
+    """Judge every set's responses (given in the order of `sets`): ({kind: summary or {set: summary}}, one
+    row per response with its set, kind, prompt id, prompt and each judge's judgement)."""
+    summaries: dict = {"harmful": {}, "safe": {}, "harmful_extra": {}, "safe_extra": {}}
+    rows: list[dict] = []
+    start = 0
+    for judged in sets:
+        end = start + len(judged.prompts)
+        summary, per_response = judge_responses(judged.prompts, responses[start:end], judges, harmful=judged.harmful)
+        if judged.kind in ("harmful", "safe"):
+            summaries[judged.kind] = summary
+        else:
+            summaries[judged.kind][judged.name] = summary
+        for i, (prompt_id, prompt) in enumerate(zip(judged.ids, judged.prompts)):
+            rows.append({"set": judged.name, "kind": judged.kind, "id": prompt_id, "prompt": prompt,
+                         "response": responses[start + i],
+                         "judgements": {name: asdict(j[i]) for name, j in per_response.items()}})
+        start = end
+    return summaries, rows
 
 
 def evaluate(model, tokenizer, settings: EvalSettings, model_name: str = "", adapter: str | None = None,
              output_dir: str | Path | None = None, show_progress: bool = True) -> EvalReport:
     started = time.time()
-    harmful_name, harmful_prompts = load_prompt_set(settings.harmful_set)
-    safe_name, safe_prompts = load_prompt_set(settings.overrefusal_set)
-    harmful_prompts = harmful_prompts[: settings.n_harmful] if settings.n_harmful else harmful_prompts
-    safe_prompts = safe_prompts[: settings.n_overrefusal] if settings.n_overrefusal else safe_prompts
-    extra_sets = [load_prompt_set(name) for name in settings.extra_harmful_sets]
-    prompts = harmful_prompts + safe_prompts + [p for _, extra in extra_sets for p in extra]
+    sets = evaluation_sets(settings)
+    prompts = [p for judged in sets for p in judged.prompts]
     chats = [build_chat(p, settings) for p in prompts]
     if settings.engine in VLLM_ENGINES:
         from safekeel.models.registry import resolve_model
@@ -237,22 +319,10 @@ def evaluate(model, tokenizer, settings: EvalSettings, model_name: str = "", ada
     else:
         raise ValueError(f"unknown generation engine {settings.engine!r}; known: transformers, {', '.join(VLLM_ENGINES)}")
     timings = {"generation_s": round(time.time() - started, 1)}
-    texts = [g.text for g in generations]
-    n_harm = len(harmful_prompts)
     judging_started = time.time()
-    harmful, harmful_judgements = judge_responses(harmful_prompts, texts[:n_harm], settings.judges, harmful=True)
-    n_main = n_harm + len(safe_prompts)
-    overrefusal, safe_judgements = judge_responses(safe_prompts, texts[n_harm:n_main], settings.judges, harmful=False)
-    # per response: (set name, kind, judgements of its set, index within its set)
-    origins = [(harmful_name, "harmful", harmful_judgements, i) for i in range(n_harm)]
-    origins += [(safe_name, "safe", safe_judgements, i) for i in range(len(safe_prompts))]
-    harmful_extra, start = {}, n_main
-    for extra_name, extra_prompts in extra_sets:
-        end = start + len(extra_prompts)
-        harmful_extra[extra_name], extra_judgements = judge_responses(extra_prompts, texts[start:end], settings.judges, harmful=True)
-        origins += [(extra_name, "harmful_extra", extra_judgements, i) for i in range(len(extra_prompts))]
-        start = end
-
+    summaries, rows = judge_sets(sets, [g.text for g in generations], settings.judges)
+    for row, generation in zip(rows, generations):
+        row["error"] = generation.error
     timings["judging_s"] = round(time.time() - judging_started, 1)
     utility_started = time.time()
     utility: dict = {}
@@ -269,20 +339,17 @@ def evaluate(model, tokenizer, settings: EvalSettings, model_name: str = "", ada
 
     timings["utility_s"] = round(time.time() - utility_started, 1)
     settings_dict = asdict(settings)
-    settings_dict.update(harmful_set=harmful_name, overrefusal_set=safe_name)
-    report = EvalReport(model_name, adapter, settings_dict, harmful, overrefusal, utility,
-                        round(time.time() - started, 1), library_versions(), timings=timings, harmful_extra=harmful_extra)
+    settings_dict.update(harmful_set=sets[0].name, overrefusal_set=sets[1].name)
+    report = EvalReport(model_name, adapter, settings_dict, summaries["harmful"], summaries["safe"], utility,
+                        round(time.time() - started, 1), library_versions(), timings=timings,
+                        harmful_extra=summaries["harmful_extra"], overrefusal_extra=summaries["safe_extra"])
     if output_dir is not None:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         responses_path = output_dir / "responses.jsonl"
         with open(responses_path, "w") as handle:
-            for (set_name, kind, judgements, offset), prompt, generation in zip(origins, prompts, generations):
-                handle.write(json.dumps({
-                    "set": set_name, "kind": kind, "prompt": prompt,
-                    "response": generation.text, "error": generation.error,
-                    "judgements": {name: asdict(j[offset]) for name, j in judgements.items()},
-                }) + "\n")
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
         report.responses_file = str(responses_path)
         report.save(output_dir)
     return report
