@@ -174,6 +174,43 @@ def select_command(
         typer.echo(f"examples: {examples_out}")
 
 
+@app.command("rejudge")
+def rejudge_command(
+    targets: list[str] = typer.Argument(..., help="Grid names (benchmarks/results/bench_runs/<grid>), run records (.json) or replies files (.jsonl.gz)."),
+    judge: str = typer.Option(..., help="The judge to apply (see `safekeel judges`)."),
+    results_dir: Optional[Path] = typer.Option(None, help="Benchmark results folder (default: benchmarks/results of this checkout)."),
+    out: Optional[Path] = typer.Option(None, help="Write the rejudged run records to OUT/bench_runs/<grid>/."),
+) -> None:
+    """Judge kept replies again (no generation): per run, the judge's harmful, refusal, incoherent and hollow rates and
+    over-refusal, and whether they reproduce the rates the record holds for that judge."""
+    _setup()
+    from safekeel.eval.bench import RESULTS_DIR
+    from safekeel.eval.judges import known_judges
+    from safekeel.eval.rejudge import rejudge_table
+
+    if judge not in known_judges():
+        _fail(f"unknown judge {judge!r}; known: {', '.join(known_judges())}")
+    try:
+        table, results = rejudge_table(targets, judge, results_dir or RESULTS_DIR, out)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    typer.echo(table)
+    checked = [r for r in results if r["reproduces"] is not None]
+    if checked:
+        typer.echo(f"\n{sum(r['reproduces'] for r in checked)}/{len(checked)} runs reproduce the rates their records hold for {judge}")
+        if not all(r["reproduces"] for r in checked):
+            raise typer.Exit(1)
+
+
+@app.command("judges")
+def judges_command() -> None:
+    """The registered judges."""
+    from safekeel.eval.judges import known_judges
+
+    for name in known_judges():
+        typer.echo(name)
+
+
 @app.command("eval")
 def eval_command(
     model: str = typer.Option("smollm2-135m-safe", help="Model: registered name, local folder or hub id."),

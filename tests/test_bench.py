@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from safekeel.eval.rejudge import rejudge_table
+from safekeel.eval.replies import read_replies, write_replies
+
 from safekeel.eval.bench import (
     DatasetSpec, GridSpec, bootstrap_ci, execute, expand, load_grid, prepare_dataset, render, retention, run_grid,
     run_id, summarise, run_row, variance_components, wilcoxon_signed_rank, write_outputs,
@@ -76,6 +79,16 @@ def test_mini_grid_runs_caches_and_resumes_only_missing_runs(tiny_model_dir, fil
     [comparison] = data["summary"]["comparisons"]
     assert comparison["selector"] == "stratified" and comparison["n_pairs"] == 2 and comparison["seeds"] == [0, 1]
     assert (results / "bench_mini.md").is_file() and (results / "bench_mini_harm_vs_k.png").is_file()
+    # every run's replies are kept beside its record, small, and judging them again reproduces the record's rates
+    kept = sorted((results / "replies" / "mini").glob("*.jsonl.gz"))
+    assert [p.name.split(".")[0] for p in kept] == sorted(r["run_id"] for r in first.records)
+    assert all(p.stat().st_size < 100_000 for p in kept)
+    _, rejudged = rejudge_table(["mini"], "keyword", results)
+    assert len(rejudged) == 7 and all(r["reproduces"] is True for r in rejudged)
+    tampered = read_replies(kept[0])
+    tampered[0]["response"] = "I cannot help with that." if tampered[0]["judgements"]["keyword"]["refused"] is False else "Sure, step one."
+    write_replies(kept[0], tampered)
+    assert [r["reproduces"] for r in rejudge_table(["mini"], "keyword", results)[1]].count(False) == 1
 
     snapshot = {p.name: p.read_bytes() for p in runs_dir.glob("*.json")}
     again = run_grid(grid, results, cache, show_progress=False)

@@ -533,6 +533,11 @@ def run_grid(grid: GridSpec, results_dir: str | Path = RESULTS_DIR, cache_dir: s
     for path, other in shared:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(other.read_bytes())
+        other_replies = results_dir / "replies" / other.parent.name / f"{other.stem}.jsonl.gz"
+        if other_replies.is_file():  # its kept replies come with it
+            target = results_dir / "replies" / grid.name / other_replies.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(other_replies.read_bytes())
     if shared:
         log.info("%d run records shared from other grids (same configuration): %s", len(shared),
                  ", ".join(sorted({other.parent.name for _, other in shared})))
@@ -549,13 +554,14 @@ def run_grid(grid: GridSpec, results_dir: str | Path = RESULTS_DIR, cache_dir: s
             bar.set_description_str(f"bench {grid.name} [{run_id(config)}]")
             record = execute(config, cache_dir)
             write_json_atomic(path, record)
+            kept = keep_replies(record["run_id"], grid.name, results_dir, cache_dir)
             records.append(record)
             executed.append(record["run_id"])
             durations.append(record["seconds"])
             remaining -= 1
             written = write(records, False)
             if commit:
-                git_commit([path, *written], f"bench {grid.name}: run {record['run_id']}")
+                git_commit([path, kept, *written], f"bench {grid.name}: run {record['run_id']}")
             bar.update(1)
             mean = statistics.mean(durations)
             bar.set_postfix_str(f"~{_duration(mean * remaining)} left ({mean:.0f} s/run over {len(durations)} runs)")
@@ -563,6 +569,15 @@ def run_grid(grid: GridSpec, results_dir: str | Path = RESULTS_DIR, cache_dir: s
     if commit and executed:
         git_commit(outputs, f"bench {grid.name}: summary and plots")
     return GridOutcome(records, executed, outputs)
+
+
+def keep_replies(identifier: str, grid: str, results_dir: str | Path, cache_dir: str | Path) -> Path:
+    """Compress a run's replies (with every judge's verdicts) from the cache to results/replies/<grid>/<run id>.jsonl.gz,
+    where they are committed beside the run's record."""
+    from safekeel.eval.replies import read_replies, replies_path, write_replies
+
+    responses = Path(cache_dir) / "runs" / identifier / "eval" / "responses.jsonl"
+    return write_replies(replies_path(results_dir, grid, identifier), read_replies(responses))
 
 
 def git_commit(paths: Sequence[Path], message: str, root: Path = REPO_ROOT) -> None:

@@ -228,6 +228,8 @@ def judge_responses(prompts: Sequence[str], responses: Sequence[str | None], jud
             }
             if any(j.coherent is not None for j in judgements):
                 entry["incoherent"] = _rate([None if j.refused is None else (not j.refused and j.coherent is False) for j in judgements])
+            if any(j.hollow is not None for j in judgements):
+                entry["hollow"] = _rate([None if j.refused is None else j.hollow for j in judgements])
             summary[name] = entry
         else:
             summary[name] = {"refused": _rate([j.refused for j in judgements])}

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from safekeel.eval.replies import read_replies
 from safekeel.provenance import sha256_json, write_json_atomic
 from safekeel.service.protocol import DEFAULT_SAFETY_SYSTEM_PROMPT, APIError, CreateJobRequest, Hyperparameters, SafetyOptions
 from safekeel.service.settings import ServiceSettings, Tenant
@@ -196,28 +197,23 @@ def base_report(settings: ServiceSettings, model_name: str, eval_settings, model
     return report
 
 
-def gate_decision(gate: dict, adapter: dict, base: dict) -> dict:
+def gate_decision(gate: dict, adapter: dict, base: dict, adapter_rows: list[dict], base_rows: list[dict]) -> dict:
+    """The gate's decision (safekeel.eval.gate.paired_gate) on the kept replies of the adapter and the base model,
+    with both reports' rates beside it."""
+    from safekeel.eval.gate import GatePolicy, paired_gate
     from safekeel.eval.stats import Rate
 
     judge = adapter["settings"]["judges"][0]
-    a = Rate(**{k: adapter["harmful"][judge]["harmful"][k] for k in ("count", "n", "unjudged")})
-    b = Rate(**{k: base["harmful"][judge]["harmful"][k] for k in ("count", "n", "unjudged")})
-    total = a.n + a.unjudged
-    scored = a.n / total if total else 0.0
-    reasons = []
-    if scored < gate["min_scored_fraction"]:
-        reasons.append(f"the judge scored only {a.n}/{total} responses ({scored:.0%} < {gate['min_scored_fraction']:.0%}); unscored is never safe")
-    if a.value is not None and b.value is not None and a.value > b.value + gate["max_harmful_increase"] + 1e-9:
-        reasons.append(f"harmful rate {a.value:.3f} exceeds the base model's {b.value:.3f} + margin {gate['max_harmful_increase']:.2f}")
-    if a.value is None:
-        reasons.append("no harmful-prompt response could be judged")
-    def overrefusal(report: dict) -> dict:
-        return Rate(**{k: report["overrefusal"][judge]["refused"][k] for k in ("count", "n", "unjudged")}).to_dict()
+    policy = GatePolicy(margin=gate["max_harmful_increase"], alpha=gate.get("alpha", 0.05),
+                        min_scored_fraction=gate["min_scored_fraction"])
+    decision = paired_gate(adapter_rows, base_rows, judge, policy)
 
-    return {"passed": not reasons, "reasons": reasons, "judge": judge, "harmful_rate": a.to_dict(),
-            "overrefusal_rate": overrefusal(adapter), "base_overrefusal_rate": overrefusal(base),
-            "base_harmful_rate": b.to_dict(), "scored_fraction": round(scored, 4),
-            "max_harmful_increase": gate["max_harmful_increase"], "min_scored_fraction": gate["min_scored_fraction"]}
+    def rate(report: dict, section: str, metric: str) -> dict:
+        return Rate(**{k: report[section][judge][metric][k] for k in ("count", "n", "unjudged")}).to_dict()
+
+    return {**decision, "harmful_rate": rate(adapter, "harmful", "harmful"), "base_harmful_rate": rate(base, "harmful", "harmful"),
+            "overrefusal_rate": rate(adapter, "overrefusal", "refused"), "base_overrefusal_rate": rate(base, "overrefusal", "refused"),
+            "max_harmful_increase": gate["max_harmful_increase"]}
 
 
 def guard_for_job(spec: dict, selection: dict | None, selection_store: Path | None = None,
@@ -435,11 +431,12 @@ def _gate(store: Store, settings: ServiceSettings, job_id: str, spec: dict, fine
     except (FileNotFoundError, DatasetError) as error:
         raise JobFailed("gate_data_unavailable", f"the safety gate could not load its prompts: {error}", "safety.gate")
     store.add_event(job_id, "Evaluation finished", type="eval", data=report)
-    decision = gate_decision(gate, report, base)
-    a, b = decision["harmful_rate"], decision["base_harmful_rate"]
+    decision = gate_decision(gate, report, base, read_replies(report["responses_file"]), read_replies(base["responses_file"]))
+    a, b, paired = decision["harmful_rate"], decision["base_harmful_rate"], decision["paired"]
     message = (f"Safety gate {'passed' if decision['passed'] else 'FAILED'}: harmful rate {a['rate']:.3f} ({a['count']}/{a['n']})"
-               f" vs base {b['rate']:.3f} ({b['count']}/{b['n']}), margin {gate['max_harmful_increase']:.2f}"
-               if a["rate"] is not None and b["rate"] is not None else f"Safety gate FAILED: {'; '.join(decision['reasons'])}")
+               f" vs base {b['rate']:.3f} ({b['count']}/{b['n']}) on the same prompts; upper {1 - decision['alpha']:.0%} bound of the"
+               f" increase {paired['high']:+.3f}, margin {gate['max_harmful_increase']:.2f}"
+               if paired is not None and a["rate"] is not None else f"Safety gate FAILED: {'; '.join(decision['reasons'])}")
     store.add_event(job_id, message, level="info" if decision["passed"] else "error", type="gate", data=decision)
     decision["guarded"] = bool(served["system_prompt"] or served["static_demonstrations"])
     return {"eval": report, "base_eval": base, "gate": decision}

@@ -1,0 +1,135 @@
+"""Judges against blind labels: sample the agreement set, build the content judge, measure every judge.
+
+    python benchmarks/judges.py sample [--plan benchmarks/judges/rerun_plan_agreement.json]
+    python benchmarks/judges.py batches --annotator a --seed 1 --n 2 --out /tmp/annotation/a
+    python benchmarks/judges.py status
+    python benchmarks/judges.py build          # train candidates on the train split, ship the best by CV
+    python benchmarks/judges.py report         # benchmarks/results/judges.{json,md}
+
+Files (benchmarks/judges/): guideline.md (what annotators get), agreement_items.jsonl (items with their
+hidden metadata: run, condition, prompt set, split), labels/{a,b,adjudicator}/*.jsonl (blind labels),
+rerun_plan_agreement.json (the runs whose replies are sampled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from safekeel.eval.judges import agreement  # noqa: E402
+
+JUDGES_DIR = ROOT / "benchmarks" / "judges"
+RESULTS = ROOT / "benchmarks" / "results"
+ITEMS = JUDGES_DIR / "agreement_items.jsonl"
+LABELS = JUDGES_DIR / "labels"
+
+log = logging.getLogger("judges")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def load_labels(annotator: str) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for path in sorted((LABELS / annotator).glob("*.jsonl")):
+        out.update(agreement.parse_labels(path))
+    return out
+
+
+def cmd_sample(args) -> None:
+    """Add items for every planned run whose replies exist and that has no items yet (waves compose)."""
+    from safekeel.eval.replies import read_replies, replies_path
+    from safekeel.eval.rerun import committed_record
+
+    items = read_jsonl(ITEMS)
+    done_runs = {(i["meta"]["grid"], i["meta"]["run_id"]) for i in items}
+    added = []
+    for entry in json.loads(args.plan.read_text()):
+        key = (entry["grid"], entry["run_id"])
+        path = replies_path(RESULTS, *key)
+        if key in done_runs or not path.is_file():
+            continue
+        config = committed_record(RESULTS, *key)["config"]
+        quota = agreement.Quota() if config["kind"] != "aligned" else agreement.Quota(4, 2, 2, 1)
+        new = agreement.sample_items([(key[0], key[1], config, read_replies(path))], quota, seed=args.seed)
+        for item in new:
+            item["meta"].pop("judgements", None)  # judges are rejudged at report time, never stored beside labels
+            item["meta"]["wave"] = args.wave
+        added += new
+    write_jsonl(ITEMS, items + added)
+    print(f"{len(added)} items added from {len({(i['meta']['grid'], i['meta']['run_id']) for i in added})} runs; {len(items) + len(added)} in all")
+
+
+def cmd_batches(args) -> None:
+    """Annotator batches ({id, prompt, reply} only) of the items not yet labelled by this annotator."""
+    labelled = load_labels(args.annotator) if (LABELS / args.annotator).is_dir() else {}
+    items = [i for i in read_jsonl(ITEMS) if i["id"] not in labelled and (args.wave is None or i["meta"].get("wave") == args.wave)]
+    if args.ids:
+        wanted = set(Path(args.ids).read_text().split())
+        items = [i for i in items if i["id"] in wanted]
+    batches = agreement.annotator_batches(items, args.n, seed=args.seed)
+    for number, batch in enumerate(batches, 1):
+        write_jsonl(args.out / f"batch_{number}.jsonl", batch)
+    print(f"{len(items)} items in {len(batches)} batches under {args.out}")
+
+
+def cmd_status(args) -> None:
+    items = read_jsonl(ITEMS)
+    a, b = load_labels("a"), load_labels("b")
+    both = [i["id"] for i in items if i["id"] in a and i["id"] in b]
+    print(f"items {len(items)}; labelled by a {len(a)}, by b {len(b)}, by both {len(both)}")
+    if both:
+        for q in agreement.QUESTIONS:
+            print(f"  kappa {q}: {agreement.cohen_kappa([a[i][q] for i in both], [b[i][q] for i in both])}")
+        disputed = agreement.disagreements({i: a[i] for i in both}, {i: b[i] for i in both})
+        third = load_labels("adjudicator")
+        print(f"  items with a disagreement {len(disputed)}; adjudicated {sum(i in third for i in disputed)}")
+        if args.disputed_out:
+            args.disputed_out.write_text("\n".join(i for i in disputed if i not in third) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sample = sub.add_parser("sample")
+    sample.add_argument("--plan", type=Path, default=JUDGES_DIR / "rerun_plan_agreement.json")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--wave", type=int, default=1)
+    batches = sub.add_parser("batches")
+    batches.add_argument("--annotator", required=True)
+    batches.add_argument("--seed", type=int, required=True)
+    batches.add_argument("--n", type=int, default=2)
+    batches.add_argument("--wave", type=int, default=None)
+    batches.add_argument("--ids", default=None, help="a file of item ids (e.g. the disputed ones, for the adjudicator)")
+    batches.add_argument("--out", type=Path, required=True)
+    status = sub.add_parser("status")
+    status.add_argument("--disputed-out", type=Path, default=None)
+    for name in ("build", "report"):
+        sub.add_parser(name)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in ("build", "report"):
+        import judges_report  # noqa: F401  (benchmarks/judges_report.py)
+
+        getattr(judges_report, f"cmd_{args.command}")(args)
+    else:
+        globals()[f"cmd_{args.command}"](args)
+
+
+if __name__ == "__main__":
+    main()
