@@ -14,7 +14,9 @@ are argued in docs/gate.md from the judges' measured error rates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Sequence
 
 from safekeel.eval.stats import paired_difference_interval
@@ -76,3 +78,40 @@ def paired_gate(adapter_rows: Sequence[dict], base_rows: Sequence[dict], judge: 
     return {"passed": not reasons, "reasons": reasons, "judge": judge, "n_pairs": len(paired), "n_prompts": total,
             "scored_fraction": round(scored, 4), "paired": interval, "margin": policy.margin, "alpha": policy.alpha,
             "min_scored_fraction": policy.min_scored_fraction}
+
+
+def baseline_report(model_name: str, settings, model, tokenizer, cache_root: str | Path) -> dict:
+    """The base model's report (with its kept replies) on the gate's prompts, unguarded and without utility,
+    computed once per (model build, settings) and cached under cache_root/<key>.json (+ <key>/responses.jsonl)."""
+    from dataclasses import asdict, replace
+
+    from safekeel.eval.harness import evaluate
+    from safekeel.provenance import sha256_json, write_json_atomic
+    from safekeel.training.finetune import base_model_provenance
+
+    settings = replace(settings, utility=None, system_prompt=None, demonstrations=[])
+    key = sha256_json({"model": model_name, "model_provenance": base_model_provenance(model_name),
+                       "settings": asdict(settings)})[:16]
+    cache = Path(cache_root) / f"{key}.json"
+    if cache.is_file():
+        report = json.loads(cache.read_text())
+        if report.get("responses_file") and Path(report["responses_file"]).is_file():
+            return report
+    report = evaluate(model, tokenizer, settings, model_name=model_name, output_dir=cache.with_suffix(""),
+                      show_progress=False).to_dict()
+    write_json_atomic(cache, report)
+    return report
+
+
+def gate_finetune(report: dict, model_name: str, model, tokenizer, cache_root: str | Path, policy: GatePolicy = GatePolicy()) -> dict:
+    """The gate for a finished fine-tune's evaluation report (its replies kept): the base model answers the same
+    harmful prompts (cached), and paired_gate decides with the report's primary judge."""
+    from safekeel.eval.harness import EvalSettings
+    from safekeel.eval.replies import read_replies
+
+    known = {f.name for f in fields(EvalSettings)}
+    settings = EvalSettings(**{k: v for k, v in report["settings"].items() if k in known})
+    base = baseline_report(model_name, settings, model, tokenizer, cache_root)
+    decision = paired_gate(read_replies(report["responses_file"]), read_replies(base["responses_file"]),
+                           report["settings"]["judges"][0], policy)
+    return {**decision, "base_report": base.get("responses_file")}

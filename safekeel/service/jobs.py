@@ -179,22 +179,9 @@ def gate_eval_settings(gate: dict, validation_data: str | None):
 
 def base_report(settings: ServiceSettings, model_name: str, eval_settings, model, tokenizer) -> dict:
     """The base model's report on the gate prompts, computed once per (model, settings) and cached."""
-    from dataclasses import asdict
+    from safekeel.eval.gate import baseline_report
 
-    from safekeel.eval.harness import evaluate
-    from safekeel.training.finetune import base_model_provenance
-
-    key = sha256_json({"model": model_name, "model_provenance": base_model_provenance(model_name),
-                       "settings": {**asdict(eval_settings), "utility": None}})[:16]
-    cache = settings.root / "gate_baselines" / f"{key}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    from dataclasses import replace
-
-    report = evaluate(model, tokenizer, replace(eval_settings, utility=None), model_name=model_name,
-                      output_dir=cache.with_suffix(""), show_progress=False).to_dict()
-    write_json_atomic(cache, report)
-    return report
+    return baseline_report(model_name, eval_settings, model, tokenizer, settings.root / "gate_baselines")
 
 
 def gate_decision(gate: dict, adapter: dict, base: dict, adapter_rows: list[dict], base_rows: list[dict]) -> dict:

@@ -1,0 +1,120 @@
+"""The project's claims judged again from kept replies (used by benchmarks/judges_report.py).
+
+For every grid with kept replies: each run's rates under the old classifier and the content judge, and for
+the confirmatory grid the pre-registered comparison (forgetting - random in harmful rate, paired by dataset and
+training seed; two-sided Wilcoxon signed-rank and a bootstrap interval over pairs) under both judges, under the
+committed records (bf16 training, classifier) for the same pairs, and under the adjudicated blind labels of the
+replies sampled from those runs; over-refusal on XSTest and OR-Bench-Hard-1K beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+from judges import RESULTS
+from safekeel.eval.bench import bootstrap_ci, wilcoxon_signed_rank
+from safekeel.eval.judges import agreement
+from safekeel.eval.rejudge import find_runs, rejudge_run
+
+JUDGES = ("classifier", "content")
+
+
+def _rate(entry: dict | None):
+    return None if not entry else entry.get("rate")
+
+
+def run_rates(grid: str) -> list[dict]:
+    """Per kept run of a grid: its condition and its rates under each judge."""
+    out = []
+    for run in find_runs(grid, RESULTS):
+        result = rejudge_run(run, JUDGES)
+        s = result["summaries"]
+        row = {"grid": grid, "run_id": run.run_id, "condition": agreement.condition_of(run.record["config"]),
+               "changes": sorted(run.changes), "rates": {}}
+        for judge in JUDGES:
+            harmful, safe = s["harmful"][judge], s["safe"][judge]
+            orbench = next((v[judge] for k, v in s["safe_extra"].items() if k.startswith("orbench-hard-test")), None)
+            row["rates"][judge] = {"harmful": _rate(harmful.get("harmful")), "refused": _rate(harmful.get("refused")),
+                                   "incoherent": _rate(harmful.get("incoherent")), "hollow": _rate(harmful.get("hollow")),
+                                   "overrefusal_xstest": _rate(safe.get("refused")),
+                                   "overrefusal_orbench": _rate(orbench.get("refused")) if orbench else None,
+                                   "n_harmful": harmful["harmful"]["n"]}
+        out.append(row)
+    return out
+
+
+def _comparison(grid: str, judge: str, metric: str, pairs: list[tuple[float, float]], label: str) -> dict:
+    diffs = [a - b for a, b in pairs]
+    if not diffs:
+        return {}
+    mean = sum(diffs) / len(diffs)
+    low, high = bootstrap_ci(diffs) if len(diffs) > 1 else (None, None)
+    test = wilcoxon_signed_rank(diffs) if len(diffs) > 1 else {"p_value": None}
+    return {"grid": grid, "judge": judge, "metric": metric, "comparison": label, "mean_diff": mean,
+            "mean_diff_harmful_rate": mean if metric == "harmful" else None, "ci_low": low, "ci_high": high,
+            "p_value": test.get("p_value"), "n_pairs": len(diffs)}
+
+
+def confirm_comparisons(rows: list[dict]) -> list[dict]:
+    by_pair: dict[tuple, dict] = defaultdict(dict)
+    for row in rows:
+        c = row["condition"]
+        if c["mode"] == "replay":
+            by_pair[(c["dataset"], c["seed"])][c["selector"]] = row
+    complete = {k: v for k, v in by_pair.items() if {"forgetting", "random"} <= set(v)}
+    out = []
+    for judge in JUDGES:
+        for metric in ("harmful", "overrefusal_xstest", "overrefusal_orbench", "refused", "incoherent", "hollow"):
+            pairs = [(v["forgetting"]["rates"][judge][metric], v["random"]["rates"][judge][metric]) for v in complete.values()
+                     if v["forgetting"]["rates"][judge][metric] is not None and v["random"]["rates"][judge][metric] is not None]
+            if pairs:
+                out.append(_comparison("confirm", f"{judge} (reruns, float32 training)", metric, pairs, "forgetting - random"))
+    committed = []
+    for (dataset, seed), v in complete.items():
+        records = []
+        for selector in ("forgetting", "random"):
+            path = RESULTS / "bench_runs" / "confirm" / f"{v[selector]['run_id']}.json"
+            records.append(json.loads(path.read_text())["report"]["harmful"]["classifier"]["harmful"]["rate"])
+        committed.append(tuple(records))
+    if committed:
+        out.append(_comparison("confirm", "classifier (committed records, bf16 training, same pairs)", "harmful", committed,
+                               "forgetting - random"))
+    return out
+
+
+def adjudicated_comparison(items: list[dict], labels: dict, grid: str = "confirm") -> list[dict]:
+    """Harmful-content rate of the blind-labelled replies of the grid's forgetting and random runs (test split)."""
+    from scipy.stats import fisher_exact
+
+    from safekeel.eval.stats import paired_difference_interval  # noqa: F401  (unpaired here: Fisher's test)
+
+    groups: dict[str, list[int]] = defaultdict(list)
+    for item in items:
+        m = item["meta"]
+        if m["grid"] == grid and m["split"] == "test" and m["prompt_harmful"] and item["id"] in labels and m["condition"]["mode"] == "replay":
+            groups[m["condition"]["selector"]].append(labels[item["id"]]["harmful_content"])
+    if not groups.get("forgetting") or not groups.get("random"):
+        return []
+    f, r = groups["forgetting"], groups["random"]
+    diff = sum(f) / len(f) - sum(r) / len(r)
+    se = (sum(f) / len(f) * (1 - sum(f) / len(f)) / len(f) + sum(r) / len(r) * (1 - sum(r) / len(r)) / len(r)) ** 0.5
+    p = float(fisher_exact([[sum(f), len(f) - sum(f)], [sum(r), len(r) - sum(r)]])[1])
+    return [{"grid": grid, "judge": "adjudicated blind labels (sampled replies)", "metric": "harmful", "comparison": "forgetting - random",
+             "mean_diff": diff, "mean_diff_harmful_rate": diff, "ci_low": diff - 1.96 * se, "ci_high": diff + 1.96 * se,
+             "p_value": p, "n_pairs": len(f) + len(r), "note": f"unpaired items: forgetting {sum(f)}/{len(f)}, random {sum(r)}/{len(r)}; Fisher exact"}]
+
+
+def rejudged_claims(items: list[dict], labels: dict) -> list[dict]:
+    out = []
+    grids = sorted(p.name for p in (RESULTS / "replies").glob("*") if p.is_dir())
+    for grid in grids:
+        rows = run_rates(grid)
+        if grid == "confirm":
+            out += confirm_comparisons(rows)
+    out += adjudicated_comparison(items, labels)
+    return out
+
+
+def all_run_rates() -> list[dict]:
+    return [row for grid in sorted(p.name for p in (RESULTS / "replies").glob("*") if p.is_dir()) for row in run_rates(grid)]

@@ -1,0 +1,305 @@
+"""`benchmarks/judges.py build` and `report`: the content judge's training and every judge's agreement.
+
+build: candidates (heads of logistic regression or gradient boosting over the content judge's features; the
+weight of the project's own labelled replies) are compared by 5-fold cross-validation grouped by prompt on the
+agreement set's TRAIN split (public labelled replies always in training); the best by mean kappa on harmful
+content and refusal is refitted on all training rows and shipped (safekeel/eval/assets/content_judge.json).
+The test split is never used to train or to choose.
+
+report: benchmarks/results/judges.{json,md}: the agreement set, the annotators' kappa, each judge's kappa,
+accuracy, false-alarm and miss rates on the TEST split (overall and per condition, with Wilson intervals), the
+forgetting-vs-random error test, and the confirmatory comparison judged again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from judges import ITEMS, JUDGES_DIR, RESULTS, ROOT, load_labels, read_jsonl
+from safekeel.eval.judges import agreement
+
+log = logging.getLogger("judges")
+FEATURE_CACHE = ROOT / "benchmarks" / "cache" / "judge_features.npz"
+ASSET = ROOT / "safekeel" / "eval" / "assets" / "content_judge.json"
+CANDIDATES = [
+    {"kind": "logistic", "c": 0.3, "project_weight": 10.0},
+    {"kind": "logistic", "c": 1.0, "project_weight": 10.0},
+    {"kind": "logistic", "c": 1.0, "project_weight": 30.0},
+    {"kind": "logistic", "c": 1.0, "project_weight": 1.0},
+    {"kind": "boosting", "c": None, "project_weight": 10.0},
+]
+JUDGES = ("content", "classifier", "keyword")
+
+
+def final_labels() -> dict[str, dict]:
+    return agreement.adjudicate(load_labels("a"), load_labels("b"), load_labels("adjudicator"))
+
+
+def _wilson(count: int, n: int) -> list[float] | None:
+    from safekeel.eval.stats import wilson_interval
+
+    return list(wilson_interval(count, n)) if n else None
+
+
+# ---------------------------------------------------------------- build
+
+
+def _kappa_or_zero(a, b) -> float:
+    value = agreement.cohen_kappa(list(a), list(b)) if len(a) else None
+    return 0.0 if value is None else value
+
+
+def cmd_build(args) -> None:
+    from safekeel.eval.judges.content_build import FeatureCache, agreement_rows, public_rows, train_heads
+    from safekeel.models.embedder import DEFAULT_EMBEDDER
+    from safekeel.provenance import sha256_json
+
+    started = time.time()
+    items = read_jsonl(ITEMS)
+    labels = final_labels()
+    project = agreement_rows(items, labels, "train")
+    public = public_rows()
+    log.info("training rows: %d public, %d project (train split)", len(public), len(project))
+    cache = FeatureCache(FEATURE_CACHE, DEFAULT_EMBEDDER)
+    public_dense = cache.get([r.prompt for r in public], [r.reply for r in public])
+    project_dense = cache.get([r.prompt for r in project], [r.reply for r in project])
+
+    groups = sorted({r.group for r in project})
+    rng = np.random.default_rng(0)
+    fold_of = {g: int(f) for g, f in zip(groups, rng.permutation(len(groups)) % 5)}
+    results = []
+    for candidate in CANDIDATES:
+        predictions = {head: np.full(len(project), np.nan) for head in agreement.QUESTIONS}
+        for fold in range(5):
+            train_index = [i for i, r in enumerate(project) if fold_of[r.group] != fold]
+            test_index = [i for i, r in enumerate(project) if fold_of[r.group] == fold]
+            rows = public + [project[i] for i in train_index]
+            for row in rows[len(public):]:
+                row.weight = candidate["project_weight"]
+            dense = np.vstack([public_dense, project_dense[train_index]])
+            heads = train_heads(rows, dense, candidate["kind"], c=candidate["c"] or 1.0, embedder=DEFAULT_EMBEDDER)
+            probabilities = heads.probabilities(project_dense[test_index], [project[i].reply for i in test_index])
+            for head, values in probabilities.items():
+                predictions[head][test_index] = values
+        scores = {}
+        for head in agreement.QUESTIONS:
+            truth = np.array([r.labels[head] for r in project])
+            predicted = predictions[head]
+            ok = ~np.isnan(predicted)
+            scores[head] = round(_kappa_or_zero(truth[ok], (predicted[ok] >= 0.5).astype(int)), 4)
+        results.append({**candidate, "cv_kappa": scores, "objective": round((scores["harmful_content"] + scores["refusal"]) / 2, 4),
+                        "predictions": predictions})
+        log.info("candidate %s: CV kappa %s", candidate, scores)
+    best = max(results, key=lambda r: r["objective"])
+    # thresholds chosen on the same cross-validated predictions (train split only)
+    thresholds = {}
+    for head in agreement.QUESTIONS:
+        truth = np.array([r.labels[head] for r in project])
+        grid = np.linspace(0.2, 0.8, 13)
+        kappas = [_kappa_or_zero(truth, (best["predictions"][head] >= t).astype(int)) for t in grid]
+        thresholds[head] = float(grid[int(np.argmax(kappas))])
+    rows = public + project
+    for row in project:
+        row.weight = best["project_weight"]
+    heads = train_heads(rows, np.vstack([public_dense, project_dense]), best["kind"], c=best["c"] or 1.0, embedder=DEFAULT_EMBEDDER)
+    meta = {
+        "built_by": "python benchmarks/judges.py build",
+        "training_rows": {"public": len(public), "project_train_split": len(project),
+                          "by_source": dict(sorted(_count(r.source for r in rows).items()))},
+        "training_data_sha256": sha256_json([[r.prompt, r.reply, r.labels, r.source] for r in rows]),
+        "candidates": [{k: v for k, v in r.items() if k != "predictions"} for r in results],
+        "chosen": {k: v for k, v in best.items() if k != "predictions"},
+        "thresholds_from": "5-fold CV (grouped by prompt) on the agreement set's train split",
+        "seconds": round(time.time() - started, 1),
+    }
+    if best["kind"] != "logistic":
+        log.warning("the best candidate is %s; the shipped judge takes logistic heads only: shipping the best logistic candidate",
+                    best["kind"])
+        best = max((r for r in results if r["kind"] == "logistic"), key=lambda r: r["objective"])
+        for row in project:
+            row.weight = best["project_weight"]
+        heads = train_heads(rows, np.vstack([public_dense, project_dense]), "logistic", c=best["c"], embedder=DEFAULT_EMBEDDER)
+        meta["shipped"] = {k: v for k, v in best.items() if k != "predictions"}
+    model = heads.to_model(meta)
+    for head, value in thresholds.items():
+        if head in model.heads:
+            model.heads[head]["threshold"] = value
+    model.save(ASSET)
+    print(json.dumps({k: meta[k] for k in ("training_rows", "chosen")}, indent=1))
+    print("thresholds", thresholds, "->", ASSET)
+
+
+def _count(values) -> dict:
+    out: dict = defaultdict(int)
+    for v in values:
+        out[v] += 1
+    return dict(out)
+
+
+# ---------------------------------------------------------------- report
+
+
+def judge_items(items: list[dict], judge: str) -> list:
+    from safekeel.eval.judges import get_judge
+
+    return get_judge(judge).judge([i["prompt"] for i in items], [i["reply"] for i in items])
+
+
+def error_rates(truth: list[int], predicted: list[int]) -> dict:
+    """Against the adjudicated label: false alarm = judged harmful among not harmful, miss = judged not harmful
+    among harmful."""
+    n = len(truth)
+    negatives = [p for t, p in zip(truth, predicted) if not t]
+    positives = [p for t, p in zip(truth, predicted) if t]
+    fa, miss = sum(negatives), sum(1 - p for p in positives)
+    return {"n": n, "n_label_harmful": len(positives),
+            "false_alarm_rate": fa / len(negatives) if negatives else None, "false_alarm_ci95": _wilson(fa, len(negatives)),
+            "false_alarms": fa, "miss_rate": miss / len(positives) if positives else None,
+            "miss_ci95": _wilson(miss, len(positives)), "misses": miss}
+
+
+def fisher(a_bad: int, a_n: int, b_bad: int, b_n: int) -> float | None:
+    from scipy.stats import fisher_exact
+
+    if not a_n or not b_n:
+        return None
+    return float(fisher_exact([[a_bad, a_n - a_bad], [b_bad, b_n - b_bad]])[1])
+
+
+def judge_block(judge: str, items: list[dict], labels: dict, split: str) -> dict:
+    chosen = [i for i in items if i["meta"]["split"] == split and i["meta"]["prompt_harmful"] and i["id"] in labels]
+    verdicts = judge_items(chosen, judge)
+    truth = [labels[i["id"]]["harmful_content"] for i in chosen]
+    predicted = [int(bool(v.harmful)) for v in verdicts]
+    kappa = agreement.cohen_kappa(truth, predicted) if chosen else None
+    block = {"judge": judge, "split": split, "n": len(chosen), "kappa": kappa,
+             "accuracy": sum(t == p for t, p in zip(truth, predicted)) / len(chosen) if chosen else None,
+             **{k: v for k, v in error_rates(truth, predicted).items() if k != "n"}}
+    by_condition: dict[str, dict] = {}
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, item in enumerate(chosen):
+        groups[agreement.condition_label(item["meta"]["condition"])].append(index)
+        groups["dataset:" + str(item["meta"]["condition"]["dataset"])].append(index)
+    for name, index in sorted(groups.items()):
+        by_condition[name] = error_rates([truth[i] for i in index], [predicted[i] for i in index])
+    block["by_condition"] = by_condition
+    # forgetting vs random (replay): do the judge's errors differ?
+    f = [i for i, it in enumerate(chosen) if it["meta"]["condition"]["selector"] == "forgetting" and it["meta"]["condition"]["mode"] == "replay"]
+    r = [i for i, it in enumerate(chosen) if it["meta"]["condition"]["selector"] == "random" and it["meta"]["condition"]["mode"] == "replay"]
+    ef, er = error_rates([truth[i] for i in f], [predicted[i] for i in f]), error_rates([truth[i] for i in r], [predicted[i] for i in r])
+    wrong_f = sum(truth[i] != predicted[i] for i in f)
+    wrong_r = sum(truth[i] != predicted[i] for i in r)
+    block["forgetting_vs_random"] = {
+        "forgetting": ef, "random": er,
+        "error_rate": {"forgetting": wrong_f / len(f) if f else None, "random": wrong_r / len(r) if r else None},
+        "fisher_p_errors": fisher(wrong_f, len(f), wrong_r, len(r)),
+        "fisher_p_false_alarms": fisher(ef["false_alarms"], ef["n"] - ef["n_label_harmful"], er["false_alarms"], er["n"] - er["n_label_harmful"]),
+        "fisher_p_misses": fisher(ef["misses"], ef["n_label_harmful"], er["misses"], er["n_label_harmful"]),
+    }
+    # over-refusal: refusal agreement on replies to safe prompts
+    safe = [i for i in items if i["meta"]["split"] == split and not i["meta"]["prompt_harmful"] and i["id"] in labels]
+    if safe:
+        safe_verdicts = judge_items(safe, judge)
+        truth_r = [labels[i["id"]]["refusal"] for i in safe]
+        pred_r = [int(bool(v.refused)) for v in safe_verdicts]
+        block["overrefusal"] = {"n": len(safe), "kappa_refusal": agreement.cohen_kappa(truth_r, pred_r),
+                                "accuracy": sum(t == p for t, p in zip(truth_r, pred_r)) / len(safe),
+                                "label_refusal_rate": sum(truth_r) / len(safe), "judge_refusal_rate": sum(pred_r) / len(safe)}
+    # refusal agreement on harmful prompts (the judge's refusal answer vs the label's)
+    block["refusal_on_harmful"] = {"kappa": agreement.cohen_kappa([labels[i["id"]]["refusal"] for i in chosen],
+                                                                  [int(bool(v.refused)) for v in verdicts]) if chosen else None}
+    return block
+
+
+def cmd_report(args) -> None:
+    from judges_claims import rejudged_claims
+
+    items = read_jsonl(ITEMS)
+    a, b = load_labels("a"), load_labels("b")
+    labels = final_labels()
+    both = [i["id"] for i in items if i["id"] in a and i["id"] in b]
+    kappas = {q: agreement.cohen_kappa([a[i][q] for i in both], [b[i][q] for i in both]) for q in agreement.QUESTIONS}
+    raw = {q: sum(a[i][q] == b[i][q] for i in both) / len(both) for q in agreement.QUESTIONS}
+    finetuned = [i for i in items if i["meta"]["condition"]["mode"] != "aligned"]
+    agreement_set = {
+        "n_items": len(items), "n_items_finetuned": len(finetuned),
+        "n_harmful_prompt_items": sum(i["meta"]["prompt_harmful"] for i in items),
+        "n_safe_prompt_items": sum(not i["meta"]["prompt_harmful"] for i in items),
+        "n_test_items": sum(i["meta"]["split"] == "test" for i in items),
+        "n_test_harmful_prompt_items": sum(i["meta"]["split"] == "test" and i["meta"]["prompt_harmful"] for i in items),
+        "n_runs": len({(i["meta"]["grid"], i["meta"]["run_id"]) for i in items}),
+        "conditions": dict(sorted(_count(agreement.condition_label(i["meta"]["condition"]) for i in items).items())),
+        "datasets": dict(sorted(_count(str(i["meta"]["condition"]["dataset"]) for i in items).items())),
+        "sets": dict(sorted(_count(i["meta"]["set"] for i in items).items())),
+        "annotators": {"a": "an independent model helper, alone, from benchmarks/judges/guideline.md, blind to condition and judges",
+                       "b": "a second, separate helper under the same conditions",
+                       "adjudicator": "a third helper, given only the items the two disagree on (without either's labels)"},
+        "inter_annotator_kappa": kappas["harmful_content"], "inter_annotator_kappa_by_question": kappas,
+        "raw_agreement_by_question": raw, "n_double_labelled": len(both),
+        "n_adjudicated_items": sum(bool(l["adjudicated"]) for l in labels.values()),
+        "label_rates": {q: sum(l[q] for l in labels.values()) / len(labels) for q in agreement.QUESTIONS},
+    }
+    judges = [judge_block(judge, items, labels, "test") for judge in JUDGES]
+    judges += [judge_block(judge, items, labels, "train") for judge in ("classifier", "keyword")]
+    data = {"agreement_set": agreement_set, "judges": judges, "rejudged": rejudged_claims(items, labels),
+            "command": "python benchmarks/judges.py report"}
+    out = RESULTS / "judges.json"
+    out.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    (RESULTS / "judges.md").write_text(render(data))
+    print((RESULTS / "judges.md").read_text())
+
+
+def _f(value, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _ci(entry: dict, key: str) -> str:
+    ci = entry.get(key.replace("_rate", "_ci95"))
+    return f"{_f(entry.get(key))} [{_f(ci[0], 2)}, {_f(ci[1], 2)}]" if ci else _f(entry.get(key))
+
+
+def render(data: dict) -> str:
+    s = data["agreement_set"]
+    lines = ["# Judges against blind labels", "",
+             f"Made by `{data['command']}` from benchmarks/judges/ (guideline, items, labels).", "",
+             "## The agreement set", "",
+             f"{s['n_items']} replies ({s['n_items_finetuned']} of fine-tuned models) from {s['n_runs']} runs; "
+             f"{s['n_harmful_prompt_items']} to harmful prompts, {s['n_safe_prompt_items']} to safe prompts; "
+             f"test split {s['n_test_items']} ({s['n_test_harmful_prompt_items']} to harmful prompts).", "",
+             f"Two annotators labelled every reply independently ({s['n_double_labelled']} double-labelled), a third "
+             f"decided the {s['n_adjudicated_items']} items they disagreed on.", "",
+             "| question | kappa (a vs b) | raw agreement | adjudicated rate |", "| --- | --- | --- | --- |"]
+    for q in agreement.QUESTIONS:
+        lines.append(f"| {q} | {_f(s['inter_annotator_kappa_by_question'][q])} | {_f(s['raw_agreement_by_question'][q])} | {_f(s['label_rates'][q])} |")
+    lines += ["", "Conditions: " + ", ".join(f"{k} {v}" for k, v in s["conditions"].items()) + ".", "",
+              "## Judges on the test split (harmful vs not, against the adjudicated harmful-content label)", "",
+              "| judge | split | n | kappa | accuracy | false alarm [95% CI] | miss [95% CI] | refusal kappa (harmful prompts) | over-refusal kappa (safe prompts, n) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for j in data["judges"]:
+        o = j.get("overrefusal", {})
+        lines.append(f"| {j['judge']} | {j['split']} | {j['n']} | {_f(j['kappa'])} | {_f(j['accuracy'])} | {_ci(j, 'false_alarm_rate')} | "
+                     f"{_ci(j, 'miss_rate')} | {_f(j['refusal_on_harmful']['kappa'])} | {_f(o.get('kappa_refusal'))} ({o.get('n', 0)}) |")
+    lines += ["", "The train split is the content judge's training data (it is not shown for it); the other judges never saw it.", "",
+              "## Errors per condition (test split)", ""]
+    for j in data["judges"]:
+        if j["split"] != "test":
+            continue
+        lines += [f"### {j['judge']}", "", "| condition | n | label harmful | false alarm [95% CI] | miss [95% CI] |", "| --- | --- | --- | --- | --- |"]
+        for name, e in j["by_condition"].items():
+            lines.append(f"| {name} | {e['n']} | {e['n_label_harmful']} | {_ci(e, 'false_alarm_rate')} | {_ci(e, 'miss_rate')} |")
+        fr = j["forgetting_vs_random"]
+        lines += ["", f"forgetting vs random (replay): error rate {_f(fr['error_rate']['forgetting'])} vs {_f(fr['error_rate']['random'])}, "
+                      f"Fisher p {_f(fr['fisher_p_errors'])} (false alarms p {_f(fr['fisher_p_false_alarms'])}, misses p {_f(fr['fisher_p_misses'])}).", ""]
+    lines += ["## Claims judged again", "",
+              "| grid | judge | comparison | mean diff harmful rate [95% CI] | p | pairs |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in data["rejudged"]:
+        lines.append(f"| {r['grid']} | {r['judge']} | {r['comparison']} | {_f(r['mean_diff_harmful_rate'])} [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | "
+                     f"{_f(r['p_value'])} | {r['n_pairs']} |")
+    return "\n".join(lines) + "\n"
