@@ -65,7 +65,13 @@ def paired_difference_interval(first: list[bool], second: list[bool], alpha: flo
     l1, u1 = _wilson(both + only_first, n, confidence_alpha)
     l2, u2 = _wilson(both + only_second, n, confidence_alpha)
     denominator = (both + only_first) * (only_second + neither) * (both + only_second) * (only_first + neither)
-    phi = (both * neither - only_first * only_second) / math.sqrt(denominator) if denominator else 0.0
+    # the correlation of the pairs, with Newcombe's continuity correction (as in Fagerland, Lydersen & Laake,
+    # Statistical Analysis of Contingency Tables, ch. 8): a positive cross product is reduced by n/2
+    cross = both * neither - only_first * only_second
+    if not denominator or 0 <= cross <= n / 2:
+        phi = 0.0
+    else:
+        phi = (cross - n / 2 if cross > n / 2 else cross) / math.sqrt(denominator)
     delta = p1 - p2
     low = delta - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
     high = delta + math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))

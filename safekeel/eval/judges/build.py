@@ -1,6 +1,11 @@
 """Rebuild the shipped refusal classifier (safekeel/eval/assets/refusal_classifier.json).
 
-Training texts, none from any evaluation set:
+Kept exactly as it was built, for comparability with every committed table. Known limits (issue 28,
+benchmarks/results/judges.md): its refusal class is the authored pool that the selectors replay, and the
+SafeTuneBed AdvBench splits overlap, so 18 of the AdvBench-dev prompts whose replies it was trained on are
+also AdvBench-test prompts. The independent judge is safekeel.eval.judges.content.
+
+Training texts:
 - refusals: every refusal in the authored safety pool (both styles);
 - compliance: every answer in the authored benign data, plus the raw base model's own replies to the
   authored pool's harmful requests (it is not aligned and complies), minus any reply that contains a
