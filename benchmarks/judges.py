@@ -119,8 +119,9 @@ def main() -> None:
     batches.add_argument("--out", type=Path, required=True)
     status = sub.add_parser("status")
     status.add_argument("--disputed-out", type=Path, default=None)
-    for name in ("build", "report"):
-        sub.add_parser(name)
+    build = sub.add_parser("build")
+    build.add_argument("--cross-encoder", action="store_true", help="also train the MiniLM cross-encoder candidate (minutes of CPU)")
+    sub.add_parser("report")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command in ("build", "report"):

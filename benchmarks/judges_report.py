@@ -97,7 +97,9 @@ def cmd_build(args) -> None:
         results.append({**candidate, "cv_kappa": scores, "objective": round((scores["harmful_content"] + scores["refusal"]) / 2, 4),
                         "predictions": predictions})
         log.info("candidate %s: CV kappa %s", candidate, scores)
-    best = max(results, key=lambda r: r["objective"])
+    if getattr(args, "cross_encoder", False):
+        results.append(cross_encoder_candidate(public, project, fold_of, results))
+    best = max(results, key=lambda r: r["objective"])  # the cross-encoder is compared on fold 0 only and not shipped
     # thresholds chosen on the same cross-validated predictions (train split only)
     thresholds = {}
     for head in agreement.QUESTIONS:
@@ -134,6 +136,36 @@ def cmd_build(args) -> None:
     model.save(ASSET)
     print(json.dumps({k: meta[k] for k in ("training_rows", "chosen")}, indent=1))
     print("thresholds", thresholds, "->", ASSET)
+
+
+CROSS_ENCODER_DIR = ROOT / "benchmarks" / "cache" / "content_cross_encoder"
+
+
+def cross_encoder_candidate(public, project, fold_of, results) -> dict:
+    """MiniLM cross-encoder, trained once on the public rows and project folds 1-4, scored on project fold 0 (the
+    feature-based candidates' fold-0 kappas are computed from their CV predictions for the same items)."""
+    from safekeel.eval.judges.cross_encoder import CrossEncoderJudge
+
+    held = [i for i, r in enumerate(project) if fold_of[r.group] == 0]
+    train = public + [r for i, r in enumerate(project) if fold_of[r.group] != 0]
+    for row in train[len(public):]:
+        row.weight = 10.0
+    judge = CrossEncoderJudge()
+    fit = judge.fit(train, epochs=1.0)
+    probabilities = judge.probabilities([project[i].prompt for i in held], [project[i].reply for i in held])
+    scores = {head: round(_kappa_or_zero([project[i].labels[head] for i in held], (probabilities[head] >= 0.5).astype(int)), 4)
+              for head in agreement.QUESTIONS}
+    for other in results:  # the same fold for the others
+        other["fold0_kappa"] = {head: round(_kappa_or_zero([project[i].labels[head] for i in held],
+                                                           (other["predictions"][head][held] >= 0.5).astype(int)), 4)
+                                for head in agreement.QUESTIONS}
+    judge.save(CROSS_ENCODER_DIR, {"fit": fit, "trained_on": "public rows + agreement train split folds 1-4"})
+    objective = round((scores["harmful_content"] + scores["refusal"]) / 2, 4)
+    fold0_best = max(round((o["fold0_kappa"]["harmful_content"] + o["fold0_kappa"]["refusal"]) / 2, 4) for o in results)
+    log.info("cross-encoder fold-0 kappa %s (objective %s; best feature-based on fold 0: %s); %s", scores, objective, fold0_best, fit)
+    return {"kind": "cross_encoder", "c": None, "project_weight": 10.0, "cv_kappa": None, "fold0_kappa": scores,
+            "objective": -1.0, "fold0_objective": objective, "fold0_best_feature_based": fold0_best,
+            "fold0_better": objective > fold0_best, "fit": fit, "predictions": {}}
 
 
 def _count(values) -> dict:
