@@ -65,7 +65,7 @@ def cmd_sample(args) -> None:
         if key in done_runs or not path.is_file():
             continue
         config = committed_record(RESULTS, *key)["config"]
-        quota = agreement.Quota() if config["kind"] != "aligned" else agreement.Quota(4, 2, 2, 1)
+        quota = agreement.Quota(*args.quota) if config["kind"] != "aligned" else agreement.Quota(4, 2, 2, 1)
         new = agreement.sample_items([(key[0], key[1], config, read_replies(path))], quota, seed=args.seed)
         for item in new:
             item["meta"].pop("judgements", None)  # judges are rejudged at report time, never stored beside labels
@@ -110,6 +110,8 @@ def main() -> None:
     sample.add_argument("--plan", type=Path, default=JUDGES_DIR / "rerun_plan_agreement.json")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--wave", type=int, default=1)
+    sample.add_argument("--quota", type=int, nargs=4, default=[16, 6, 12, 4], metavar=("TEST_HARMFUL", "TEST_SAFE", "TRAIN_HARMFUL", "TRAIN_SAFE"),
+                        help="replies sampled per fine-tuned run (wave 1 used 10 5 7 3)")
     batches = sub.add_parser("batches")
     batches.add_argument("--annotator", required=True)
     batches.add_argument("--seed", type=int, required=True)
