@@ -122,7 +122,8 @@ def main() -> None:
     status = sub.add_parser("status")
     status.add_argument("--disputed-out", type=Path, default=None)
     build = sub.add_parser("build")
-    build.add_argument("--cross-encoder", action="store_true", help="also train the MiniLM cross-encoder candidate (minutes of CPU)")
+    build.add_argument("--families", action="store_true",
+                       help="also compare gradient boosting and the MiniLM cross-encoder on fold 0 (tens of minutes of CPU)")
     sub.add_parser("report")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

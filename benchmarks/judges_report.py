@@ -1,7 +1,7 @@
 """`benchmarks/judges.py build` and `report`: the content judge's training and every judge's agreement.
 
 build: candidates (heads of logistic regression or gradient boosting over the content judge's features; the
-weight of the project's own labelled replies) are compared by 5-fold cross-validation grouped by prompt on the
+weight of the project's own labelled replies) are compared by 4-fold cross-validation grouped by prompt on the
 agreement set's TRAIN split (public labelled replies always in training); the best by mean kappa on harmful
 content and refusal is refitted on all training rows and shipped (safekeel/eval/assets/content_judge.json).
 The test split is never used to train or to choose.
@@ -31,11 +31,13 @@ ASSET = ROOT / "safekeel" / "eval" / "assets" / "content_judge.json"
 CANDIDATES = [
     {"kind": "logistic", "c": 0.3, "project_weight": 10.0},
     {"kind": "logistic", "c": 1.0, "project_weight": 10.0},
-    {"kind": "logistic", "c": 1.0, "project_weight": 30.0},
     {"kind": "logistic", "c": 1.0, "project_weight": 1.0},
-    {"kind": "boosting", "c": None, "project_weight": 10.0},
+    {"kind": "logistic", "c": 1.0, "project_weight": 30.0},
 ]
+"""Cross-validated candidates (cheap). Gradient boosting over the same features took 578 s for two heads on the
+public rows alone here (logistic: 15 s), so it and the cross-encoder are compared on fold 0 only (--families)."""
 JUDGES = ("content", "classifier", "keyword")
+FOLDS = 4
 
 
 def final_labels() -> dict[str, dict]:
@@ -73,11 +75,12 @@ def cmd_build(args) -> None:
 
     groups = sorted({r.group for r in project})
     rng = np.random.default_rng(0)
-    fold_of = {g: int(f) for g, f in zip(groups, rng.permutation(len(groups)) % 5)}
+    fold_of = {g: int(f) for g, f in zip(groups, rng.permutation(len(groups)) % FOLDS)}
     results = []
     for candidate in CANDIDATES:
         predictions = {head: np.full(len(project), np.nan) for head in agreement.QUESTIONS}
-        for fold in range(5):
+        started_candidate = time.time()
+        for fold in range(FOLDS):
             train_index = [i for i, r in enumerate(project) if fold_of[r.group] != fold]
             test_index = [i for i, r in enumerate(project) if fold_of[r.group] == fold]
             rows = public + [project[i] for i in train_index]
@@ -96,8 +99,9 @@ def cmd_build(args) -> None:
             scores[head] = round(_kappa_or_zero(truth[ok], (predicted[ok] >= 0.5).astype(int)), 4)
         results.append({**candidate, "cv_kappa": scores, "objective": round((scores["harmful_content"] + scores["refusal"]) / 2, 4),
                         "predictions": predictions})
-        log.info("candidate %s: CV kappa %s", candidate, scores)
-    if getattr(args, "cross_encoder", False):
+        log.info("candidate %s: CV kappa %s (%.0f s)", candidate, scores, time.time() - started_candidate)
+    if getattr(args, "families", False):
+        results.append(boosting_candidate(public, project, public_dense, project_dense, fold_of, results))
         results.append(cross_encoder_candidate(public, project, fold_of, results))
     best = max(results, key=lambda r: r["objective"])  # the cross-encoder is compared on fold 0 only and not shipped
     # thresholds chosen on the same cross-validated predictions (train split only)
@@ -118,17 +122,9 @@ def cmd_build(args) -> None:
         "training_data_sha256": sha256_json([[r.prompt, r.reply, r.labels, r.source] for r in rows]),
         "candidates": [{k: v for k, v in r.items() if k != "predictions"} for r in results],
         "chosen": {k: v for k, v in best.items() if k != "predictions"},
-        "thresholds_from": "5-fold CV (grouped by prompt) on the agreement set's train split",
+        "thresholds_from": "4-fold CV (grouped by prompt) on the agreement set's train split",
         "seconds": round(time.time() - started, 1),
     }
-    if best["kind"] != "logistic":
-        log.warning("the best candidate is %s; the shipped judge takes logistic heads only: shipping the best logistic candidate",
-                    best["kind"])
-        best = max((r for r in results if r["kind"] == "logistic"), key=lambda r: r["objective"])
-        for row in project:
-            row.weight = best["project_weight"]
-        heads = train_heads(rows, np.vstack([public_dense, project_dense]), "logistic", c=best["c"], embedder=DEFAULT_EMBEDDER)
-        meta["shipped"] = {k: v for k, v in best.items() if k != "predictions"}
     model = heads.to_model(meta)
     for head, value in thresholds.items():
         if head in model.heads:
@@ -141,12 +137,48 @@ def cmd_build(args) -> None:
 CROSS_ENCODER_DIR = ROOT / "benchmarks" / "cache" / "content_cross_encoder"
 
 
+def _fold0(project, fold_of, results) -> list[int]:
+    held = [i for i, r in enumerate(project) if fold_of[r.group] == 0]
+    for other in results:
+        if other["kind"] == "logistic" and "fold0_kappa" not in other:
+            other["fold0_kappa"] = {head: round(_kappa_or_zero([project[i].labels[head] for i in held],
+                                                               (other["predictions"][head][held] >= 0.5).astype(int)), 4)
+                                    for head in agreement.QUESTIONS}
+    return held
+
+
+def boosting_candidate(public, project, public_dense, project_dense, fold_of, results) -> dict:
+    """Gradient boosting over the dense features (no word n-grams), trained once on the public rows and project folds
+    1-3, scored on fold 0 beside the logistic candidates' fold-0 predictions."""
+    from safekeel.eval.judges.content_build import _fit_head
+
+    held = _fold0(project, fold_of, results)
+    train_index = [i for i, r in enumerate(project) if fold_of[r.group] != 0]
+    rows = public + [project[i] for i in train_index]
+    dense = np.vstack([public_dense, project_dense[train_index]])
+    started = time.time()
+    scores = {}
+    for head in agreement.QUESTIONS:
+        index = np.array([i for i, r in enumerate(rows) if r.labels.get(head) is not None])
+        y = np.array([rows[i].labels[head] for i in index])
+        if len(set(y.tolist())) < 2:
+            continue
+        w = np.array([10.0 if i >= len(public) else 1.0 for i in index])
+        model = _fit_head(dense[index], y, w, "boosting", 0)
+        predicted = model.predict_proba(project_dense[held])[:, 1]
+        scores[head] = round(_kappa_or_zero([project[i].labels[head] for i in held], (predicted >= 0.5).astype(int)), 4)
+    log.info("boosting fold-0 kappa %s (%.0f s)", scores, time.time() - started)
+    return {"kind": "boosting", "c": None, "project_weight": 10.0, "cv_kappa": None, "fold0_kappa": scores, "objective": -1.0,
+            "fold0_objective": round((scores.get("harmful_content", 0) + scores.get("refusal", 0)) / 2, 4),
+            "seconds": round(time.time() - started, 1), "predictions": {}}
+
+
 def cross_encoder_candidate(public, project, fold_of, results) -> dict:
     """MiniLM cross-encoder, trained once on the public rows and project folds 1-4, scored on project fold 0 (the
     feature-based candidates' fold-0 kappas are computed from their CV predictions for the same items)."""
     from safekeel.eval.judges.cross_encoder import CrossEncoderJudge
 
-    held = [i for i, r in enumerate(project) if fold_of[r.group] == 0]
+    held = _fold0(project, fold_of, results)
     train = public + [r for i, r in enumerate(project) if fold_of[r.group] != 0]
     for row in train[len(public):]:
         row.weight = 10.0
@@ -155,13 +187,10 @@ def cross_encoder_candidate(public, project, fold_of, results) -> dict:
     probabilities = judge.probabilities([project[i].prompt for i in held], [project[i].reply for i in held])
     scores = {head: round(_kappa_or_zero([project[i].labels[head] for i in held], (probabilities[head] >= 0.5).astype(int)), 4)
               for head in agreement.QUESTIONS}
-    for other in results:  # the same fold for the others
-        other["fold0_kappa"] = {head: round(_kappa_or_zero([project[i].labels[head] for i in held],
-                                                           (other["predictions"][head][held] >= 0.5).astype(int)), 4)
-                                for head in agreement.QUESTIONS}
     judge.save(CROSS_ENCODER_DIR, {"fit": fit, "trained_on": "public rows + agreement train split folds 1-4"})
     objective = round((scores["harmful_content"] + scores["refusal"]) / 2, 4)
-    fold0_best = max(round((o["fold0_kappa"]["harmful_content"] + o["fold0_kappa"]["refusal"]) / 2, 4) for o in results)
+    fold0_best = max(round((o["fold0_kappa"]["harmful_content"] + o["fold0_kappa"]["refusal"]) / 2, 4) for o in results
+                     if o["kind"] == "logistic")
     log.info("cross-encoder fold-0 kappa %s (objective %s; best feature-based on fold 0: %s); %s", scores, objective, fold0_best, fit)
     return {"kind": "cross_encoder", "c": None, "project_weight": 10.0, "cv_kappa": None, "fold0_kappa": scores,
             "objective": -1.0, "fold0_objective": objective, "fold0_best_feature_based": fold0_best,

@@ -73,7 +73,7 @@ def _vectorizer(vocabulary: list[str] | None = None):
     from sklearn.feature_extraction.text import CountVectorizer
 
     return CountVectorizer(ngram_range=(1, 3), binary=True, lowercase=True, token_pattern=r"(?u)\b\w[\w']*\b",
-                           vocabulary=vocabulary, min_df=1 if vocabulary else 3, max_features=None if vocabulary else 3000)
+                           vocabulary=vocabulary, min_df=1 if vocabulary else 3, max_features=None if vocabulary else 1500)
 
 
 def fit_vocabulary(replies: Sequence[str]) -> list[str]:

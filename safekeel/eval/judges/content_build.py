@@ -120,7 +120,7 @@ def _fit_head(features: np.ndarray, y: np.ndarray, w: np.ndarray, kind: str, see
     elif kind == "boosting":
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, max_leaf_nodes=15, l2_regularization=1.0,
+        model = HistGradientBoostingClassifier(max_iter=150, learning_rate=0.1, max_leaf_nodes=15, l2_regularization=1.0,
                                                random_state=seed)
     else:
         raise ValueError(f"unknown head kind {kind!r}; known: logistic, boosting")
