@@ -279,6 +279,24 @@ def judge_block(judge: str, items: list[dict], labels: dict, split: str) -> dict
     return block
 
 
+def judge_speed(n: int = 300) -> dict:
+    """Seconds to judge n kept replies (the aligned rerun's first n harmful and safe rows), each judge loaded and
+    warmed up first; the classifier is the baseline in the same run."""
+    from safekeel.eval.judges import get_judge
+    from safekeel.eval.replies import read_replies
+
+    rows = read_replies(RESULTS / "replies" / "confirm" / "aligned-bf7c30998c.jsonl.gz")[:n]
+    out = {"n": len(rows), "source": "replies/confirm/aligned-bf7c30998c.jsonl.gz"}
+    for name in ("classifier", "content"):
+        judge = get_judge(name)
+        judge.judge([rows[0]["prompt"]], [rows[0]["response"]])
+        started = time.time()
+        judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
+        out[f"{name}_seconds"] = round(time.time() - started, 2)
+    out["content_over_classifier"] = round(out["content_seconds"] / out["classifier_seconds"], 2)
+    return out
+
+
 def cmd_report(args) -> None:
     from judges_claims import rejudged_claims
 
@@ -309,7 +327,11 @@ def cmd_report(args) -> None:
     }
     judges = [judge_block(judge, items, labels, "test") for judge in JUDGES]
     judges += [judge_block(judge, items, labels, "train") for judge in ("classifier", "keyword")]
-    data = {"agreement_set": agreement_set, "judges": judges, "rejudged": rejudged_claims(items, labels),
+    from judges_claims import all_run_rates
+
+    speed = judge_speed()
+
+    data = {"agreement_set": agreement_set, "judges": judges, "rejudged": rejudged_claims(items, labels), "runs": all_run_rates(), "speed": speed,
             "command": "python benchmarks/judges.py report"}
     out = RESULTS / "judges.json"
     out.write_text(json.dumps(data, indent=1, default=float) + "\n")
@@ -347,6 +369,11 @@ def render(data: dict) -> str:
         o = j.get("overrefusal", {})
         lines.append(f"| {j['judge']} | {j['split']} | {j['n']} | {_f(j['kappa'])} | {_f(j['accuracy'])} | {_ci(j, 'false_alarm_rate')} | "
                      f"{_ci(j, 'miss_rate')} | {_f(j['refusal_on_harmful']['kappa'])} | {_f(o.get('kappa_refusal'))} ({o.get('n', 0)}) |")
+    sp = data.get("speed")
+    if sp:
+        lines += ["", f"Speed (measured in this report's run, 2 CPU cores, other work running): {sp['n']} replies judged in "
+                      f"{sp['content_seconds']} s by the content judge, {sp['classifier_seconds']} s by the classifier "
+                      f"({sp['content_over_classifier']}x)."]
     lines += ["", "The train split is the content judge's training data (it is not shown for it); the other judges never saw it.", "",
               "## Errors per condition (test split)", ""]
     for j in data["judges"]:
@@ -359,8 +386,21 @@ def render(data: dict) -> str:
         lines += ["", f"forgetting vs random (replay): error rate {_f(fr['error_rate']['forgetting'])} vs {_f(fr['error_rate']['random'])}, "
                       f"Fisher p {_f(fr['fisher_p_errors'])} (false alarms p {_f(fr['fisher_p_false_alarms'])}, misses p {_f(fr['fisher_p_misses'])}).", ""]
     lines += ["## Claims judged again", "",
-              "| grid | judge | comparison | mean diff harmful rate [95% CI] | p | pairs |", "| --- | --- | --- | --- | --- | --- |"]
+              "Paired by (dataset, training seed); two-sided Wilcoxon signed-rank p and a bootstrap 95% interval over pairs "
+              "(none with one pair). Metrics: harmful (the judge's harmful rate on AdvBench test), refused, incoherent, hollow "
+              "(on AdvBench test), overrefusal_xstest (XSTest safe test half), overrefusal_orbench (100 OR-Bench-Hard-1K test-half prompts).", "",
+              "| grid | judge | comparison | metric | mean diff [95% CI] | p | pairs |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in data["rejudged"]:
-        lines.append(f"| {r['grid']} | {r['judge']} | {r['comparison']} | {_f(r['mean_diff_harmful_rate'])} [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | "
+        lines.append(f"| {r['grid']} | {r['judge']} | {r['comparison']} | {r['metric']} | {_f(r['mean_diff'])} [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | "
                      f"{_f(r['p_value'])} | {r['n_pairs']} |")
+    runs = data.get("runs", [])
+    if runs:
+        lines += ["", "## Every kept run under both judges", "",
+                  "| grid | run | changes | harmful classifier / content | refused classifier / content | hollow (content) | incoherent (content) | over-refusal XSTest classifier / content | over-refusal OR-Bench classifier / content |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in runs:
+            c, k = row["rates"]["classifier"], row["rates"]["content"]
+            lines.append(f"| {row['grid']} | {row['run_id']} | {', '.join(row['changes']) or '-'} | {_f(c['harmful'])} / {_f(k['harmful'])} | "
+                         f"{_f(c['refused'])} / {_f(k['refused'])} | {_f(k['hollow'])} | {_f(k['incoherent'])} | "
+                         f"{_f(c['overrefusal_xstest'])} / {_f(k['overrefusal_xstest'])} | {_f(c['overrefusal_orbench'])} / {_f(k['overrefusal_orbench'])} |")
     return "\n".join(lines) + "\n"
