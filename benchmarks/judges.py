@@ -58,15 +58,25 @@ def cmd_sample(args) -> None:
 
     items = read_jsonl(ITEMS)
     done_runs = {(i["meta"]["grid"], i["meta"]["run_id"]) for i in items}
+    present = {i["id"] for i in items}
     added = []
     for entry in json.loads(args.plan.read_text()):
         key = (entry["grid"], entry["run_id"])
         path = replies_path(RESULTS, *key)
-        if key in done_runs or not path.is_file():
+        if (key in done_runs) != bool(args.top_up) or not path.is_file():
             continue
         config = committed_record(RESULTS, *key)["config"]
-        quota = agreement.Quota(*args.quota) if config["kind"] != "aligned" else agreement.Quota(4, 2, 2, 1)
-        new = agreement.sample_items([(key[0], key[1], config, read_replies(path))], quota, seed=args.seed)
+        if args.top_up:  # more replies to evaluation harmful prompts from runs already sampled (a new seed, no repeats)
+            if config["kind"] == "aligned":
+                continue
+            rows = [r for r in read_replies(path)
+                    if agreement.item_id(key[0], key[1], r["set"], r.get("id", r["prompt"])) not in present]
+            quota, seed = agreement.Quota(args.top_up, 0, 0, 0), args.seed + 1000 * args.wave
+        else:
+            rows = read_replies(path)
+            quota = agreement.Quota(*args.quota) if config["kind"] != "aligned" else agreement.Quota(4, 2, 2, 1)
+            seed = args.seed
+        new = agreement.sample_items([(key[0], key[1], config, rows)], quota, seed=seed)
         for item in new:
             item["meta"].pop("judgements", None)  # judges are rejudged at report time, never stored beside labels
             item["meta"]["wave"] = args.wave
@@ -110,6 +120,8 @@ def main() -> None:
     sample.add_argument("--plan", type=Path, default=JUDGES_DIR / "rerun_plan_agreement.json")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--wave", type=int, default=1)
+    sample.add_argument("--top-up", type=int, default=0, metavar="N",
+                        help="instead of new runs: N more replies to evaluation harmful prompts from each run already sampled")
     sample.add_argument("--quota", type=int, nargs=4, default=[16, 6, 12, 4], metavar=("TEST_HARMFUL", "TEST_SAFE", "TRAIN_HARMFUL", "TRAIN_SAFE"),
                         help="replies sampled per fine-tuned run (wave 1 used 10 5 7 3)")
     batches = sub.add_parser("batches")
