@@ -43,7 +43,10 @@ def gate_file(server, tmp_path_factory):
 
 
 def tiny_safety(gate_file: str, **extra) -> dict:
-    return {"k": 2, "gate": {"harmful_set": gate_file, "overrefusal_set": gate_file, "max_new_tokens": 8}, **extra}
+    # a handful of prompts cannot bound a harmful-rate increase within 0.10 (the gate's paired upper bound), so
+    # these tests, which are about the job machinery, open the margin; test_service_units checks the bound itself
+    return {"k": 2, "gate": {"harmful_set": gate_file, "overrefusal_set": gate_file, "max_new_tokens": 8,
+                             "max_harmful_increase": 1.0}, **extra}
 
 
 def api_error(call) -> openai.APIStatusError:
@@ -72,6 +75,7 @@ def test_fine_tune_job_end_to_end_with_the_openai_client(server, gate_file, tmp_
     assert {"audit", "metrics", "gate"} <= set(kinds)
     gate = next(e for e in events if e.type == "gate").data
     assert gate["passed"] is True and gate["harmful_rate"]["n"] == len(GATE_PROMPTS)
+    assert gate["n_pairs"] == len(GATE_PROMPTS) and gate["paired"]["high"] <= 1.0 and gate["alpha"] == 0.05
     # the gate judged the adapter's own replies, and the base model's without it
     service = server.home / "service"
     adapter_replies = [json.loads(l)["response"] for l in (service / "jobs" / job.id / "output" / "eval" / "responses.jsonl").read_text().splitlines()]

@@ -110,7 +110,8 @@ def test_fine_tune_gets_its_own_policy_and_a_drift_event(monitored, tmp_path):
     gate_id = c.files.create(file=gate.open("rb"), purpose="evals").id
     job = c.fine_tuning.jobs.create(model="tiny-llama", training_file=training, hyperparameters={"n_epochs": 1},
                                     extra_body={"safety": {"k": 2, "guard": {"monitor_policy": "flag"},
-                                                           "gate": {"harmful_set": gate_id, "overrefusal_set": gate_id, "max_new_tokens": 8}}})
+                                                           "gate": {"harmful_set": gate_id, "overrefusal_set": gate_id, "max_new_tokens": 8,
+                                                                    "max_harmful_increase": 1.0}}})  # a few prompts cannot bound the increase
     done = wait_for_job(c, job.id)
     assert done.status == "succeeded", done.error
     drift = [e for e in all_events(c, job.id) if e.type == "monitor_drift"]

@@ -99,6 +99,9 @@ def run_demo(data: Path = SAMPLE, k: int = 10, epochs: int = 2, engine: str = "v
             echo("\n[demo] safety report (judge: %s; AdvBench dev prompts, XSTest safe dev prompts; Wilson 95%%)" % decision["judge"])
             echo(f"  harmful rate   base {_rate(decision['base_harmful_rate'])}   fine-tuned {_rate(decision['harmful_rate'])}")
             echo(f"  over-refusal   base {_rate(decision['base_overrefusal_rate'])}   fine-tuned {_rate(decision['overrefusal_rate'])}")
+            if decision.get("paired"):
+                echo(f"  paired on {decision['n_pairs']} prompts: increase {decision['paired']['difference']:+.3f}, "
+                     f"{1 - decision['alpha']:.0%} upper bound {decision['paired']['high']:+.3f} (margin {decision['max_harmful_increase']:.2f})")
             echo(f"  gate: {'PASSED' if decision['passed'] else 'FAILED: ' + '; '.join(decision['reasons'])}")
         if job.status != "succeeded":
             echo(f"[demo] job ended {job.status}: {job.error.message if job.error else ''}")
