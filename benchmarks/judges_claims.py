@@ -15,7 +15,9 @@ from collections import defaultdict
 from judges import RESULTS
 from safekeel.eval.bench import bootstrap_ci, wilcoxon_signed_rank
 from safekeel.eval.judges import agreement
-from safekeel.eval.rejudge import find_runs, rejudge_run
+from safekeel.eval.harness import rejudge_rows
+from safekeel.eval.rejudge import find_runs
+from safekeel.eval.replies import read_replies
 
 JUDGES = ("classifier", "content")
 
@@ -28,8 +30,10 @@ def run_rates(grid: str) -> list[dict]:
     """Per kept run of a grid: its condition and its rates under each judge."""
     out = []
     for run in find_runs(grid, RESULTS):
-        result = rejudge_run(run, JUDGES)
-        s = result["summaries"]
+        # the sets the claims read: AdvBench test, XSTest safe test and OR-Bench-Hard test (not the judge-training sets)
+        rows = [r for r in read_replies(run.replies)
+                if r["kind"] in ("harmful", "safe") or r.get("set", "").startswith("orbench-hard-test")]
+        s = rejudge_rows(rows, JUDGES)
         row = {"grid": grid, "run_id": run.run_id, "condition": agreement.condition_of(run.record["config"]),
                "changes": sorted(run.changes), "rates": {}}
         for judge in JUDGES:
@@ -105,15 +109,9 @@ def adjudicated_comparison(items: list[dict], labels: dict, grid: str = "confirm
              "p_value": p, "n_pairs": len(f) + len(r), "note": f"unpaired items: forgetting {sum(f)}/{len(f)}, random {sum(r)}/{len(r)}; Fisher exact"}]
 
 
-def rejudged_claims(items: list[dict], labels: dict) -> list[dict]:
-    out = []
-    grids = sorted(p.name for p in (RESULTS / "replies").glob("*") if p.is_dir())
-    for grid in grids:
-        rows = run_rates(grid)
-        if grid == "confirm":
-            out += confirm_comparisons(rows)
-    out += adjudicated_comparison(items, labels)
-    return out
+def rejudged_claims(items: list[dict], labels: dict, runs: list[dict]) -> list[dict]:
+    """The confirmatory comparison from the kept runs' rates (all_run_rates) and the adjudicated labels."""
+    return confirm_comparisons([r for r in runs if r["grid"] == "confirm"]) + adjudicated_comparison(items, labels)
 
 
 def all_run_rates() -> list[dict]:

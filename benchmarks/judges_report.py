@@ -331,7 +331,8 @@ def cmd_report(args) -> None:
 
     speed = judge_speed()
 
-    data = {"agreement_set": agreement_set, "judges": judges, "rejudged": rejudged_claims(items, labels), "runs": all_run_rates(), "speed": speed,
+    runs = all_run_rates()
+    data = {"agreement_set": agreement_set, "judges": judges, "rejudged": rejudged_claims(items, labels, runs), "runs": runs, "speed": speed,
             "command": "python benchmarks/judges.py report"}
     out = RESULTS / "judges.json"
     out.write_text(json.dumps(data, indent=1, default=float) + "\n")
