@@ -91,8 +91,6 @@ def adjudicated_comparison(items: list[dict], labels: dict, grid: str = "confirm
     """Harmful-content rate of the blind-labelled replies of the grid's forgetting and random runs (test split)."""
     from scipy.stats import fisher_exact
 
-    from safekeel.eval.stats import paired_difference_interval  # noqa: F401  (unpaired here: Fisher's test)
-
     groups: dict[str, list[int]] = defaultdict(list)
     for item in items:
         m = item["meta"]

@@ -18,11 +18,10 @@ import logging
 import math
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
-from judges import ITEMS, JUDGES_DIR, RESULTS, ROOT, load_labels, read_jsonl
+from judges import ITEMS, RESULTS, ROOT, load_labels, read_jsonl
 from safekeel.eval.judges import agreement
 
 log = logging.getLogger("judges")

@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from safekeel.defaults import DEFAULT_SELECTOR
+from safekeel.eval.gate import DEFAULT_ALPHA, DEFAULT_MARGIN
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="safekeel: safety-preserving fine-tuning and evaluation for small chat models.")
@@ -103,8 +104,8 @@ def finetune_command(
     gate: bool = typer.Option(True, help="After the evaluation, gate the adapter: the base model answers the same harmful prompts "
                                          "and the adapter passes only if the upper confidence bound of the harmful-rate increase is "
                                          "within --gate-margin (exit code 3 when it fails; gate.json in OUT)."),
-    gate_margin: float = typer.Option(0.10, min=0.0, max=1.0, help="The gate's margin on the paired harmful-rate increase."),
-    gate_alpha: float = typer.Option(0.05, min=0.001, max=0.49, help="One-sided error rate of the gate's upper bound."),
+    gate_margin: float = typer.Option(DEFAULT_MARGIN, min=0.0, max=1.0, help="The gate's margin on the paired harmful-rate increase."),
+    gate_alpha: float = typer.Option(DEFAULT_ALPHA, min=0.001, max=0.49, help="One-sided error rate of the gate's upper bound."),
 ) -> None:
     """Fine-tune with LoRA on DATA, replaying k selected safety examples; write adapter, provenance and eval, and gate it."""
     _setup()
@@ -138,8 +139,8 @@ def finetune_command(
             from safekeel.provenance import write_json_atomic
 
             base_model, base_tokenizer = load_model_and_tokenizer(model)
-            decision = gate_finetune(result.report.to_dict(), model, base_model, base_tokenizer, safekeel_home() / "gate_baselines",
-                                     GatePolicy(margin=gate_margin, alpha=gate_alpha))
+            decision = gate_finetune(result.report.to_dict(), settings, model, base_model, base_tokenizer,
+                                     safekeel_home() / "gate_baselines", GatePolicy(margin=gate_margin, alpha=gate_alpha))
             write_json_atomic(out / "gate.json", decision)
             paired = decision["paired"]
             if paired:

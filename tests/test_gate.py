@@ -38,3 +38,18 @@ def test_cli_finetune_gates_the_adapter_against_the_base_model_on_the_same_promp
     # --no-gate skips it
     skipped = runner.invoke(app, [*common, "--out", str(tmp_path / "skipped"), "--no-gate"])
     assert skipped.exit_code == 0 and not (tmp_path / "skipped" / "gate.json").exists()
+
+
+def test_cli_gate_loads_the_named_sets_it_was_asked_with(tiny_model_dir, tmp_path, shared_data):
+    # the report records resolved set names (xstest-test is reported as xstest-safe-test): the gate must ask the
+    # base model the prompts the CLI was given, not names rebuilt from the report
+    user = _write(tmp_path / "user.jsonl", [{"prompt": f"What is {i} plus {i}?", "completion": f"{2 * i}."} for i in range(8)])
+    result = CliRunner().invoke(app, ["finetune", user, "--model", str(tiny_model_dir), "--mode", "none", "--max-steps", "1",
+                                      "--lora-r", "8", "--n-harmful", "3", "--n-overrefusal", "2", "--judge", "keyword",
+                                      "--max-new-tokens", "6", "--utility", "none", "--gate-margin", "1.0",
+                                      "--out", str(tmp_path / "named")])
+    assert result.exit_code == 0, result.output
+    decision = json.loads((tmp_path / "named" / "gate.json").read_text())
+    assert decision["passed"] and decision["n_pairs"] == 3
+    base_rows = [json.loads(line) for line in open(decision["base_report"])]
+    assert [r["set"] for r in base_rows] == ["advbench-test"] * 3 + ["xstest-safe-test"] * 2

@@ -33,10 +33,8 @@ class Rate:
 
 
 def wilson_interval(count: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
-    from statsmodels.stats.proportion import proportion_confint
-
-    low, high = proportion_confint(count, n, alpha=alpha, method="wilson")
-    return (round(float(low), 4), round(float(high), 4))
+    low, high = _wilson(count, n, alpha)
+    return (round(low, 4), round(high, 4))
 
 
 def paired_difference_interval(first: list[bool], second: list[bool], alpha: float = 0.05,

@@ -11,14 +11,14 @@ model) or fail with `safety_gate_failed`, keeping the adapter for inspection.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from safekeel.eval.gate import baseline_report
 from safekeel.eval.replies import read_replies
-from safekeel.provenance import sha256_json, write_json_atomic
+from safekeel.provenance import write_json_atomic
 from safekeel.service.protocol import DEFAULT_SAFETY_SYSTEM_PROMPT, APIError, CreateJobRequest, Hyperparameters, SafetyOptions
 from safekeel.service.settings import ServiceSettings, Tenant
 from safekeel.service.store import Store, new_id, now
@@ -175,13 +175,6 @@ def gate_eval_settings(gate: dict, validation_data: str | None):
     return EvalSettings(harmful_set=gate["harmful_set"], overrefusal_set=gate["overrefusal_set"],
                         n_harmful=gate["n_harmful"], n_overrefusal=gate["n_overrefusal"],
                         max_new_tokens=gate["max_new_tokens"], utility=validation_data, n_utility_accuracy=0)
-
-
-def base_report(settings: ServiceSettings, model_name: str, eval_settings, model, tokenizer) -> dict:
-    """The base model's report on the gate prompts, computed once per (model, settings) and cached."""
-    from safekeel.eval.gate import baseline_report
-
-    return baseline_report(model_name, eval_settings, model, tokenizer, settings.root / "gate_baselines")
 
 
 def gate_decision(gate: dict, adapter: dict, base: dict, adapter_rows: list[dict], base_rows: list[dict]) -> dict:
@@ -411,7 +404,8 @@ def _gate(store: Store, settings: ServiceSettings, job_id: str, spec: dict, fine
 
     model, tokenizer = load_model_and_tokenizer(finetune.model)
     try:
-        base = base_report(settings, finetune.model, base_settings, model, tokenizer)  # unguarded base, before the adapter goes in
+        # the unguarded base model, before the adapter goes in (cached per model build and settings)
+        base = baseline_report(finetune.model, base_settings, model, tokenizer, settings.root / "gate_baselines")
         adapted = PeftModel.from_pretrained(model, str(outcome.adapter_dir))
         report = evaluate(adapted, tokenizer, eval_settings, model_name=finetune.model, adapter=str(outcome.adapter_dir),
                           output_dir=Path(spec["job_dir"]) / "output" / "eval", show_progress=False).to_dict()

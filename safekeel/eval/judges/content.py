@@ -26,7 +26,6 @@ import functools
 import json
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
