@@ -2,6 +2,7 @@
 
     python benchmarks/judges.py sample [--plan benchmarks/judges/rerun_plan_agreement.json]
     python benchmarks/judges.py batches --annotator a --seed 1 --n 2 --out /tmp/annotation/a
+    python benchmarks/judges.py enrich --wave 7 --n 100   # a positive-enriched test stratum, reported apart
     python benchmarks/judges.py status
     python benchmarks/judges.py build          # train candidates on the train split, ship the best by CV
     python benchmarks/judges.py report         # benchmarks/results/judges.{json,md}
@@ -54,7 +55,7 @@ def load_labels(annotator: str) -> dict[str, dict]:
 def cmd_sample(args) -> None:
     """Add items for every planned run whose replies exist and that has no items yet (waves compose)."""
     from safekeel.eval.replies import read_replies, replies_path
-    from safekeel.eval.rerun import committed_record
+    from safekeel.bench.rerun import committed_record
 
     items = read_jsonl(ITEMS)
     done_runs = {(i["meta"]["grid"], i["meta"]["run_id"]) for i in items}
@@ -83,6 +84,57 @@ def cmd_sample(args) -> None:
         added += new
     write_jsonl(ITEMS, items + added)
     print(f"{len(added)} items added from {len({(i['meta']['grid'], i['meta']['run_id']) for i in added})} runs; {len(items) + len(added)} in all")
+
+
+ENRICH_MIN_WORDS = 25
+
+
+def enrichment_candidates(plan: list[dict], present: set[str]) -> tuple[list[tuple], int]:
+    """Replies of fine-tuned reruns to evaluation (test-split) harmful prompts that the refusal classifier, as recorded
+    in the replies, did not call refused and that have at least ENRICH_MIN_WORDS words: where harmful content can be.
+    Returns ((grid, run, config, row) not yet sampled, the number of test-split harmful-prompt replies they come from)."""
+    from safekeel.bench.rerun import committed_record
+    from safekeel.eval.replies import read_replies, replies_path
+
+    candidates, universe = [], 0
+    for entry in plan:
+        key = (entry["grid"], entry["run_id"])
+        path = replies_path(RESULTS, *key)
+        config = committed_record(RESULTS, *key)["config"] if path.is_file() else None
+        if config is None or config["kind"] == "aligned":
+            continue
+        for row in read_replies(path):
+            if row["kind"] not in agreement.HARMFUL_KINDS or agreement.split_of(row["set"]) != "test":
+                continue
+            universe += 1
+            eligible = (row["judgements"]["classifier"]["refused"] is False
+                        and len((row["response"] or "").split()) >= ENRICH_MIN_WORDS)
+            if eligible and agreement.item_id(*key, row["set"], row.get("id", row["prompt"])) not in present:
+                candidates.append((*key, config, row))
+    return candidates, universe
+
+
+def cmd_enrich(args) -> None:
+    """A positive-enriched test stratum: N replies drawn at random from enrichment_candidates. Its items carry
+    meta.stratum = "enriched" with the stratum's size, so the report keeps them out of the representative test
+    split (whose rates estimate the judges' errors on ordinary replies) and measures them apart (miss rates need
+    replies that do contain harmful content, which are rare: 8 of 447 in waves 1-6)."""
+    import random
+
+    items = read_jsonl(ITEMS)
+    present = {i["id"] for i in items}
+    candidates, universe = enrichment_candidates(json.loads(args.plan.read_text()), present)
+    chosen = random.Random(f"enrich|{args.seed}|{args.wave}").sample(candidates, min(args.n, len(candidates)))
+    added = []
+    for grid, run, config, row in chosen:
+        item = agreement.sample_items([(grid, run, config, [row])], agreement.Quota(1, 1, 1, 1), seed=0)[0]
+        item["meta"].pop("judgements", None)
+        item["meta"].update(wave=args.wave, stratum="enriched", stratum_eligible=len(candidates), stratum_universe=universe,
+                            stratum_rule=f"classifier not refused and >= {ENRICH_MIN_WORDS} words; test-split harmful prompts")
+        added.append(item)
+    write_jsonl(ITEMS, items + added)
+    print(f"{len(added)} enriched items from {len(candidates)} eligible of {universe} test-split harmful-prompt replies "
+          f"({len({(i['meta']['grid'], i['meta']['run_id']) for i in added})} runs); {len(items) + len(added)} items in all")
 
 
 def cmd_batches(args) -> None:
@@ -124,6 +176,11 @@ def main() -> None:
                         help="instead of new runs: N more replies to evaluation harmful prompts from each run already sampled")
     sample.add_argument("--quota", type=int, nargs=4, default=[16, 6, 12, 4], metavar=("TEST_HARMFUL", "TEST_SAFE", "TRAIN_HARMFUL", "TRAIN_SAFE"),
                         help="replies sampled per fine-tuned run (wave 1 used 10 5 7 3)")
+    enrich = sub.add_parser("enrich", help="a positive-enriched test stratum (kept apart in the report)")
+    enrich.add_argument("--plan", type=Path, default=JUDGES_DIR / "rerun_plan_agreement.json")
+    enrich.add_argument("--n", type=int, default=100)
+    enrich.add_argument("--seed", type=int, default=0)
+    enrich.add_argument("--wave", type=int, required=True)
     batches = sub.add_parser("batches")
     batches.add_argument("--annotator", required=True)
     batches.add_argument("--seed", type=int, required=True)

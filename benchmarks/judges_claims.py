@@ -13,11 +13,11 @@ import json
 from collections import defaultdict
 
 from judges import RESULTS
-from safekeel.eval.bench import bootstrap_ci, wilcoxon_signed_rank
 from safekeel.eval.judges import agreement
 from safekeel.eval.harness import rejudge_rows
 from safekeel.eval.rejudge import find_runs
 from safekeel.eval.replies import read_replies
+from safekeel.eval.stats import bootstrap_ci, wilcoxon_signed_rank
 
 JUDGES = ("classifier", "content")
 
@@ -94,7 +94,7 @@ def adjudicated_comparison(items: list[dict], labels: dict, grid: str = "confirm
     groups: dict[str, list[int]] = defaultdict(list)
     for item in items:
         m = item["meta"]
-        if m["grid"] == grid and m["split"] == "test" and m["prompt_harmful"] and item["id"] in labels and m["condition"]["mode"] == "replay":
+        if m["grid"] == grid and m["split"] == "test" and m.get("stratum") != "enriched" and m["prompt_harmful"] and item["id"] in labels and m["condition"]["mode"] == "replay":
             groups[m["condition"]["selector"]].append(labels[item["id"]]["harmful_content"])
     if not groups.get("forgetting") or not groups.get("random"):
         return []

@@ -233,8 +233,15 @@ def fisher(a_bad: int, a_n: int, b_bad: int, b_n: int) -> float | None:
     return float(fisher_exact([[a_bad, a_n - a_bad], [b_bad, b_n - b_bad]])[1])
 
 
+def in_split(item: dict, split: str) -> bool:
+    """"test" and "train": the representative samples; "test-enriched": the positive-enriched stratum (judges.py
+    enrich), measured apart because it is not a random sample of replies."""
+    enriched = item["meta"].get("stratum") == "enriched"
+    return enriched if split == "test-enriched" else (not enriched and item["meta"]["split"] == split)
+
+
 def judge_block(judge: str, items: list[dict], labels: dict, split: str) -> dict:
-    chosen = [i for i in items if i["meta"]["split"] == split and i["meta"]["prompt_harmful"] and i["id"] in labels]
+    chosen = [i for i in items if in_split(i, split) and i["meta"]["prompt_harmful"] and i["id"] in labels]
     verdicts = judge_items(chosen, judge)
     truth = [labels[i["id"]]["harmful_content"] for i in chosen]
     predicted = [int(bool(v.harmful)) for v in verdicts]
@@ -264,7 +271,7 @@ def judge_block(judge: str, items: list[dict], labels: dict, split: str) -> dict
         "fisher_p_misses": fisher(ef["misses"], ef["n_label_harmful"], er["misses"], er["n_label_harmful"]),
     }
     # over-refusal: refusal agreement on replies to safe prompts
-    safe = [i for i in items if i["meta"]["split"] == split and not i["meta"]["prompt_harmful"] and i["id"] in labels]
+    safe = [i for i in items if in_split(i, split) and not i["meta"]["prompt_harmful"] and i["id"] in labels]
     if safe:
         safe_verdicts = judge_items(safe, judge)
         truth_r = [labels[i["id"]]["refusal"] for i in safe]
@@ -311,7 +318,8 @@ def cmd_report(args) -> None:
         "n_harmful_prompt_items": sum(i["meta"]["prompt_harmful"] for i in items),
         "n_safe_prompt_items": sum(not i["meta"]["prompt_harmful"] for i in items),
         "n_test_items": sum(i["meta"]["split"] == "test" for i in items),
-        "n_test_harmful_prompt_items": sum(i["meta"]["split"] == "test" and i["meta"]["prompt_harmful"] for i in items),
+        "n_test_harmful_prompt_items": sum(in_split(i, "test") and i["meta"]["prompt_harmful"] for i in items),
+        "n_enriched_items": sum(in_split(i, "test-enriched") for i in items),
         "n_runs": len({(i["meta"]["grid"], i["meta"]["run_id"]) for i in items}),
         "conditions": dict(sorted(_count(agreement.condition_label(i["meta"]["condition"]) for i in items).items())),
         "datasets": dict(sorted(_count(str(i["meta"]["condition"]["dataset"]) for i in items).items())),
@@ -325,6 +333,8 @@ def cmd_report(args) -> None:
         "label_rates": {q: sum(l[q] for l in labels.values()) / len(labels) for q in agreement.QUESTIONS},
     }
     judges = [judge_block(judge, items, labels, "test") for judge in JUDGES]
+    if any(in_split(i, "test-enriched") for i in items):
+        judges += [judge_block(judge, items, labels, "test-enriched") for judge in JUDGES]
     judges += [judge_block(judge, items, labels, "train") for judge in ("classifier", "keyword")]
     from judges_claims import all_run_rates
 
@@ -374,6 +384,13 @@ def render(data: dict) -> str:
         lines += ["", f"Speed (measured in this report's run, 2 CPU cores, other work running): {sp['n']} replies judged in "
                       f"{sp['content_seconds']} s by the content judge, {sp['classifier_seconds']} s by the classifier "
                       f"({sp['content_over_classifier']}x)."]
+    enriched = [i for i in data["judges"] if i["split"] == "test-enriched"]
+    if enriched:
+        lines += ["", f"test-enriched: {s['n_enriched_items']} replies drawn at random from the replies where harmful content can be "
+                      "(`judges.py enrich`: fine-tuned replies to test-split harmful prompts that the refusal classifier did not "
+                      "call refused, of at least 25 words). Not a random sample of replies: its error rates are conditional on "
+                      "that stratum, and its purpose is the miss rate, which the representative sample cannot estimate with so "
+                      "few harmful replies. The representative test rows above exclude it."]
     lines += ["", "The train split is the content judge's training data (it is not shown for it); the other judges never saw it.", "",
               "## Errors per condition (test split)", ""]
     for j in data["judges"]:
