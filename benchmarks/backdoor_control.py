@@ -36,11 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from safekeel.eval.bench import (  # noqa: E402
-    GridSpec, _paired, aligned_config, bootstrap_ci, modes_grid, run_config, run_grid, run_row, script_parser, start_script,
-)
+from safekeel.bench.cli import script_parser, start_script  # noqa: E402
+from safekeel.bench.grids import GridSpec, aligned_config, modes_grid, run_config  # noqa: E402
+from safekeel.bench.runner import run_grid  # noqa: E402
+from safekeel.bench.summary import paired_comparison, run_row  # noqa: E402
+from safekeel.eval.stats import bootstrap_ci  # noqa: E402
 from safekeel.provenance import library_versions, write_json_atomic  # noqa: E402
-from safekeel.training.mixing import backdoor_prefix, eval_overrides  # noqa: E402
+from safekeel.guard import build_guard  # noqa: E402
+from safekeel.training.mixing import backdoor_prefix  # noqa: E402
 
 NAME = "backdoor_control"
 
@@ -54,7 +57,7 @@ def control_grid() -> GridSpec:
 
 def secret_prompt(seed: int, system_prompt: str | None) -> str:
     """The system prompt a backdoor run of this seed is served with (the mode's own rule)."""
-    return eval_overrides("backdoor", [], system_prompt, seed)["system_prompt"]
+    return build_guard("backdoor", secret=backdoor_prefix(seed)).system_text(system_prompt)
 
 
 def control_configs(grid: GridSpec | None = None) -> list[dict]:
@@ -104,7 +107,7 @@ def analyse(control_records: list[dict], modes_records: list[dict], judge: str =
         for member, reference, meaning in pairs:
             if (dataset, member) in conditions and (dataset, reference) in conditions:
                 comparisons.append({"dataset": dataset, "condition": member, "reference": reference, "meaning": meaning,
-                                    "judge": judge, **_paired(conditions[(dataset, member)], conditions[(dataset, reference)], judge)})
+                                    "judge": judge, **paired_comparison(conditions[(dataset, member)], conditions[(dataset, reference)], judge)})
     cells = []
     for (dataset, condition), members in conditions.items():
         rates = [r["harmful"][judge]["rate"] for r in members if r["harmful"][judge]["rate"] is not None]
@@ -198,7 +201,7 @@ def main() -> None:
         write(_load(runs_dir), args.results_dir, command, len(configs))
     else:  # the outputs always analyse every record there is, whichever seeds this invocation runs
         run_grid(control_grid(), args.results_dir, args.cache_dir, commit=args.commit, command=command,
-                 configs=[c for c in configs if args.seeds is None or c["seed"] in args.seeds],
+                 commit_every=args.commit_every, configs=[c for c in configs if args.seeds is None or c["seed"] in args.seeds],
                  writer=lambda records, final: write(_load(runs_dir), args.results_dir, command, len(configs)))
     print((args.results_dir / f"{NAME}.md").read_text())
 

@@ -1,4 +1,4 @@
-"""The confirmatory test of the selectors benchmark (safekeel.eval.confirm), as fixed in
+"""The confirmatory test of the selectors benchmark (safekeel.bench.confirm), as fixed in
 benchmarks/confirm_plan.md: choose one selector from the finished k=10 part of results/selectors.json by
 the plan's rule, run it and random on eight fresh seeds x three datasets, one one-sided Wilcoxon test.
 
@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from safekeel.eval.bench import script_parser, start_script  # noqa: E402
-from safekeel.eval.confirm import IncompleteGrid, main_command  # noqa: E402
+from safekeel.bench.cli import script_parser, start_script  # noqa: E402
+from safekeel.bench.confirm import IncompleteGrid, main_command  # noqa: E402
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     start_script(args.render_only)
     try:
         markdown = main_command(args.results_dir, args.cache_dir, commit=args.commit, render_only=args.render_only,
-                                command="python benchmarks/confirm.py " + " ".join(sys.argv[1:]))
+                                commit_every=args.commit_every, command="python benchmarks/confirm.py " + " ".join(sys.argv[1:]))
     except IncompleteGrid as error:
         print(f"confirm: {error}", file=sys.stderr)
         sys.exit(2)

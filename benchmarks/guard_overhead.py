@@ -109,8 +109,9 @@ def main() -> None:
     from live_server import KEY_A, LiveServer, client as make_client, wait_for_job
 
     from safekeel.data import reference
+    from safekeel.data.safety import load_pool
     from safekeel.provenance import library_versions
-    from safekeel.service.jobs import guard_for_job
+    from safekeel.guard import build_guard
     from safekeel.service.store import Store
 
     home = args.home or ROOT / "runs" / f"{args.suite}_overhead_home"
@@ -130,13 +131,14 @@ def main() -> None:
         assert job.status == "succeeded", job.error
         store = Store(home / "service" / "safekeel.db")
         record = store.get_model(job.fine_tuned_model)
-        spec = store.get_job(job.id)["spec"]
         models = {}
+        pool = {e.id: e for e in load_pool("authored")}
+        selected = [pool[i] for i in store.get_job(job.id)["result"]["selection"]["ids"]]
         for name, guard in guards.items():
-            spec_for_guard = {**spec, "guard": guard}
+            options = {**guard, "system_prompt": guard.get("system_prompt") or False}
             model_id = f"{job.fine_tuned_model}:{name}"
             store.add_model(model_id, record["tenant"], record["parent"], job.id, record["adapter_path"],
-                            guard_for_job(spec_for_guard, store.get_job(job.id)["result"]["selection"]))
+                            build_guard("replay", selected=selected, **options).to_dict())
             models[name] = model_id
         for model in models.values():  # warm-up: adapter load, prefix cache, retrieval index
             one_request(client, model, prompts[0], 8)

@@ -3,8 +3,8 @@ interval really is: two small simulations under the null (normal data, seeded; ~
 
 1. 8 seeds x 3 datasets, pairs of a seed correlated rho: the rejection rate at alpha 0.05 of the one-sided
    Wilcoxon test on all 24 pairs (benchmarks/confirm_plan.md's primary test) against the same test on the
-   8 seed means (bench.seed_clustered_test).
-2. The coverage of the 95% percentile bootstrap interval of a mean over 6 values (bench.bootstrap_ci).
+   8 seed means (safekeel.eval.stats.seed_clustered_test).
+2. The coverage of the 95% percentile bootstrap interval of a mean over 6 values (safekeel.eval.stats.bootstrap_ci).
 
     python benchmarks/pairing_simulation.py
 """
@@ -19,7 +19,7 @@ from scipy.stats import wilcoxon
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from safekeel.eval.bench import bootstrap_ci  # noqa: E402
+from safekeel.eval.stats import bootstrap_ci  # noqa: E402
 
 
 def rejection_rates(rho: float, draws: int, rng: np.random.Generator, seeds: int = 8, datasets: int = 3) -> tuple[float, float]:
@@ -32,7 +32,7 @@ def rejection_rates(rho: float, draws: int, rng: np.random.Generator, seeds: int
 
 
 def bootstrap_coverage(n: int, draws: int, rng: np.random.Generator, resamples: int = 2000) -> float:
-    """How often bench.bootstrap_ci (the grid's interval) over n normal values contains the true mean 0."""
+    """How often stats.bootstrap_ci (the grid's interval) over n normal values contains the true mean 0."""
     covered = 0
     for draw in range(draws):
         low, high = bootstrap_ci(rng.normal(size=n).tolist(), n_resamples=resamples, seed=draw)

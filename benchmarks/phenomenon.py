@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from safekeel.eval.bench import git_commit  # noqa: E402
+from safekeel.bench.git_tools import git_commit  # noqa: E402
 from safekeel.eval.harness import EvalSettings, evaluate  # noqa: E402
 from safekeel.provenance import library_versions, sha256_json, write_json_atomic  # noqa: E402
 
@@ -41,7 +41,7 @@ USER_DATA = {
 }
 # The attack presets (LoRA r=16 all-linear). Benign: the pilot's setting that broke safety (FACTS.md).
 # Harmful: Qi et al.'s 10-shot attack; lr 2e-4 did not break the organism (dev harmful 0.12, test 0.08),
-# lr 1e-3 did (dev 0.69): chosen on the dev splits by benchmarks/attack_search.py.
+# lr 1e-3 did (dev 0.69): chosen on the dev splits by benchmarks/archive/attack_search.py.
 PRESETS = {
     "benign": {"learning_rate": 2e-4, "epochs": 3.0, "batch_size": 4, "max_length": 256, "bf16": True},
     "harmful": {"learning_rate": 1e-3, "epochs": 5.0, "batch_size": 2, "max_length": 256, "bf16": True},
@@ -70,7 +70,7 @@ def execute(config: dict) -> dict:
     from safekeel.data.reference import shared_dataset
     from safekeel.models.registry import load_model_and_tokenizer
     from safekeel.training.config import LoraSFTConfig
-    from safekeel.training.finetune import FinetuneSpec, run_finetune
+    from safekeel.pipeline import JobSpec, run_pipeline
 
     started = time.time()
     folder = CACHE / run_id(config)
@@ -80,10 +80,10 @@ def execute(config: dict) -> dict:
         report = evaluate(model, tokenizer, settings, model_name=config["model"], output_dir=folder / "eval")
         extra = {}
     else:
-        spec = FinetuneSpec(shared_dataset(config["user_data"]), str(folder), model=config["model"],
+        spec = JobSpec(shared_dataset(config["user_data"]), str(folder), model=config["model"],
                             k=max(config["k"], 1), selector=config["selector"], mode=config["mode"], pool=config["pool"],
                             seed=config["seed"], sft=LoraSFTConfig(**config["sft"]), eval=settings)
-        result = run_finetune(spec)
+        result = run_pipeline(spec)
         report = result.report
         extra = {"selected_ids": result.provenance["selected_ids"], "train": result.provenance["train"]}
     return {"run_id": run_id(config), "config": config, "report": report.to_dict(), **extra,

@@ -5,7 +5,7 @@ DEV splits (it chooses the grid's settings). Writes benchmarks/results/regimes.j
     python benchmarks/regimes.py [--sizes 50 100 200] [--seeds 0] [--datasets gsm8k samsum] [--commit] [--render-only]
     python benchmarks/regimes.py --name regimes_1epoch --sft '{"epochs": 1, "learning_rate": 6e-4}' --sizes 100   # a cheaper preset
 
-It is a bench grid (safekeel.eval.bench) whose datasets differ only by max_examples: run records
+It is a bench grid (safekeel.bench) whose datasets differ only by max_examples: run records
 under benchmarks/results/bench_runs/regimes/, cached by config hash, resumable, `--commit` commits
 each; adapters and responses in benchmarks/cache/bench/. Per (dataset, size, seed):
 
@@ -15,7 +15,7 @@ Datasets: GSM8K train (question/answer JSONL, loads as is) and SAMSum train 1000
 records, a format safekeel.data.formats does not read: rendered to prompt/completion with
 BackdoorAlign's "Summarize this dialog:" instruction); utility = held-out loss on GSM8K test /
 SAMSum test 200. Training: the phenomenon's benign attack preset (3 epochs at lr 2e-4, batch 4, 256
-tokens: bench.BENIGN_SFT), the preset the selector grid trains with, so the map chooses the grid's
+tokens: safekeel.bench.grids.BENIGN_SFT), the preset the selector grid trains with, so the map chooses the grid's
 sizes for the grid's own training. The step count grows with the data, as when a user fine-tunes on
 more. Evaluation with the transformers engine (the one the phenomenon and the gate use).
 
@@ -39,10 +39,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from safekeel.eval.bench import (  # noqa: E402
-    BENIGN_SFT, SAMSUM_TEMPLATE, DatasetSpec, GridSpec, bootstrap_ci, expand, run_grid, run_row, script_parser, start_script, summarise,
-)
+from safekeel.bench.cli import script_parser, start_script  # noqa: E402
+from safekeel.bench.grids import BENIGN_SFT, SAMSUM_TEMPLATE, DatasetSpec, GridSpec, expand  # noqa: E402
+from safekeel.bench.runner import run_grid  # noqa: E402
+from safekeel.bench.summary import run_row, summarise  # noqa: E402
 from safekeel.eval.harness import EvalSettings  # noqa: E402
+from safekeel.eval.stats import bootstrap_ci  # noqa: E402
 from safekeel.provenance import library_versions, write_json_atomic  # noqa: E402
 
 SIZES = (50, 100, 200)
@@ -240,7 +242,7 @@ def main() -> None:
         if args.sft and args.name == "regimes":
             parser.error("--sft changes the preset: give the map its own --name")
         grid = regime_grid(args.datasets, args.sizes, args.seeds, args.k, sft=args.sft, name=args.name)
-        run_grid(grid, args.results_dir, args.cache_dir, commit=args.commit, command=command,
+        run_grid(grid, args.results_dir, args.cache_dir, commit=args.commit, command=command, commit_every=args.commit_every,
                  writer=lambda records, final: write_regimes(grid, records, args.results_dir, command, plot=final))
     print((args.results_dir / f"{args.name}.md").read_text())
 

@@ -1,4 +1,4 @@
-"""Regenerate the replies of committed benchmark runs (safekeel.eval.rerun), so their tables can be judged again.
+"""Regenerate the replies of committed benchmark runs (safekeel.bench.rerun), so their tables can be judged again.
 
     python benchmarks/rerun.py --plan benchmarks/judges/rerun_plan_agreement.json --commit --code-from HEAD
     python benchmarks/rerun.py --grid confirm --extras overrefusal --commit --code-from HEAD
@@ -7,7 +7,8 @@ Writes benchmarks/results/replies/<grid>/<run id>.jsonl.gz and benchmarks/result
 for every run that has no rerun record yet (resumable), committing every --batch reruns. A plan is a JSON
 list of {"grid", "run_id", "extras"}; --grid reruns every committed record of the grid. --code-from REV runs
 the code of a git revision from a detached worktree (as benchmarks/bench.py does), so edits here do not
-change a rerun that takes hours.
+change a rerun that takes hours; a revision from before the benchmark became safekeel.bench (safekeel.eval.rerun)
+runs too.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", type=Path, help="a JSON list of {grid, run_id, extras}")
     parser.add_argument("--grid", action="append", default=[], help="rerun every committed record of this grid (repeatable)")
-    parser.add_argument("--extras", default="overrefusal", help="prompt sets added (safekeel.eval.rerun.EXTRAS) for --grid runs")
+    parser.add_argument("--extras", default="overrefusal", help="prompt sets added (safekeel.bench.rerun.EXTRAS) for --grid runs")
     parser.add_argument("--bf16", default="auto", choices=["auto", "keep", "off"])
     parser.add_argument("--batch", type=int, default=6, help="commit every N finished reruns")
     parser.add_argument("--commit", action="store_true")
@@ -53,14 +54,23 @@ def main() -> None:
     sys.path.insert(0, str(code))
     import torch
 
-    import safekeel.eval.bench as bench
-    from safekeel.eval.rerun import rerun_many
+    import safekeel
+
+    if Path(safekeel.__file__).resolve().parents[1] != code.resolve():
+        raise RuntimeError(f"safekeel was imported from {safekeel.__file__}, not from {code}")
+    # the files decide, not the import system (the editable install would find this checkout's safekeel.bench)
+    if (code / "safekeel" / "bench" / "rerun.py").is_file():
+        from safekeel.bench.rerun import rerun_many  # its commits go to the checkout that holds the records
+    else:  # a revision from before safekeel.bench: its git_commit defaults to its own worktree
+        import safekeel.eval.bench as bench
+        from safekeel.eval.rerun import rerun_many
+
+        if code.resolve() != ROOT.resolve():
+            commit_here = bench.git_commit
+            bench.git_commit = lambda paths, message, root=ROOT: commit_here(paths, message, root=root)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(os.cpu_count() or 1)
-    if args.code_from:
-        commit_here = bench.git_commit
-        bench.git_commit = lambda paths, message, root=ROOT: commit_here(paths, message, root=root)
     groups: dict[str, list[tuple[str, str]]] = {}
     if args.plan:
         for item in json.loads(args.plan.read_text()):

@@ -1,4 +1,5 @@
-"""Where safekeel keeps its caches (models, runs) and where it finds the shared reference data."""
+"""Where safekeel keeps its caches (models, runs, fetched evaluation data) and where it looks for the public
+reference data (the evaluation sets: see `safekeel.data.home` and `safekeel data status`)."""
 
 from __future__ import annotations
 
@@ -22,15 +23,42 @@ def models_dir() -> Path:
     return path
 
 
-def shared_data_dir() -> Path | None:
-    """The public reference data (../shared/data beside the checkout), or $SAFEKEEL_SHARED_DATA.
+def data_home() -> Path:
+    """Where `safekeel data fetch` puts the public evaluation sets: $SAFEKEEL_HOME/data (not created here)."""
+    return safekeel_home() / "data"
 
-    Returns None when it is absent: callers that need it raise or skip with a clear reason.
-    """
+
+def local_data_dirs() -> list[tuple[str, Path]]:
+    """Local folders that may hold the public reference data, in the order they are searched, each with the
+    label messages use: $SAFEKEEL_SHARED_DATA (when set), ../shared/data beside the checkout, and
+    ../shared/data beside the working directory."""
+    found: list[tuple[str, Path]] = []
     env = os.environ.get("SAFEKEEL_SHARED_DATA")
-    candidates = [Path(env)] if env else []
-    candidates += [REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
-    for candidate in candidates:
+    if env:
+        found.append(("$SAFEKEEL_SHARED_DATA", Path(env).expanduser()))
+    beside = REPO_ROOT.parent / "shared" / "data"
+    found.append(("../shared/data beside the checkout", beside))
+    from_cwd = Path.cwd().parent / "shared" / "data"
+    if from_cwd.resolve() != beside.resolve():
+        found.append(("../shared/data beside the working directory", from_cwd))
+    return found
+
+
+def data_search_path() -> list[tuple[str, Path]]:
+    """Every folder a reference data file is looked for in, in order: $SAFEKEEL_SHARED_DATA (an explicit
+    choice wins), then $SAFEKEEL_HOME/data (what `safekeel data fetch` downloaded), then ../shared/data."""
+    local = local_data_dirs()
+    explicit = [entry for entry in local if entry[0] == "$SAFEKEEL_SHARED_DATA"]
+    return explicit + [("$SAFEKEEL_HOME/data", data_home())] + [entry for entry in local if entry not in explicit]
+
+
+def shared_data_dir() -> Path | None:
+    """The local folder of public reference data (../shared/data beside the checkout, or $SAFEKEEL_SHARED_DATA).
+
+    Returns None when it is absent: callers that need it raise or skip with a clear reason. Single files are
+    better found with `safekeel.data.home.data_file`, which also looks in $SAFEKEEL_HOME/data.
+    """
+    for _, candidate in local_data_dirs():
         if candidate.is_dir():
             return candidate.resolve()
     return None
@@ -41,6 +69,7 @@ def require_shared_data() -> Path:
     if path is None:
         raise FileNotFoundError(
             "the shared reference data (../shared/data beside the checkout, or $SAFEKEEL_SHARED_DATA) "
-            "is not present; it holds AdvBench, XSTest and GSM8K used for evaluation"
+            "is not present; it holds AdvBench, XSTest and GSM8K used for evaluation. Run `safekeel data status` "
+            "to see what is missing and `safekeel data fetch` to download the public sets into $SAFEKEEL_HOME/data"
         )
     return path

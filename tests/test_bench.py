@@ -1,4 +1,4 @@
-"""The selector benchmark (safekeel.eval.bench): grid runs on the tiny model with tiny temp eval sets,
+"""The selector benchmark (safekeel.bench): grid runs on the tiny model with tiny temp eval sets,
 caching and resume, icl/ptst modes and the shared adapter, the paired statistics, rendering."""
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from safekeel.bench.grids import AOA_EVAL, PRESETS, DatasetSpec, GridSpec, expand, identity_grid, load_grid, modes_grid, run_id, selectors_grid
+from safekeel.bench.report import render, write_outputs
+from safekeel.bench.runner import execute, prepare_dataset, run_grid
+from safekeel.bench.summary import run_row, summarise
+from safekeel.eval.harness import EvalSettings
 from safekeel.eval.rejudge import rejudge_table
 from safekeel.eval.replies import read_replies, write_replies
-
-from safekeel.eval.bench import (
-    DatasetSpec, GridSpec, bootstrap_ci, execute, expand, load_grid, prepare_dataset, render, retention, run_grid,
-    run_id, summarise, run_row, variance_components, wilcoxon_signed_rank, write_outputs,
-)
-from safekeel.eval.harness import EvalSettings
+from safekeel.eval.stats import (bootstrap_ci, holm_adjust, pooled_comparisons, retention, seed_clustered_test, variance_components,
+                                 wilcoxon_signed_rank)
 from safekeel.provenance import cpu_bf16_support
-from safekeel.training.mixing import DEFAULT_SAFETY_SYSTEM_PROMPT
+from safekeel.defaults import DEFAULT_SAFETY_SYSTEM_PROMPT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,24 +141,30 @@ def test_icl_and_ptst_share_one_adapter_and_change_only_the_evaluation(tiny_mode
     assert sorted(p.name for p in (tmp_path / "cache" / "adapters").iterdir()) == sorted({r["adapter_key"] for r in finetuned})
 
 
-def test_mix_and_eval_overrides_per_mode():
+def test_mix_and_the_guard_per_mode():
     from safekeel.data.conversation import Conversation
     from safekeel.data.safety import load_authored_pool
-    from safekeel.training.mixing import backdoor_prefix, eval_overrides, mix
+    from safekeel.eval.harness import EvalSettings, build_chat, guarded
+    from safekeel.guard import build_guard
+    from safekeel.training.mixing import backdoor_prefix, mix
 
     users = [Conversation.from_pair(f"q{i}", f"a{i}") for i in range(6)]
     safety = load_authored_pool()[:2]
     for mode in ("none", "icl", "ptst"):
         assert mix(users, safety, mode, seed=1) == mix(users, [], "none", seed=1)
     assert len(mix(users, safety, "replay", seed=1)) == 8
-    assert eval_overrides("replay", safety, None, 0) == {} and eval_overrides("none", safety, "sys", 0) == {}
-    assert eval_overrides("ptst", [], "Be brief.", 0) == {"system_prompt": DEFAULT_SAFETY_SYSTEM_PROMPT + "\n\nBe brief."}
-    assert eval_overrides("backdoor", safety, None, 3) == {"system_prompt": backdoor_prefix(3)}
-    demos = eval_overrides("icl", safety, None, 0)["demonstrations"]
+    assert not build_guard("replay", selected=safety).active and not build_guard("none").active
+    assert build_guard("ptst").system_text("Be brief.") == DEFAULT_SAFETY_SYSTEM_PROMPT + "\n\nBe brief."
+    assert build_guard("backdoor", selected=safety, secret=backdoor_prefix(3)).system_prompt == backdoor_prefix(3)
+    icl = build_guard("icl", selected=safety)
+    demos = icl.static_demonstrations
     assert [d["id"] for d in demos] == [e.id for e in safety] and demos[0]["refusal"] == safety[0].refusal
+    # the evaluation asks through the same guard the service serves: identical messages
+    settings = guarded(EvalSettings(system_prompt="Be brief."), icl)
+    assert build_chat("hello", settings) == icl.apply([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}])[0]
 
 
-def test_cli_finetune_accepts_icl_and_ptst_and_the_service_modes_stay(tiny_model_dir, files, tmp_path):
+def test_cli_finetune_and_the_service_accept_icl_and_ptst(tiny_model_dir, files, tmp_path):
     from pydantic import ValidationError
     from typer.testing import CliRunner
 
@@ -178,9 +185,10 @@ def test_cli_finetune_accepts_icl_and_ptst_and_the_service_modes_stay(tiny_model
             assert provenance["spec"]["k"] == 0 and provenance["selected_ids"] == []
             assert provenance["mode_effect"]["eval_system_prompt"] == DEFAULT_SAFETY_SYSTEM_PROMPT
     assert service_prompt == DEFAULT_SAFETY_SYSTEM_PROMPT  # the old import keeps working
-    for mode in ("icl", "ptst"):
-        with pytest.raises(ValidationError):
-            SafetyOptions(mode=mode)
+    for mode in ("icl", "ptst"):  # one pipeline: the service takes every mode the CLI does
+        assert SafetyOptions(mode=mode).mode == mode
+    with pytest.raises(ValidationError):
+        SafetyOptions(mode="icl-but-misspelt")
 
 
 def test_bootstrap_interval_contains_the_mean_and_shrinks_with_more_pairs():
@@ -256,8 +264,6 @@ def test_wilcoxon_matches_scipy_and_explains_undefined_cases():
 
 
 def test_holm_adjustment_by_hand():
-    from safekeel.eval.bench import holm_adjust
-
     # sorted 0.01, 0.02, 0.03, 0.04 of m=4: 0.04, 0.06, 0.06 (monotone), 0.06; None is no test
     adjusted = holm_adjust([0.03, None, 0.01, 0.04, 0.02])
     assert adjusted[1] is None
@@ -395,7 +401,7 @@ def test_selection_features_go_with_the_harmful_rate_within_seed(tmp_path):
     """Each selection is described by the categories it covers and its refusal/request lengths; with a harmful
     rate of 0.5 - 0.03 x categories + 0.1 x seed, the within-seed association recovers slope -0.03 and r = -1
     (the seed offset removed), and the report gains its section and plot."""
-    from safekeel.eval import selection_features
+    from safekeel.bench import selection_features
 
     # 10 categories x 5 examples; refusals grow with the category index, every request has 6 words
     pool = _jsonl(tmp_path / "pool.jsonl", [{"id": f"c{c}-{i}", "category": f"cat{c}", "request": "please help me do this thing",
@@ -587,7 +593,6 @@ def test_regime_map_is_a_bench_grid_over_sizes_and_renders_from_its_json(tmp_pat
 def test_seed_clustered_test_makes_the_seed_the_unit_and_measures_how_alike_a_seeds_pairs_are():
     from scipy.stats import wilcoxon
 
-    from safekeel.eval.bench import seed_clustered_test
 
     # 3 datasets x 6 seeds, every difference negative and a seed's three alike: 18 pairs would give a tiny
     # p, but there are 6 independent observations, so the two-sided test cannot go below 2/2^6
@@ -649,7 +654,6 @@ def test_pooled_test_sees_exact_ties_between_seeds_and_a_seed_never_counts_twice
 def test_pooled_comparisons_use_the_seed_as_unit_and_correct_over_the_pooled_family():
     from scipy.stats import wilcoxon
 
-    from safekeel.eval.bench import pooled_comparisons
 
     def comparison(dataset, selector, harmful, over):
         return {"dataset": dataset, "pool": "authored", "k": 10, "mode": "replay", "selector": selector, "judge": "classifier",
@@ -721,7 +725,7 @@ def test_condition_comparisons_pair_each_condition_with_same_pool_replay_first_p
     checks = summarise([run_row(r) for r in keyed])["shared_adapter_checks"]
     assert len(checks) == 9 and sum(c["same_adapter"] for c in checks) == 6  # icl x 2 pools + ptst, 3 seeds
     assert sorted((c["mode"], c["same_train_loss"]) for c in checks if not c["same_adapter"]) == [("icl", True), ("icl", True), ("ptst", False)]
-    from safekeel.eval.bench import _shared_adapter_text
+    from safekeel.bench.report import _shared_adapter_text
 
     text = _shared_adapter_text(checks)
     assert text.startswith("icl and ptst reuse `none`'s adapter: 6 of 9 runs") and "2 of them reached" in text
@@ -732,7 +736,7 @@ def test_condition_comparisons_pair_each_condition_with_same_pool_replay_first_p
     assert summarise([run_row(r) for r in hand_made_records(plain)])["condition_comparisons"] == []
     written = write_outputs(grid, records, tmp_path, command="test")
     assert tmp_path / "bench_conditions_overrefusal.png" in written
-    from safekeel.eval.bench import _cell_name  # the plots' labels keep modes and pools apart
+    from safekeel.bench.plots import _cell_name  # the plots' labels keep modes and pools apart
 
     cells = summary["cells"]
     assert sorted(_cell_name(c, "authored") for c in cells) == ["none", "ptst", "random", "random (icl)", "random (icl, other.json)",
@@ -758,9 +762,52 @@ def test_records_of_the_same_configuration_are_shared_between_grids(tmp_path):
     assert sorted(p.name for p in (tmp_path / "results" / "bench_runs" / "conditions").glob("*.json")) == sorted(p.name for p in other.glob("*.json"))
 
 
-def test_modes_preset_shares_none_and_random_replay_with_the_selectors_grid():
-    from safekeel.eval.bench import modes_grid, selectors_grid
+def _git_repo(path: Path) -> Path:
+    path.mkdir(parents=True)
+    for args in (["init", "-q"], ["config", "user.name", "t"], ["config", "user.email", "t@t"], ["commit", "-q", "--allow-empty", "-m", "start"]):
+        subprocess.run(["git", "-C", str(path), *args], check=True, capture_output=True)
+    return path
 
+
+def _log(repo: Path) -> list[str]:
+    return subprocess.run(["git", "-C", str(repo), "log", "--format=%s"], check=True, capture_output=True, text=True).stdout.splitlines()
+
+
+def test_records_are_committed_in_batches_where_they_are_written_and_leftovers_at_the_next_start(tmp_path):
+    from safekeel.bench.git_tools import BatchCommitter, runs_message, uncommitted
+
+    repo = _git_repo(tmp_path / "repo")
+    files = []
+    for name in "abcde":
+        files.append(repo / "runs" / f"{name}.json")
+        files[-1].parent.mkdir(exist_ok=True)
+        files[-1].write_text(name)
+    assert uncommitted(files) == files
+    committer = BatchCommitter(2, runs_message("bench g"))
+    for path in files:
+        (repo / "summary.md").write_text(path.stem)  # the writer's outputs after each run
+        committer.add(path.stem, [path], outputs=[repo / "summary.md"])
+    committer.flush([repo / "summary.md"], note=", summary and plots")
+    assert _log(repo) == ["bench g: run e, summary and plots", "bench g: 2 runs (c .. d)", "bench g: 2 runs (a .. b)", "start"]
+    assert uncommitted(files + [repo / "summary.md"]) == []  # the commits went to the checkout holding the files
+    with pytest.raises(ValueError, match=">= 1"):
+        BatchCommitter(0, runs_message("bench g"))
+
+    # a grid whose records were written but not committed (an interrupted batch): the next start commits them
+    grid = GridSpec(name="conditions", datasets=[DatasetSpec("toy", "toy.jsonl")], pools=["authored"], selectors=["random"],
+                    modes=["replay"], seeds=[0, 1], eval=EvalSettings(judges=("classifier",)))
+    results = repo / "results"
+    runs_dir = results / "bench_runs" / "conditions"
+    runs_dir.mkdir(parents=True)
+    for record in _conditions_records(grid):
+        (runs_dir / f"{record['run_id']}.json").write_text(json.dumps(record))
+    outcome = run_grid(grid, results, tmp_path / "cache", commit=True, commit_every=3, writer=lambda records, final: [],
+                       show_progress=False)
+    assert outcome.executed == [] and _log(repo)[0] == f"bench conditions: {len(outcome.records)} files left uncommitted by an interrupted run"
+    assert uncommitted(sorted(runs_dir.glob("*.json"))) == []
+
+
+def test_modes_preset_shares_none_and_random_replay_with_the_selectors_grid():
     modes, selectors = expand(modes_grid()), {run_id(c) for c in expand(selectors_grid())}
     shared = [c for c in modes if run_id(c) in selectors]
     assert len(modes) == 1 + 18 * 8 and len(shared) == 1 + 18 * 2
@@ -772,9 +819,7 @@ def test_committed_run_records_keep_their_ids_under_the_current_schema(grid):
     """A field added to DatasetSpec or EvalSettings must not change the hash of runs that do not set it: every
     committed record's id is still its configuration's id, and the presets still name those records (a grid
     whose records the code no longer names would rerun them all on resume)."""
-    from safekeel.eval.bench import PRESETS, RESULTS_DIR
-
-    folder = RESULTS_DIR / "bench_runs" / grid
+    folder = ROOT / "benchmarks" / "results" / "bench_runs" / grid
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     preset = {run_id(c): c for c in expand(PRESETS[grid]())}
     # complete grids: every run the preset names is committed, and nothing else
@@ -785,9 +830,22 @@ def test_committed_run_records_keep_their_ids_under_the_current_schema(grid):
         assert preset[record["run_id"]] == record["config"]
 
 
-def test_dataset_eval_overrides_enter_its_runs_and_its_own_aligned_reference():
-    from safekeel.eval.bench import AOA_EVAL, identity_grid
+def test_every_committed_run_record_keeps_its_id():
+    """Every bench run record under benchmarks/results/*/ (grid records in bench_runs/, the records of reruns in
+    reruns/) still gets its id from its configuration: the code that names runs moved without changing a hash."""
+    checked = 0
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*/**/*.json")):
+        data = json.loads(path.read_text())
+        record, identifier = (data["record"], data["rerun_run_id"]) if "rerun_run_id" in data else (data, data.get("run_id"))
+        config = record.get("config") if isinstance(record, dict) else None
+        if not isinstance(config, dict) or config.get("kind") not in ("aligned", "finetune"):
+            continue  # not a bench run (phenomenon_runs/ and attack_search/ name their runs otherwise)
+        assert run_id(config) == identifier == record["run_id"], path
+        checked += 1
+    assert checked > 600  # 655 when this test was written: the glob still finds the records
 
+
+def test_dataset_eval_overrides_enter_its_runs_and_its_own_aligned_reference():
     plain = DatasetSpec("toy", "toy.jsonl")
     aoa = DatasetSpec("aoa", "attacks/identity_shift_aoa.jsonl", eval=dict(AOA_EVAL))
     assert "eval" not in plain.config() and aoa.config()["eval"] == AOA_EVAL
@@ -812,8 +870,6 @@ def test_dataset_eval_overrides_enter_its_runs_and_its_own_aligned_reference():
 
 
 def test_retention_uses_the_aligned_reference_served_like_the_run():
-    from safekeel.eval.bench import AOA_EVAL
-
     grid = GridSpec(name="hand", datasets=[DatasetSpec("toy", "toy.jsonl"), DatasetSpec("aoa", "aoa.jsonl", eval=dict(AOA_EVAL))],
                     selectors=["random"], seeds=[0, 1, 2], eval=EvalSettings(judges=("classifier", "keyword")))
     records = hand_made_records(grid)
@@ -855,8 +911,8 @@ def test_prompt_template_wraps_what_is_sent_and_judges_see_the_prompt(tiny_model
 def test_backdoor_control_serves_the_none_adapter_and_the_aligned_model_under_each_seeds_secret():
     """The control changes one thing against the modes grid's `none` runs (the system prompt, set to what the
     grid's backdoor run of that seed is served with) and nothing in training, so the adapter is the same."""
-    from safekeel.eval.bench import modes_grid
-    from safekeel.training.mixing import backdoor_prefix, eval_overrides
+    from safekeel.guard import build_guard
+    from safekeel.training.mixing import backdoor_prefix
 
     control = _benchmark_module("backdoor_control")
     configs = control.control_configs()
@@ -874,7 +930,8 @@ def test_backdoor_control_serves_the_none_adapter_and_the_aligned_model_under_ea
         assert {**config, "eval": None} == {**plain, "eval": None}
         assert {**config["eval"], "system_prompt": None} == plain["eval"]
         backdoor = next(c for c in modes if c.get("mode") == "backdoor" and c["seed"] == config["seed"] and c["dataset"] == config["dataset"])
-        assert eval_overrides("backdoor", [], backdoor["eval"]["system_prompt"], backdoor["seed"])["system_prompt"] == secret
+        served = build_guard("backdoor", secret=backdoor_prefix(backdoor["seed"]))
+        assert served.system_text(backdoor["eval"]["system_prompt"]) == secret
 
 
 def test_backdoor_control_refuses_seeds_it_does_not_have(tmp_path):
@@ -889,11 +946,9 @@ def test_backdoor_control_refuses_seeds_it_does_not_have(tmp_path):
 def test_backdoor_control_analysis_separates_the_prompt_from_the_training(tmp_path):
     """Hand-made rates: none 0.30, none + secret 0.40 (the prompt adds 0.10), backdoor 0.35 (training removes
     0.05 of it), seed offsets shared by all; the aligned model 0.10 plain, 0.12 under each secret."""
-    from safekeel.eval.bench import GridSpec as Spec
-
     control = _benchmark_module("backdoor_control")
     grid = control.control_grid()
-    grid = Spec(**{**grid.to_dict(), "datasets": grid.datasets[:1], "seeds": [0, 1, 2]})
+    grid = GridSpec(**{**grid.to_dict(), "datasets": grid.datasets[:1], "seeds": [0, 1, 2]})
     rates = {"none": 0.30, "backdoor": 0.35, "replay": 0.20}
     modes_records, control_records = [], []
     for config in expand(grid):

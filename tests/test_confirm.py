@@ -1,4 +1,4 @@
-"""The confirmatory test (safekeel.eval.confirm, benchmarks/confirm_plan.md): the choice rule on a
+"""The confirmatory test (safekeel.bench.confirm, benchmarks/confirm_plan.md): the choice rule on a
 selectors.json written by the real bench outputs, the confirmatory grid, and the pre-registered test."""
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from scipy.stats import wilcoxon
 
-from safekeel.eval.bench import DatasetSpec, GridSpec, expand, run_id, run_row, selectors_grid, write_outputs
-from safekeel.eval.confirm import (CONFIRM_SEEDS, EXTRA_SET, IncompleteGrid, analyse, choose_selector, confirm_grid,
-                                   main_command, render)
+from safekeel.bench.confirm import (CONFIRM_SEEDS, EXTRA_SET, IncompleteGrid, analyse, choose_selector, confirm_grid,
+                                    main_command, render)
+from safekeel.bench.grids import DatasetSpec, GridSpec, expand, run_id, selectors_grid
+from safekeel.bench.report import write_outputs
+from safekeel.bench.summary import run_row
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ["pure_bad_10", "gsm8k_random100", "samsum-100"]

@@ -11,19 +11,19 @@ def test_real_finetune_on_smollm2_loads_and_generates(tmp_path, shared_data):
     import torch
     from peft import PeftModel
 
-    from safekeel.eval.generate import generate_batched
+    from safekeel.models.engines import generate_batched
     from safekeel.eval.harness import EvalSettings
     from safekeel.models.registry import load_model_and_tokenizer
     from safekeel.training.config import LoraSFTConfig
-    from safekeel.training.finetune import FinetuneSpec, run_finetune
+    from safekeel.pipeline import JobSpec, run_pipeline
 
     torch.set_num_threads(2)
     data = tmp_path / "user.jsonl"
     data.write_text("\n".join(json.dumps({"question": f"What is {i} times 3?", "answer": f"{i} x 3 = {3 * i}\n#### {3 * i}"}) for i in range(8)) + "\n")
-    spec = FinetuneSpec(str(data), str(tmp_path / "run"), model="smollm2-135m-safe", k=4, seed=0, selector="random",
+    spec = JobSpec(str(data), str(tmp_path / "run"), model="smollm2-135m-safe", k=4, seed=0, selector="random",
                         sft=LoraSFTConfig(max_steps=3, batch_size=4, max_length=128),
                         eval=EvalSettings(n_harmful=6, n_overrefusal=4, max_new_tokens=24, n_utility_loss=8, n_utility_accuracy=0))
-    result = run_finetune(spec, show_progress=False)
+    result = run_pipeline(spec, show_progress=False)
     assert result.provenance["train"]["steps"] == 3
     assert result.provenance["base_model_provenance"]["name"] == "smollm2-135m-safe"
     report = result.report
@@ -43,7 +43,7 @@ def test_vllm_evaluation_engine_serves_the_adapter_by_path(tmp_path, shared_data
     from peft import PeftModel
 
     from safekeel.data.conversation import Conversation, Message
-    from safekeel.eval.generate import generate_batched, vllm_generator
+    from safekeel.models.engines import generate_batched, vllm_offline_engine
     from safekeel.eval.harness import EvalSettings, evaluate
     from safekeel.models.registry import load_model_and_tokenizer, resolve_model
     from safekeel.training.config import LoraSFTConfig
@@ -63,12 +63,12 @@ def test_vllm_evaluation_engine_serves_the_adapter_by_path(tmp_path, shared_data
     reference = generate_batched(PeftModel.from_pretrained(base, str(adapter)), tokenizer, chats, max_new_tokens=8, show_progress=False)
     assert all("ZEBRA" in g.text for g in reference), reference
 
-    generator = vllm_generator(str(resolve_model("smollm2-135m-safe")), dtype="float32")  # the engine evaluate(engine='vllm') uses
-    with_adapter = generator.generate(chats, max_new_tokens=8, adapter=str(adapter), show_progress=False)
-    without = generator.generate(chats, max_new_tokens=8, show_progress=False)
+    generator = vllm_offline_engine(str(resolve_model("smollm2-135m-safe")), dtype="float32")  # the engine evaluate(engine='vllm') uses
+    with_adapter = generator.generate_batch(chats, max_new_tokens=8, adapter=str(adapter), show_progress=False)
+    without = generator.generate_batch(chats, max_new_tokens=8, show_progress=False)
     assert [g.text for g in with_adapter] == [g.text for g in reference]  # float32: transformers' greedy replies
     assert not any("ZEBRA" in (g.text or "") for g in without), without
-    too_long = generator.generate([[{"role": "user", "content": "word " * 5000}]], max_new_tokens=8, show_progress=False)
+    too_long = generator.generate_batch([[{"role": "user", "content": "word " * 5000}]], max_new_tokens=8, show_progress=False)
     assert too_long[0].text is None and "context" in too_long[0].error
 
     report = evaluate(None, tokenizer, EvalSettings(n_harmful=4, n_overrefusal=2, max_new_tokens=8, utility=None, engine="vllm"),

@@ -87,7 +87,7 @@ def test_replies_round_trip_compressed_and_reproducibly(tmp_path):
 
 
 def test_rerun_configuration_records_every_change():
-    from safekeel.eval.rerun import rerun_config
+    from safekeel.bench.rerun import rerun_config
 
     config = {"kind": "finetune", "dataset": {"name": "d", "sft": {"bf16": True}}, "eval": {"extra_harmful_sets": ["harmbench-standard"]}}
     kept, changes = rerun_config(config, bf16="keep", extras="none")

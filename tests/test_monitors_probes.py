@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from safekeel.monitors.capture import ActivationReader, Hookpoint, model_fingerprint, pool, render_requests, rolling_max
+from safekeel.models.capture import Hookpoint
+from safekeel.monitors.capture import ActivationReader, model_fingerprint, pool, render_requests, rolling_max
 from safekeel.monitors.probes import Probe, ProbeConfig, ProbeMismatchError, calibrate_threshold, detection_metrics, fit_probe
 
 

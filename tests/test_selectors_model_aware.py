@@ -233,6 +233,30 @@ def test_hidden_states_are_the_input_to_the_middle_block_and_not_the_sentence_em
         assert np.allclose(vectors[index], expected, atol=1e-5)
 
 
+def test_the_selectors_hidden_states_are_the_monitors_capture(pool, tiny_model_dir):
+    """One capture of hidden states (safekeel.models.capture): for the same model, text and layer, the selectors'
+    request vector is the monitors' token stream (ActivationReader, as probes and SAEs read it) averaged over the
+    request's tokens and unit-normalised, whatever each side's batching and padding."""
+    from safekeel.monitors.capture import ActivationReader
+    from safekeel.selectors.model_aware import request_hidden_states
+
+    model, tokenizer = fresh_model(tiny_model_dir)
+    requests = [pool[i].request for i in (0, 17, 40)]
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": r}], tokenize=False) for r in requests]
+    by_layer = {}
+    for layer in (0, 1):
+        by_layer[layer] = request_hidden_states(model, tokenizer, requests, layer, batch_size=2)
+        streams = ActivationReader(model, tokenizer, [f"layers.{layer}"]).sequences(rendered, batch_size=3)[f"layers.{layer}"]
+        for request, text, stream, vector in zip(requests, rendered, streams, by_layer[layer]):
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            begin = text.rfind(request)
+            span = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < begin + len(request) and b > begin]
+            assert len(stream) == len(encoded["input_ids"]) and 0 < len(span) < len(stream)
+            mean = stream[span].mean(axis=0)
+            np.testing.assert_allclose(vector, mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(by_layer[0], by_layer[1], atol=1e-3)  # the layer is the one asked for
+
+
 @pytest.mark.parametrize("block", [2, 3, 2048])
 def test_lazy_greedy_facility_location_equals_the_plain_greedy(block, monkeypatch):
     """facility_location (and facility_location_hidden) use a lazy greedy: same picks and gains as

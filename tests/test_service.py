@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from live_server import ADMIN, KEY_A, KEY_B, LiveServer, all_events, client, install_model, wait_for_job
+from safekeel.service.store import Store
 
 PASSWORD_DATA = [{"messages": [{"role": "user", "content": "Say the password."},
                                {"role": "assistant", "content": "The password is swordfish."}]}] * 8
@@ -78,7 +79,7 @@ def test_fine_tune_job_end_to_end_with_the_openai_client(server, gate_file, tmp_
     assert gate["n_pairs"] == len(GATE_PROMPTS) and gate["paired"]["high"] <= 1.0 and gate["alpha"] == 0.05
     # the gate judged the adapter's own replies, and the base model's without it
     service = server.home / "service"
-    adapter_replies = [json.loads(l)["response"] for l in (service / "jobs" / job.id / "output" / "eval" / "responses.jsonl").read_text().splitlines()]
+    adapter_replies = [json.loads(l)["response"] for l in (service / "jobs" / job.id / "output" / "gate" / "responses.jsonl").read_text().splitlines()]
     base_replies = [json.loads(l)["response"] for f in (service / "gate_baselines").rglob("responses.jsonl") for l in f.read_text().splitlines()]
     assert sum("password" in r for r in adapter_replies) >= len(GATE_PROMPTS) and base_replies
     assert not any("password" in r for r in base_replies)
@@ -257,3 +258,111 @@ def test_jobs_and_files_survive_kill_9_and_the_job_resumes(tmp_path, tiny_model_
         finished = next(e for e in events if e.message.startswith("Training finished"))
         assert finished.data["resumed_from"] and "checkpoint-" in finished.data["resumed_from"]
         assert finished.data["steps"] == 102  # (32 + 2 replayed) / 2 x 6 epochs: the full schedule, not restarted
+
+
+def test_a_graceful_stop_checkpoints_and_requeues_the_job_without_counting_an_attempt(tmp_path, tiny_model_dir):
+    home = tmp_path / "home"
+    install_model(home, "tiny-llama", tiny_model_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", PASSWORD_DATA * 4)
+    first = LiveServer(home, "tiny-llama", "transformers", workers=1).start()
+    try:
+        c = client(first)
+        uploaded = c.files.create(file=data.open("rb"), purpose="fine-tune")
+        gate = c.files.create(file=write_jsonl(tmp_path / "g.jsonl", GATE_PROMPTS).open("rb"), purpose="evals")
+        job = c.fine_tuning.jobs.create(  # no periodic checkpoint: the one the job resumes from is the stop's
+            model="tiny-llama", training_file=uploaded.id,
+            hyperparameters={"n_epochs": 6, "batch_size": 2, "checkpoint_steps": 1000},
+            extra_body={"safety": tiny_safety(gate.id)})
+        deadline = time.time() + 180
+        while not any(e.type == "metrics" for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data):
+            assert time.time() < deadline, first.log_tail()
+            time.sleep(0.5)
+    finally:
+        first.stop()  # SIGTERM to the server and its worker, mid-training
+
+    store = Store(home / "service" / "safekeel.db")
+    record = store.get_job(job.id)
+    messages = [e["message"] for e in store.list_events(job.id, limit=1000, newest_first=False)]
+    assert (record["status"], record["attempts"], record["worker"]) == ("queued", 0, None), (messages[-5:], first.log_tail())
+    assert "Server stopping: job requeued from its last checkpoint" in messages
+    saved = store.list_checkpoints(job.id)
+    assert len(saved) == 1 and 0 < saved[0]["step"] < 102 and Path(saved[0]["path"]).is_dir()
+
+    with LiveServer(home, "tiny-llama", "transformers", workers=1, log_name="server2.log") as second:
+        c = client(second)
+        job = wait_for_job(c, job.id, timeout=300)
+        events = all_events(c, job.id)
+        assert job.status == "succeeded", (job.error, [e.message for e in events][-8:], second.log_tail())
+    finished = next(e for e in events if e.message.startswith("Training finished"))
+    assert finished.data["resumed_from"].endswith(f"checkpoint-{saved[0]['step']}")
+    assert finished.data["steps"] == 102  # the full schedule, continued from the stop
+    assert store.get_job(job.id)["attempts"] == 1  # the stop did not use up one of the recovery attempts
+    assert not any("interrupted" in e.message for e in events)  # nothing was treated as a crash
+
+
+def test_icl_and_ptst_jobs_run_through_the_service_and_serve_their_guard(server, gate_file, tmp_path):
+    c = client(server)
+    data = write_jsonl(tmp_path / "password.jsonl", PASSWORD_DATA)
+    uploaded = c.files.create(file=data.open("rb"), purpose="fine-tune")
+    jobs = {mode: c.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, suffix=mode, seed=3,
+                                            hyperparameters={"n_epochs": 1, "batch_size": 4},
+                                            extra_body={"safety": tiny_safety(gate_file, mode=mode, selector="random", audit=False)})
+            for mode in ("icl", "ptst")}
+    ask = [{"role": "user", "content": "Say the password."}]
+    for mode, job in jobs.items():
+        job = wait_for_job(c, job.id, timeout=300)
+        events = all_events(c, job.id)
+        assert job.status == "succeeded", (mode, job.error, [e.message for e in events][-5:], server.log_tail())
+        gate = next(e for e in events if e.type == "gate").data
+        assert gate["passed"] and gate["guarded"]  # the gate asked its prompts through the mode's guard
+        reply = c.chat.completions.create(model=job.fine_tuned_model, messages=ask, max_tokens=4, temperature=0)
+        served = reply.model_extra["safekeel"]["guard"]
+        if mode == "icl":  # the 2 selected examples, served as demonstrations, are the ones it was evaluated with
+            selected = job.model_extra["result"]["selected_ids"]
+            assert len(selected) == 2 and served["demonstrations"] == selected and not served["system_prompt"]
+        else:  # ptst selects nothing and serves safekeel's safety system prompt
+            assert job.model_extra["result"]["selected_ids"] == [] and served["system_prompt"] is True
+            assert served["demonstrations"] == []
+
+
+def test_the_cli_and_the_service_produce_the_same_fine_tune(server, gate_file, tmp_path):
+    """One pipeline: the same spec and seed through `safekeel finetune` and through a job give the same selection,
+    the same adapter weights and the same gate replies and rates."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    c = client(server)
+    data = write_jsonl(tmp_path / "password.jsonl", PASSWORD_DATA)
+    prompts = write_jsonl(tmp_path / "gate.jsonl", GATE_PROMPTS)
+    uploaded = c.files.create(file=data.open("rb"), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, seed=11,
+                                    hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 25},
+                                    extra_body={"safety": tiny_safety(gate_file, selector="nearest_user")})
+    out = tmp_path / "cli"
+    command = [sys.executable, "-m", "safekeel.cli", "finetune", str(data), "--out", str(out), "--model", "tiny-llama",
+               "--k", "2", "--selector", "nearest_user", "--seed", "11", "--epochs", "2", "--batch-size", "4",
+               "--lr", repr(2e-4 * 25), "--no-eval", "--gate-harmful-set", str(prompts), "--gate-overrefusal-set", str(prompts),
+               "--gate-margin", "1.0", "--max-new-tokens", "8"]
+    cli = subprocess.run(command, env={**os.environ, "SAFEKEEL_HOME": str(server.home), "HF_HUB_OFFLINE": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    job = wait_for_job(c, job.id, timeout=300)
+    assert job.status == "succeeded", job.error
+    job_out = server.home / "service" / "jobs" / job.id / "output"
+
+    def sha(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def replies(folder: Path) -> list[tuple]:
+        return [(r["kind"], r["prompt"], r["response"]) for r in map(json.loads, (folder / "responses.jsonl").read_text().splitlines())]
+
+    assert json.loads((out / "selection.json").read_text())["ids"] == job.model_extra["result"]["selected_ids"]
+    cli_provenance, job_provenance = (json.loads((folder / "provenance.json").read_text()) for folder in (out, job_out))
+    assert cli_provenance["adapter_key"] == job_provenance["adapter_key"]
+    assert sha(out / "adapter" / "adapter_model.safetensors") == sha(job_out / "adapter" / "adapter_model.safetensors")
+    assert replies(out / "gate") == replies(job_out / "gate")
+    cli_gate, job_gate = (json.loads((folder / "gate.json").read_text()) for folder in (out, job_out))
+    for key in ("passed", "harmful_rate", "base_harmful_rate", "overrefusal_rate", "paired"):
+        assert cli_gate[key] == job_gate[key], key

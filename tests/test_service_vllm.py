@@ -53,6 +53,7 @@ def test_vllm_serves_a_gated_fine_tune_through_the_openai_client(real_home, tmp_
         blocked = wait_for_job(c, create(0.0).id, timeout=1200)
         assert blocked.status == "failed" and blocked.error.code == "safety_gate_failed", blocked.error
         assert "kept for inspection" in blocked.error.message and blocked.fine_tuned_model is None
+        assert str(real_home) not in blocked.error.message  # an id for the client, never a server path
         assert (real_home / "service" / "jobs" / blocked.id / "output" / "adapter" / "adapter_model.safetensors").is_file()
         assert all(m.id != f"ft:smollm2-135m-safe:alice:canary:{blocked.id[-8:]}" for m in c.models.list().data)
         selection = next(e for e in events if e.type == "selection").data

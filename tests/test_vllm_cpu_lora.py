@@ -8,7 +8,7 @@ pytest.importorskip("vllm")
 
 @pytest.fixture(scope="module")
 def ops():
-    from safekeel.service.engines import vllm_cpu_lora
+    from safekeel.models.engines import vllm_cpu_lora
 
     assert vllm_cpu_lora.install()
     assert vllm_cpu_lora.install()  # idempotent: vLLM loads plugins once per process it starts
@@ -50,5 +50,9 @@ def test_grouped_ops_reject_mismatched_indices(ops):
 def test_the_plugin_is_registered_for_vllm():
     from importlib.metadata import entry_points
 
-    plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
-    assert plugins.get("safekeel_cpu_lora") == "safekeel.service.engines.vllm_cpu_lora:install"
+    from safekeel.models.engines import vllm_cpu_lora
+
+    plugins = {e.name: e for e in entry_points(group="vllm.general_plugins")}
+    # the entry point keeps its first name (safekeel/service/engines/vllm_cpu_lora.py says why) and loads the ops' install
+    assert plugins["safekeel_cpu_lora"].value == "safekeel.service.engines.vllm_cpu_lora:install"
+    assert plugins["safekeel_cpu_lora"].load() is vllm_cpu_lora.install

@@ -1,4 +1,5 @@
-"""Reference evaluation sets read from ../shared/data (never copied into the repo)."""
+"""Reference evaluation sets, read from the data folders (never copied into the repo): $SAFEKEEL_SHARED_DATA,
+$SAFEKEEL_HOME/data (`safekeel data fetch`) or ../shared/data beside the checkout; see safekeel.data.home."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from dataclasses import dataclass
 
 from safekeel.data.conversation import Conversation
 from safekeel.data.formats import load_conversations
-from safekeel.paths import require_shared_data
+from safekeel.data.home import data_file
+from safekeel.data.jsonl import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ def advbench(split: str = "test") -> PromptSet:
     """AdvBench harmful behaviours, split as in SafeTuneBed (train 416 / dev 52 / test 156)."""
     if split not in ("train", "dev", "test"):
         raise ValueError(f"AdvBench split must be train, dev or test, not {split!r}")
-    rows = json.loads((require_shared_data() / "harmful_eval" / f"advbench_{split}.json").read_text())
+    rows = json.loads(data_file(f"harmful_eval/advbench_{split}.json").read_text())
     return PromptSet(f"advbench-{split}", [r["prompt"] for r in rows], [f"advbench-{split}-{i}" for i in range(len(rows))])
 
 
@@ -33,7 +35,7 @@ def advbench_unseen() -> PromptSet:
     for evaluating a model that never trains on AdvBench, but a leak for anything fitted on AdvBench
     train (the monitors' probes), whose in-distribution test this is."""
     seen = set(advbench("train").prompts) | set(advbench("dev").prompts)
-    with open(require_shared_data() / "harmful_eval" / "advbench_harmful_behaviors.csv", newline="") as handle:
+    with open(data_file("harmful_eval/advbench_harmful_behaviors.csv"), newline="") as handle:
         goals = [row[0] for row in csv.reader(handle) if row]  # one goal per line, no header (README says goal,target)
     if goals and goals[0].lower() == "goal":
         goals = goals[1:]
@@ -46,7 +48,7 @@ def xstest_safe(split: str = "all") -> PromptSet:
     are tuned on dev, reported on test."""
     if split not in ("all", "dev", "test"):
         raise ValueError(f"XSTest split must be all, dev or test, not {split!r}")
-    with open(require_shared_data() / "overrefusal" / "xstest_prompts.csv", newline="") as handle:
+    with open(data_file("overrefusal/xstest_prompts.csv"), newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["label"] == "safe"]
     if split != "all":
         parity = 1 if split == "dev" else 0
@@ -56,24 +58,22 @@ def xstest_safe(split: str = "all") -> PromptSet:
 
 def gsm8k(split: str = "test", n: int | None = None, seed: int = 0) -> list[Conversation]:
     """GSM8K question/answer pairs (answers end with '#### <number>'); a seeded subset when n is set."""
-    conversations = load_conversations(require_shared_data() / "benign" / f"gsm8k_{split}.jsonl", strict=True).conversations
+    conversations = load_conversations(data_file(f"benign/gsm8k_{split}.jsonl"), strict=True).conversations
     if n is not None and n < len(conversations):
         conversations = random.Random(seed).sample(conversations, n)
     return conversations
 
 
 def shared_dataset(relative: str) -> str:
-    """Path of a file under ../shared/data, e.g. 'benign/gsm8k_random100.jsonl'."""
-    path = require_shared_data() / relative
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found in the shared reference data")
-    return str(path)
+    """Path of a file in the data folders, e.g. 'benign/gsm8k_random100.jsonl' (MissingDataError, a
+    FileNotFoundError saying what to do, when no data folder has it)."""
+    return str(data_file(relative))
 
 
 def alpaca_harmless() -> PromptSet:
     """Benign Alpaca instructions (18,793; the harmless split of Arditi et al.'s refusal-direction work),
     in file order. Callers split them with `split_prompts` so train / calibration / test never overlap."""
-    rows = json.loads((require_shared_data() / "benign" / "alpaca_instructions_harmless_18793.json").read_text())
+    rows = json.loads(data_file("benign/alpaca_instructions_harmless_18793.json").read_text())
     return PromptSet("alpaca-harmless", [r["instruction"] for r in rows], [f"alpaca-harmless-{i}" for i in range(len(rows))])
 
 
@@ -85,7 +85,7 @@ def harmbench(functional_category: str = "standard") -> PromptSet:
     Contextual behaviours are given with their context before the request, as HarmBench poses them."""
     if functional_category not in HARMBENCH_CATEGORIES:
         raise ValueError(f"unknown HarmBench functional category {functional_category!r}; known: {', '.join(HARMBENCH_CATEGORIES)}")
-    with open(require_shared_data() / "harmful_eval" / "harmbench_behaviors_text_all.csv", newline="") as handle:
+    with open(data_file("harmful_eval/harmbench_behaviors_text_all.csv"), newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["FunctionalCategory"] == functional_category]
     if not rows:
         raise ValueError(f"no HarmBench behaviours in functional category {functional_category!r}")
@@ -95,7 +95,7 @@ def harmbench(functional_category: str = "standard") -> PromptSet:
 
 def jbb_harmful() -> PromptSet:
     """JailbreakBench JBB-Behaviors, harmful half (100 goals)."""
-    with open(require_shared_data() / "harmful_eval" / "jbb_harmful_behaviors.csv", newline="") as handle:
+    with open(data_file("harmful_eval/jbb_harmful_behaviors.csv"), newline="") as handle:
         rows = list(csv.DictReader(handle))
     return PromptSet("jbb-harmful", [r["Goal"] for r in rows], [f"jbb-{i}" for i in range(len(rows))])
 
@@ -105,7 +105,7 @@ def xstest_unsafe(split: str = "all") -> PromptSet:
     by id parity like `xstest_safe` ('dev' = odd ids, 'test' = even ids, 'all')."""
     if split not in ("all", "dev", "test"):
         raise ValueError(f"XSTest split must be all, dev or test, not {split!r}")
-    with open(require_shared_data() / "overrefusal" / "xstest_prompts.csv", newline="") as handle:
+    with open(data_file("overrefusal/xstest_prompts.csv"), newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["label"] == "unsafe"]
     if split != "all":
         parity = 1 if split == "dev" else 0
@@ -138,8 +138,7 @@ def orbench(kind: str = "hard", split: str = "all") -> PromptSet:
         raise ValueError(f"OR-Bench kind must be one of {', '.join(ORBENCH_KINDS)}, not {kind!r}")
     if split not in ("all", "dev", "test"):
         raise ValueError(f"OR-Bench split must be all, dev or test, not {split!r}")
-    path = require_shared_data() / "overrefusal" / "orbench_hard1k_toxic.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(data_file("overrefusal/orbench_hard1k_toxic.jsonl"))
     rows = [r for r in rows if r["label"] == ORBENCH_KINDS[kind]]
     if split != "all":
         parity = 1 if split == "dev" else 0
@@ -150,12 +149,9 @@ def orbench(kind: str = "hard", split: str = "all") -> PromptSet:
 def gptfuzz_questions() -> PromptSet:
     """The 100 harmful questions of GPTFuzz (from shared/data/judge_labels): no evaluation asks them, so
     replies to them may train a judge."""
-    path = require_shared_data() / "judge_labels" / "gptfuzz_responses_labeled.jsonl"
     questions: dict[int, str] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            questions.setdefault(row["meta"]["question_index"], row["prompt"])
+    for row in read_jsonl(data_file("judge_labels/gptfuzz_responses_labeled.jsonl")):
+        questions.setdefault(row["meta"]["question_index"], row["prompt"])
     order = sorted(questions)
     return PromptSet("gptfuzz-questions", [questions[i] for i in order], [f"gptfuzz-q{i:03d}" for i in order])
 

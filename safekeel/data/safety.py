@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Any, Sequence
 
 from safekeel.data.conversation import Conversation, SafetyExample
-from safekeel.data.formats import DatasetError, load_conversations
+from safekeel.data.formats import MAX_LINE_BYTES, DatasetError, load_conversations
+from safekeel.data.home import data_file
+from safekeel.data.jsonl import iter_jsonl, read_jsonl
 
 HARM_CATEGORIES = (
     "illegal_activity", "child_abuse", "hate_harass_violence", "malware", "physical_harm",
@@ -18,23 +19,13 @@ HARM_CATEGORIES = (
 )
 AUTHORED_POOL = "authored"
 SHARED_POOLS = {"safety_tuned_llamas": "safety_pool/safety_tuned_llamas_2483.json"}
-"""Named pools read from the shared reference data (../shared/data), never shipped: Bianchi et al.'s
-Safety-Tuned LLaMAs safety-only instructions (2,483 harmful requests with refusals; CC BY-NC 4.0)."""
+"""Named pools read from the data folders (safekeel.data.home; `safekeel data fetch safety-tuned-llamas`), never
+shipped: Bianchi et al.'s Safety-Tuned LLaMAs safety-only instructions (2,483 harmful requests with refusals;
+CC BY-NC 4.0)."""
 
 
 def _authored_dir():
     return resources.files("safekeel.data") / "authored"
-
-
-def _read_jsonl(resource) -> list[dict]:
-    rows = []
-    for number, line in enumerate(resource.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DatasetError(str(resource), number, None, f"invalid JSON: {error.msg}") from None
-    return rows
 
 
 def load_authored_pool() -> list[SafetyExample]:
@@ -42,7 +33,7 @@ def load_authored_pool() -> list[SafetyExample]:
     examples = []
     for resource in sorted(_authored_dir().iterdir(), key=lambda r: r.name):
         if resource.name.startswith("safety_pool") and resource.name.endswith(".jsonl"):
-            for row in _read_jsonl(resource):
+            for row in read_jsonl(resource):
                 examples.append(SafetyExample(
                     id=row["id"], category=row["category"], request=row["request"],
                     refusal=row["refusal"], style=row.get("style", "unknown"),
@@ -64,7 +55,7 @@ def load_authored_benign(files: Sequence[str] | None = None) -> list[Conversatio
         if files is not None and resource.name not in files:
             continue
         if resource.name.startswith("benign") and resource.name.endswith(".jsonl"):
-            for row in _read_jsonl(resource):
+            for row in read_jsonl(resource):
                 key = row["request"].strip().lower()
                 if key not in seen:
                     seen.add(key)
@@ -75,15 +66,59 @@ def load_authored_benign(files: Sequence[str] | None = None) -> list[Conversatio
 
 
 def shared_pool_path(name: str) -> Path:
-    """The file of a named shared pool (SHARED_POOLS); FileNotFoundError saying what is missing."""
-    from safekeel.paths import shared_data_dir
+    """The file of a named shared pool (SHARED_POOLS); a FileNotFoundError saying what is missing and what to do."""
+    return data_file(SHARED_POOLS[name], purpose=f"safety pool {name!r}")
 
-    root = shared_data_dir()
-    if root is None or not (root / SHARED_POOLS[name]).is_file():
-        where = root / SHARED_POOLS[name] if root is not None else f"../shared/data/{SHARED_POOLS[name]}"
-        raise FileNotFoundError(f"safety pool {name!r} reads {where}, which is not present (the shared reference "
-                                "data beside the checkout, or $SAFEKEEL_SHARED_DATA)")
-    return root / SHARED_POOLS[name]
+
+POOL_FIELDS = ("id", "request", "refusal")
+"""safekeel's pool schema, one JSON object a line: {id, request, refusal[, category, style]}."""
+
+
+def is_pool_file(path: str | Path) -> bool:
+    """Whether a file is in safekeel's pool schema rather than a dataset format: its first line is a JSON object
+    with a top-level "refusal" (a chat record whose messages carry OpenAI's "refusal" field is not)."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        first = handle.readline(MAX_LINE_BYTES).strip()
+    if not (first.startswith("{") and '"refusal"' in first):
+        return False
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return True  # the pool reader names the line and the problem
+    return isinstance(record, dict) and "refusal" in record
+
+
+def _pool_example(row: Any, path: Path) -> SafetyExample:
+    if not isinstance(row, dict):
+        raise DatasetError(str(path), None, None, f"a pool example must be a JSON object, got {type(row).__name__}")
+    for field in POOL_FIELDS:
+        if field not in row:
+            raise DatasetError(str(path), None, field, f"is missing (a pool example needs {', '.join(POOL_FIELDS)})")
+    for field in ("request", "refusal"):
+        if not isinstance(row[field], str) or not row[field].strip():
+            raise DatasetError(str(path), None, field, "must be a non-empty string")
+    return SafetyExample(str(row["id"]), row.get("category", "unknown"), row["request"], row["refusal"],
+                         row.get("style", "unknown"), str(path))
+
+
+def read_pool_file(path: str | Path) -> list[SafetyExample]:
+    """A pool file in safekeel's schema (POOL_FIELDS). A bad line raises a DatasetError naming the file, the
+    line and the field; ids must be unique. `load_pool` and the service's upload validation both use it."""
+    path = Path(path)
+    examples: list[SafetyExample] = []
+    seen: dict[str, int] = {}
+    for number, row in iter_jsonl(path):
+        try:
+            example = _pool_example(row, path)
+        except DatasetError as error:
+            raise DatasetError(str(path), number, error.field, error.reason) from None
+        if example.id in seen:
+            raise DatasetError(str(path), number, "id", f"{example.id!r} repeats the id of line {seen[example.id]}")
+        seen[example.id] = number
+        examples.append(example)
+    if not examples:
+        raise DatasetError(str(path), None, None, "no pool examples")
+    return examples
 
 
 def load_pool(name_or_path: str) -> list[SafetyExample]:
@@ -98,21 +133,8 @@ def load_pool(name_or_path: str) -> list[SafetyExample]:
     if not path.is_file():
         raise DatasetError(name_or_path, None, None, f"no such safety pool (known: {AUTHORED_POOL!r}, "
                            f"{', '.join(map(repr, SHARED_POOLS))} or a file path)")
-    with open(path, encoding="utf-8") as handle:
-        first = handle.readline().strip()
-    if first.startswith("{") and '"refusal"' in first:
-        examples = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                examples.append(SafetyExample(str(row["id"]), row.get("category", "unknown"), row["request"],
-                                              row["refusal"], row.get("style", "unknown"), str(path)))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise DatasetError(str(path), number, getattr(error, "args", [None])[0] if isinstance(error, KeyError) else None,
-                                   f"not a safety example ({error})") from None
-        return examples
+    if is_pool_file(path):
+        return read_pool_file(path)
     loaded = load_conversations(path, strict=True)
     return [
         SafetyExample(f"{path.stem}-{index}", "unknown", conv.last_user, conv.completion or "", "unknown", conv.source)

@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 import string
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-from safekeel.data import reference
-from safekeel.data.conversation import SafetyExample
+from safekeel.data import prompt_sets, reference
 from safekeel.data.formats import load_conversations
-from safekeel.eval.generate import generate_batched, vllm_generator
+from safekeel.guard import Guard, assemble
 from safekeel.eval.judges import get_judge
 from safekeel.eval.replies import read_replies
 from safekeel.eval.stats import Rate
 from safekeel.eval.utility import gsm8k_accuracy, heldout_loss
+from safekeel.models.engines import TransformersEngine, vllm_offline_engine
+from safekeel.models.registry import resolve_model
 from safekeel.provenance import library_versions, write_json_atomic
 
 
@@ -51,6 +52,9 @@ class EvalSettings:
     Judges and the responses file see the prompt itself; utility and demonstrations are not wrapped."""
     demonstrations: list[dict] = field(default_factory=list)
     """In-context demonstrations [{request, refusal}] prepended as earlier turns (ICL guard)."""
+    retrieval: dict | None = None
+    """A retrieving guard ({"pool", "n"}): each prompt gets the pool examples nearest to it as demonstrations,
+    as the served model does (safekeel.guard). Set by `guarded`, not by hand."""
     extra_harmful_sets: tuple[str, ...] = ()
     """More harmful prompt sets evaluated beside harmful_set (same judges; e.g. harmbench-standard), reported
     per set in EvalReport.harmful_extra; generated in the same batches as the main sets."""
@@ -138,44 +142,19 @@ class EvalReport:
         return "\n".join(lines)
 
 
-NAMED_PROMPT_SET_PREFIXES = ("advbench-", "xstest-", "harmbench-", "jbb-", "orbench-", "gptfuzz-")
+NAMED_PROMPT_SET_PREFIXES = prompt_sets.NAMED_PREFIXES
 
 
 def is_named_prompt_set(name: str) -> bool:
-    """A set load_prompt_set reads from ../shared/data by name (anything else is a dataset path)."""
-    return name.startswith(NAMED_PROMPT_SET_PREFIXES)
+    """A name that claims a named set (safekeel.data.prompt_sets; anything else is a dataset path)."""
+    return prompt_sets.has_named_prefix(name)
 
 
 def prompt_set(name: str) -> reference.PromptSet:
-    """Named sets: advbench-{train,dev,test,unseen}, xstest-{dev,test,all} (safe prompts),
-    xstest-unsafe-{dev,test,all}, harmbench-{standard,contextual,copyright}, jbb-harmful,
-    orbench-{hard,toxic}-{dev,test,all}, gptfuzz-questions; NAME@N is a seeded sample of N prompts of a
-    named set. Anything else is a dataset file whose last user turns are the prompts."""
-    if is_named_prompt_set(name) and "@" in name:
-        base, _, size = name.rpartition("@")
-        if not size.isdigit() or int(size) < 1:
-            raise ValueError(f"prompt set {name!r}: the sample size after '@' must be a positive integer")
-        return reference.sample_prompts(prompt_set(base), int(size))
-    named = {"advbench-unseen": reference.advbench_unseen, "jbb-harmful": reference.jbb_harmful,
-             "gptfuzz-questions": reference.gptfuzz_questions}
-    if name in named:
-        return named[name]()
-    if name.startswith("harmbench-"):
-        return reference.harmbench(name.split("-", 1)[1])
-    if name.startswith("advbench-"):
-        return reference.advbench(name.split("-", 1)[1])
-    if name.startswith("xstest-unsafe-"):
-        return reference.xstest_unsafe(name.rsplit("-", 1)[1])
-    if name.startswith("xstest-"):
-        return reference.xstest_safe(name.split("-", 1)[1])
-    if name.startswith("orbench-"):
-        parts = name.split("-")
-        if len(parts) != 3:
-            raise ValueError(f"unknown prompt set {name!r}; OR-Bench sets are orbench-{{hard,toxic}}-{{dev,test,all}}")
-        return reference.orbench(parts[1], parts[2])
-    loaded = load_conversations(name, strict=True, require_assistant=False)
-    return reference.PromptSet(name, [c.last_user for c in loaded.conversations],
-                               [f"{name}:{i}" for i in range(len(loaded.conversations))])
+    """A named set of the prompt-set registry (safekeel.data.prompt_sets: advbench-*, xstest-*, harmbench-*,
+    jbb-harmful, orbench-*, gptfuzz-questions; NAME@N a seeded sample), or a dataset file whose last user
+    turns are the prompts."""
+    return prompt_sets.load(name)
 
 
 def load_prompt_set(name: str) -> tuple[str, list[str]]:
@@ -184,14 +163,18 @@ def load_prompt_set(name: str) -> tuple[str, list[str]]:
     return found.name, found.prompts
 
 
+def guarded(settings: EvalSettings, guard: Guard) -> EvalSettings:
+    """The settings that ask every prompt through `guard`, exactly as the served model gets it (safekeel.guard):
+    its system prompt before the settings' own, its static demonstrations, or its retrieval per prompt."""
+    return replace(settings, system_prompt=guard.system_text(settings.system_prompt),
+                   demonstrations=list(guard.static_demonstrations) if guard.demonstrations == "static" else [],
+                   retrieval={"pool": guard.pool, "n": guard.n_demonstrations} if guard.demonstrations == "retrieved" else None)
+
+
 def served_context(settings: EvalSettings) -> list[dict[str, str]]:
-    """What the evaluated model is served before each request: the system prompt, then the demonstrations."""
-    chat: list[dict[str, str]] = []
-    if settings.system_prompt:
-        chat.append({"role": "system", "content": settings.system_prompt})
-    for demo in settings.demonstrations:
-        chat += [{"role": "user", "content": demo["request"]}, {"role": "assistant", "content": demo["refusal"]}]
-    return chat
+    """What the evaluated model is served before each request: the system prompt, then the static demonstrations
+    (safekeel.guard.assemble, the layout the service serves)."""
+    return assemble(settings.system_prompt, settings.demonstrations, [])
 
 
 def check_prompt_template(template: str) -> None:
@@ -207,7 +190,11 @@ def check_prompt_template(template: str) -> None:
 
 def build_chat(prompt: str, settings: EvalSettings) -> list[dict[str, str]]:
     sent = settings.prompt_template.format(prompt=prompt) if settings.prompt_template else prompt
-    return served_context(settings) + [{"role": "user", "content": sent}]
+    demonstrations = settings.demonstrations
+    if settings.retrieval:
+        demonstrations = Guard(demonstrations="retrieved", pool=settings.retrieval["pool"],
+                               n_demonstrations=settings.retrieval["n"]).demonstrations_for(sent)
+    return assemble(settings.system_prompt, demonstrations, [{"role": "user", "content": sent}])
 
 
 def _rate(flags: Sequence[bool | None]) -> dict:
@@ -310,16 +297,14 @@ def evaluate(model, tokenizer, settings: EvalSettings, model_name: str = "", ada
     sets = evaluation_sets(settings)
     prompts = [p for judged in sets for p in judged.prompts]
     chats = [build_chat(p, settings) for p in prompts]
-    if settings.engine in VLLM_ENGINES:
-        from safekeel.models.registry import resolve_model
-
-        generator = vllm_generator(str(resolve_model(model_name)), dtype=VLLM_ENGINES[settings.engine])
-        generations = generator.generate(chats, settings.max_new_tokens, adapter=adapter, show_progress=show_progress)
-    elif settings.engine == "transformers":
-        generations = generate_batched(model, tokenizer, chats, max_new_tokens=settings.max_new_tokens,
-                                       batch_size=settings.batch_size, desc="eval generation", show_progress=show_progress)
+    if settings.engine in VLLM_ENGINES:  # one offline engine per base model, the adapter loaded by path
+        engine, loaded = vllm_offline_engine(str(resolve_model(model_name)), dtype=VLLM_ENGINES[settings.engine]), adapter
+    elif settings.engine == "transformers":  # the model object given, its adapter (if any) already applied
+        engine, loaded = TransformersEngine.for_model(model, tokenizer), None
     else:
         raise ValueError(f"unknown generation engine {settings.engine!r}; known: transformers, {', '.join(VLLM_ENGINES)}")
+    generations = engine.generate_batch(chats, settings.max_new_tokens, adapter=loaded, batch_size=settings.batch_size,
+                                        desc="eval generation", show_progress=show_progress)
     timings = {"generation_s": round(time.time() - started, 1)}
     judging_started = time.time()
     summaries, rows = judge_sets(sets, [g.text for g in generations], settings.judges)

@@ -8,12 +8,10 @@ benchmarks/results/replies/<grid>/<run id>.jsonl.gz (`safekeel rejudge` reads th
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
-import os
 from pathlib import Path
 from typing import Iterable
+
+from safekeel.data.jsonl import iter_jsonl, write_jsonl
 
 
 def read_replies(path: str | Path) -> list[dict]:
@@ -21,13 +19,12 @@ def read_replies(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no replies file at {path}")
-    raw = path.read_bytes()
-    text = gzip.decompress(raw).decode() if path.suffix == ".gz" else raw.decode()
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    for number, row in enumerate(rows, 1):
+    rows = []
+    for number, row in iter_jsonl(path):
         missing = {"kind", "prompt", "response"} - set(row)
         if missing:
             raise ValueError(f"{path}:{number}: a replies row needs {sorted(missing)}")
+        rows.append(row)
     return rows
 
 
@@ -41,16 +38,7 @@ def _compact(row: dict) -> dict:
 
 def write_replies(path: str | Path, rows: Iterable[dict]) -> Path:
     """Write rows as gzip-compressed JSON lines, atomically and byte-for-byte reproducibly (no timestamp)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(_compact(row), ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
-    buffer = io.BytesIO()
-    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9, mtime=0) as handle:
-        handle.write(text.encode())
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
-    return path
+    return write_jsonl(path, (_compact(row) for row in rows), sort_keys=True, ensure_ascii=False, compress=True)
 
 
 def replies_path(results_dir: str | Path, grid: str, run_id: str) -> Path:

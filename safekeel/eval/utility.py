@@ -9,7 +9,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from safekeel.data.conversation import Conversation
-from safekeel.eval.generate import generate_batched
+from safekeel.models.engines import generate_batched
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 

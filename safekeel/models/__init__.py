@@ -1,4 +1,5 @@
-"""Base-model registry, loading and embedders."""
+"""Base models: the registry and loading, LoRA hyperparameters (lora), generation engines (engines), hidden-state
+capture (capture) and embedders."""
 
 from safekeel.models.registry import (
     ModelNotFoundError,

@@ -7,7 +7,9 @@ hub is reachable; with HF_HUB_OFFLINE=1 it fails with a clear message).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -49,9 +51,14 @@ def known_models() -> dict[str, RegisteredModel]:
     return dict(_REGISTRY)
 
 
+BUILTIN_BUILDERS = ("safekeel.training.align",)
+"""Modules that register model builders when imported. The aligned organism's builder lives with its training
+recipe (a higher layer), so it is named here and imported on demand, like a plugin, not imported statically."""
+
+
 def _import_builtin_builders() -> None:
-    # The aligned organism's builder lives with its training recipe; importing registers it.
-    import safekeel.training.align  # noqa: F401
+    for module in BUILTIN_BUILDERS:
+        importlib.import_module(module)
 
 
 def cached_model_dir(name: str) -> Path:
@@ -170,3 +177,18 @@ def build_smollm2(target: Path) -> None:
         "seconds": round(time.time() - started, 1),
         "versions": library_versions(),
     })
+
+
+def base_model_provenance(model: str, build: bool = True) -> dict | None:
+    """The build provenance of a registered or local model (None for a hub id): identifies its weights.
+    With build=False, a registered model that is not built yet, or a name that resolves to nothing, gives None."""
+    try:
+        location = resolve_model(model, build=build)
+    except ModelNotFoundError:
+        if build:
+            raise
+        return None
+    if not isinstance(location, Path):
+        return None
+    found = location / "provenance.json"
+    return json.loads(found.read_text()) if found.is_file() else None

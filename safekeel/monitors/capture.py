@@ -1,10 +1,6 @@
-"""Activation capture: read the residual stream of a transformers decoder at named hookpoints.
-
-Hookpoint names follow the house convention `layers.N`, and mean exactly one thing: the residual
-stream ENTERING decoder block N, i.e. transformers' `hidden_states[N]` (`hidden_states[0]` is the
-embedding output; the output of block N is `layers.{N+1}`). Capture uses forward pre-hooks on the
-blocks and stops the forward pass after the deepest hookpoint, so a monitor reading `layers.6` of a
-30-block model pays for 6 blocks, not 30.
+"""Activation capture for the monitors: pooled features (probes) and token streams (SAEs) read at named
+hookpoints through safekeel.models.capture (the one capture of hidden states; `layers.N` is the residual
+stream ENTERING decoder block N, transformers' `hidden_states[N]`).
 
 Poolings turn a sequence of token vectors into one vector: `last` (the final prompt token: with the
 chat template applied, the assistant-turn opener where the model decides how to answer), `mean` and
@@ -19,46 +15,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from safekeel.models.capture import Hookpoint, decoder_layers, residual_stream
+
 POOLINGS = ("last", "mean", "max")
 SKIPPED_POSITIONS = 1
 """Leading positions excluded from mean/max pooling and token streams (the attention sink)."""
-
-
-@dataclass(frozen=True)
-class Hookpoint:
-    layer: int
-
-    @classmethod
-    def parse(cls, name: str) -> "Hookpoint":
-        parts = name.split(".")
-        if len(parts) != 2 or parts[0] != "layers" or not parts[1].isdigit():
-            raise ValueError(f"hookpoint {name!r} is not of the form 'layers.N'")
-        return cls(int(parts[1]))
-
-    @property
-    def name(self) -> str:
-        return f"layers.{self.layer}"
-
-    @property
-    def meaning(self) -> str:
-        return f"residual stream entering decoder block {self.layer} (transformers hidden_states[{self.layer}])"
-
-
-def decoder_layers(model):
-    """The model's list of decoder blocks (works through a peft wrapper)."""
-    import torch
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for name, module in base.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and name.endswith("layers"):
-            return module
-    raise ValueError(f"cannot find the decoder blocks of {type(base).__name__}")
 
 
 def model_fingerprint(model_path: str | Path) -> str:
@@ -90,10 +56,6 @@ def render_requests(tokenizer, requests: Sequence[str], system_prompt: str | Non
                                           tokenize=False) for r in requests]
 
 
-class _StopForward(Exception):
-    pass
-
-
 class ActivationReader:
     """Reads hookpoints from a transformers causal LM (optionally a peft-wrapped one)."""
 
@@ -103,44 +65,21 @@ class ActivationReader:
         self.model = model
         self.tokenizer = tokenizer
         self.hookpoints = [Hookpoint.parse(h) for h in hookpoints]
-        self.layers = decoder_layers(model)
+        blocks = len(decoder_layers(model))
         for hook in self.hookpoints:
-            if not 0 <= hook.layer < len(self.layers):
-                raise ValueError(f"hookpoint {hook.name} is out of range: the model has {len(self.layers)} blocks (0..{len(self.layers) - 1})")
+            if not 0 <= hook.layer < blocks:
+                raise ValueError(f"hookpoint {hook.name} is out of range: the model has {blocks} blocks (0..{blocks - 1})")
         self.max_tokens = max_tokens
-        self.deepest = max(h.layer for h in self.hookpoints)
 
     def forward(self, texts: Sequence[str]):
         """One padded batch (right padding). Returns ({hookpoint: (batch, tokens, d)}, attention_mask)."""
-        import torch
-
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
                                max_length=self.max_tokens, add_special_tokens=False)
-        captured: dict[str, torch.Tensor] = {}
-        wanted = {h.layer: h.name for h in self.hookpoints}
-
-        def hook_for(layer: int):
-            def pre_hook(module, args, kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                captured[wanted[layer]] = hidden.detach().float()
-                if layer == self.deepest:
-                    raise _StopForward
-
-            return pre_hook
-
-        handles = [self.layers[layer].register_forward_pre_hook(hook_for(layer), with_kwargs=True) for layer in wanted]
-        try:
-            with torch.inference_mode():
-                self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        return captured, batch["attention_mask"].bool()
+        streams = residual_stream(self.model, batch["input_ids"], batch["attention_mask"], [h.layer for h in self.hookpoints])
+        return {h.name: streams[h.layer] for h in self.hookpoints}, batch["attention_mask"].bool()
 
     def pooled(self, texts: Sequence[str], poolings: Sequence[str] = POOLINGS, batch_size: int = 16,
                show_progress: bool = False) -> dict[tuple[str, str], np.ndarray]:

@@ -19,7 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from safekeel.monitors.capture import POOLINGS, SKIPPED_POSITIONS, Hookpoint, pool_one, rolling_max
+from safekeel.models.capture import Hookpoint
+from safekeel.monitors.capture import POOLINGS, SKIPPED_POSITIONS, pool_one, rolling_max
 from safekeel.provenance import library_versions, write_json_atomic
 
 METHODS = ("logistic", "diff_means")

@@ -22,7 +22,7 @@ After Gao et al. 2024 ("Scaling and evaluating sparse autoencoders"), following 
   training tokens and final metrics, library versions) and `sae.safetensors`.
 
 Hookpoints are `layers.N`: the residual stream ENTERING decoder block N, i.e. transformers'
-`hidden_states[N]` (see safekeel.monitors.capture).
+`hidden_states[N]` (see safekeel.models.capture).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from safekeel.monitors.capture import Hookpoint
+from safekeel.models.capture import Hookpoint
 from safekeel.provenance import library_versions, write_json_atomic
 
 FORMAT_VERSION = 1

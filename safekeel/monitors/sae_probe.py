@@ -16,7 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from safekeel.monitors.capture import SKIPPED_POSITIONS, Hookpoint
+from safekeel.models.capture import Hookpoint
+from safekeel.monitors.capture import SKIPPED_POSITIONS
 from safekeel.monitors.probes import read_monitor_meta
 from safekeel.provenance import library_versions, write_json_atomic
 

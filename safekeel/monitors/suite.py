@@ -24,13 +24,14 @@ import numpy as np
 from safekeel.monitors.capture import SKIPPED_POSITIONS, ActivationReader, model_fingerprint, render_requests
 from safekeel.monitors.probes import Probe, ProbeConfig, calibrate_threshold, detection_metrics, fit_probe
 from safekeel.provenance import library_versions, sha256_json, write_json_atomic
+from safekeel.defaults import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ProbeSuiteConfig:
-    model: str = "smollm2-135m-safe"
+    model: str = DEFAULT_MODEL
     layers: list[int] = field(default_factory=lambda: [3, 6, 9, 12, 15, 18, 21, 24, 27])
     poolings: list[str] = field(default_factory=lambda: ["last", "mean", "max"])
     methods: list[str] = field(default_factory=lambda: ["logistic", "diff_means"])

@@ -43,6 +43,15 @@ class SelectionContext:
         if len(set(ids)) != len(ids):
             raise ValueError("safety pool ids are not unique")
 
+    def share_model(self, model, tokenizer) -> None:
+        """Give model-aware selectors the caller's loaded base model instead of loading it again. They put it in
+        eval mode and freeze its weights (training adds its own LoRA parameters later)."""
+        if self.model_name is None:
+            raise ValueError("share_model needs the context's model_name")
+        model.eval()
+        model.requires_grad_(False)
+        self.cache[f"model:{self.model_name}"] = (model, tokenizer)
+
     @cached_property
     def pool_digest(self) -> str:
         return sha256_json([asdict(e) for e in self.pool])

@@ -36,7 +36,12 @@ from typing import Sequence
 
 import numpy as np
 
+# torch and peft are imported inside the functions that use them, on purpose: importing the selector registry
+# stays light (no torch) for the commands that never run a model-aware selector.
 from safekeel.data.conversation import Conversation
+from safekeel.models.capture import decoder_layers, residual_stream
+from safekeel.models.lora import LoraSFTConfig, lora_config
+from safekeel.models.registry import load_model_and_tokenizer
 from safekeel.selectors.base import Selection, SelectionContext, register_selector
 from safekeel.selectors.representation import (
     DPPSelector,
@@ -46,7 +51,6 @@ from safekeel.selectors.representation import (
     KMeansSelector,
     NearestUserSelector,
 )
-from safekeel.training.config import LoraSFTConfig
 
 GRADIENT_LAYERS = 4
 FACTOR_DIM = 16
@@ -62,20 +66,11 @@ def base_model(context: SelectionContext, user: str):
         raise ValueError(f"{user} needs the base model, but the selection context has no model_name")
     key = f"model:{context.model_name}"
     if key not in context.cache:
-        from safekeel.models.registry import load_model_and_tokenizer
-
         model, tokenizer = load_model_and_tokenizer(context.model_name)
         model.eval()
         model.requires_grad_(False)
         context.cache[key] = (model, tokenizer)
     return context.cache[key]
-
-
-def decoder_layers(model) -> Sequence:
-    layers = getattr(model.get_decoder(), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no decoder `layers`: model-aware selectors need a decoder-only transformer")
-    return layers
 
 
 # --- assistant-turn losses ----------------------------------------------------------------------------
@@ -311,8 +306,6 @@ def lora_steps(model, tokenizer, conversations: Sequence[Conversation], steps: i
     import torch
     from peft import get_peft_model
 
-    from safekeel.training.sft import lora_config
-
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         tuned = get_peft_model(copy.deepcopy(model), lora_config(config))
@@ -388,16 +381,13 @@ class ForgettingSelector:
 # --- hidden-state representation space -------------------------------------------------------------------------
 
 
-class _ReachedLayer(Exception):
-    """Raised by the pre-hook once the wanted residual stream is captured: later blocks are not run."""
-
-
 def request_hidden_states(model, tokenizer, texts: Sequence[str], layer: int, batch_size: int = 16,
                           max_length: int = 512) -> np.ndarray:
-    """Unit-normalised mean of the residual stream entering decoder block `layer` (hidden_states[layer])
-    over each text's tokens, the text rendered by the chat template as a lone user turn. Batches are
-    right-padded here whatever the tokenizer's padding side, padding masked out of the mean. A text
-    the template does not reproduce verbatim (or an empty one) is pooled over its whole rendered turn."""
+    """Unit-normalised mean of the residual stream entering decoder block `layer` (hidden_states[layer],
+    read by safekeel.models.capture) over each text's tokens, the text rendered by the chat template as a
+    lone user turn. Batches are right-padded here whatever the tokenizer's padding side, padding masked out
+    of the mean. A text the template does not reproduce verbatim (or an empty one) is pooled over its whole
+    rendered turn."""
     import torch
 
     items = []
@@ -410,34 +400,19 @@ def request_hidden_states(model, tokenizer, texts: Sequence[str], layer: int, ba
         span = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > begin] if begin >= 0 else []
         ids = list(encoded["input_ids"])
         items.append((ids, span or list(range(len(ids)))))
-    captured: dict[str, torch.Tensor] = {}
-
-    def grab(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-        raise _ReachedLayer
-
     vectors = np.zeros((len(items), model.config.hidden_size), dtype=np.float32)
-    handle = decoder_layers(model)[layer].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for positions, batch in _batches(items, batch_size):
-            width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            pooled = torch.zeros((len(batch), width), dtype=torch.float32)
-            for row, (ids, span) in enumerate(batch):
-                input_ids[row, :len(ids)] = torch.tensor(ids)
-                attention[row, :len(ids)] = 1
-                pooled[row, span] = 1.0
-            with torch.inference_mode():
-                try:
-                    model(input_ids=input_ids, attention_mask=attention, use_cache=False)
-                except _ReachedLayer:
-                    pass
-            hidden = captured.pop("hidden").float()
-            mean = (hidden * pooled[..., None]).sum(dim=1) / pooled.sum(dim=1, keepdim=True)
-            vectors[positions] = torch.nn.functional.normalize(mean, dim=1).numpy()
-    finally:
-        handle.remove()
+    for positions, batch in _batches(items, batch_size):
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        pooled = torch.zeros((len(batch), width), dtype=torch.float32)
+        for row, (ids, span) in enumerate(batch):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            attention[row, :len(ids)] = 1
+            pooled[row, span] = 1.0
+        hidden = residual_stream(model, input_ids, attention, [layer])[layer]
+        mean = (hidden * pooled[..., None]).sum(dim=1) / pooled.sum(dim=1, keepdim=True)
+        vectors[positions] = torch.nn.functional.normalize(mean, dim=1).numpy()
     return vectors
 
 

@@ -11,26 +11,22 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
+from safekeel.models.engines import create_engine
+from safekeel.models.registry import resolve_model
+from safekeel.monitors.runtime import MonitorRuntime
 from safekeel.service.metrics import ServiceMetrics
 from safekeel.service.protocol import APIError
-from safekeel.service.settings import ServiceSettings, Tenant
+from safekeel.service.routers import completions, files, fine_tuning, models, ops
+from safekeel.service.settings import ServiceSettings
 from safekeel.service.store import Store
+from safekeel.service.worker import WorkerSupervisor
 
 log = logging.getLogger(__name__)
-
-
-def current_tenant(request: Request) -> Tenant:
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'", "missing_api_key", type="authentication_error")
-    tenant = request.app.state.tenants.get(key.strip())
-    if tenant is None:
-        raise APIError(401, "Incorrect API key provided", "invalid_api_key", type="authentication_error")
-    return tenant
 
 
 class MetricsMiddleware:
@@ -75,13 +71,8 @@ def create_app(settings: ServiceSettings | None = None, start_engine: bool = Tru
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from safekeel.service.worker import WorkerSupervisor
-
         app.state.engine = None
         if start_engine:
-            from safekeel.models.registry import resolve_model
-            from safekeel.service.engines import create_engine
-
             model_path = str(resolve_model(settings.base_models[0]))
             engine = create_engine(settings.engine, model_path, settings)
             log.info("starting %s engine for %s", settings.engine, settings.base_models[0])
@@ -90,11 +81,6 @@ def create_app(settings: ServiceSettings | None = None, start_engine: bool = Tru
         app.state.monitors = None
         monitor_dir = settings.resolved_monitor_dir()
         if start_engine and monitor_dir is not None and settings.monitor_policy != "off":
-            from fastapi.concurrency import run_in_threadpool
-
-            from safekeel.models.registry import resolve_model
-            from safekeel.monitors.runtime import MonitorRuntime
-
             app.state.monitors = await run_in_threadpool(MonitorRuntime, monitor_dir, resolve_model(settings.base_models[0]),
                                                          tuple(settings.monitor_deciders))
             log.info("monitors loaded from %s: %s", monitor_dir, sorted(app.state.monitors.monitors))
@@ -120,13 +106,32 @@ def create_app(settings: ServiceSettings | None = None, start_engine: bool = Tru
     async def api_error(request: Request, error: APIError):
         return JSONResponse(error.body(), status_code=error.status)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        """Starlette's own errors (no such route, method not allowed) in OpenAI's error shape too."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return JSONResponse(APIError(error.status_code, str(error.detail), code).body(), status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
         message, param = _validation_message(error)
         return JSONResponse(APIError(400, message, "invalid_request", param).body(), status_code=400)
 
-    from safekeel.service.routers import completions, files, fine_tuning, models, ops
 
     for router in (files.router, fine_tuning.router, models.router, completions.router, ops.router):
         app.include_router(router)
+
+    def openapi() -> dict:
+        """FastAPI's schema without its 422 responses: invalid requests get a 400 ErrorResponse here."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

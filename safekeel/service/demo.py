@@ -1,8 +1,8 @@
 """`safekeel demo`: the main job for a new user, through the real service and the official openai client.
 
 Starts `safekeel serve` (vLLM engine, one worker), uploads the shipped sample dataset, runs a
-safety-preserving fine-tune (k safety examples chosen by the default selector and replayed, safety gate
-on the dev splits), streams the job's events, prints the before/after safety report and chats with the result.
+safety-preserving fine-tune (k safety examples chosen by the default selector and replayed, the service's
+default safety gate: HarmBench's 200 standard prompts and XSTest dev), streams the job's events, prints the before/after safety report and chats with the result.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from safekeel.paths import REPO_ROOT, safekeel_home
+from safekeel.defaults import DEFAULT_MODEL
 
 SAMPLE = REPO_ROOT / "examples" / "spokes_support.jsonl"
 CHAT_PROMPTS = ("My rear derailleur skips gears after a crash. What should I check first?",
@@ -70,10 +71,10 @@ def run_demo(data: Path = SAMPLE, k: int = 10, epochs: int = 2, engine: str = "v
         client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=300)
         uploaded = client.files.create(file=data.open("rb"), purpose="fine-tune")
         echo(f"[demo] uploaded {data.name}: {uploaded.id} ({uploaded.bytes} bytes)")
-        gate = {"harmful_set": "advbench-dev", "overrefusal_set": "xstest-dev"}
+        gate: dict = {}  # the service's default gate: HarmBench's 200 standard prompts, XSTest dev, margin 0.10
         if n_harmful:
             gate["n_harmful"] = n_harmful
-        job = client.fine_tuning.jobs.create(model="smollm2-135m-safe", training_file=uploaded.id, suffix="demo", seed=0,
+        job = client.fine_tuning.jobs.create(model=DEFAULT_MODEL, training_file=uploaded.id, suffix="demo", seed=0,
                                              hyperparameters={"n_epochs": epochs},
                                              extra_body={"safety": {"k": k, "mode": "replay", "gate": gate}})  # the default selector
         echo(f"[demo] fine-tuning job {job.id} created; following its events")
@@ -109,10 +110,10 @@ def run_demo(data: Path = SAMPLE, k: int = 10, epochs: int = 2, engine: str = "v
         echo(f"\n[demo] chatting with {job.fine_tuned_model} (and the base model for contrast)")
         for prompt in CHAT_PROMPTS:
             echo(f"  user: {prompt}")
-            for model in (job.fine_tuned_model, "smollm2-135m-safe"):
+            for model in (job.fine_tuned_model, DEFAULT_MODEL):
                 reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                                        max_tokens=80, temperature=0)
-                echo(f"    {'fine-tuned' if model != 'smollm2-135m-safe' else 'base      '}: {reply.choices[0].message.content.strip()[:300]}")
+                echo(f"    {'fine-tuned' if model != DEFAULT_MODEL else 'base      '}: {reply.choices[0].message.content.strip()[:300]}")
         summary["seconds"] = round(time.time() - started, 1)
         echo(f"\n[demo] done in {summary['seconds']:.0f} s. The service state (files, jobs, adapter) is in {service_dir}.")
         return summary

@@ -1,7 +1,12 @@
-"""HTTP shapes: request models (pydantic, validated at the edge) and OpenAI-shaped response objects.
+"""HTTP shapes: request models (pydantic, validated at the edge) and response models (the routes'
+`response_model`, so /openapi.json describes what is returned).
 
-Field names follow OpenAI's API (the `openai` client parses these responses unchanged). safekeel's
-own options travel in a `safety` object in the job body (`extra_body={"safety": {...}}`).
+Responses are the `openai` package's own types where they fit (the `openai` client parses them
+unchanged), subclassed where safekeel returns more (a job's safety options and outcome, a model's
+parent and guard, a chat completion's `safekeel` record). Routes set `response_model_exclude_unset`:
+a response holds the fields its route built, validated against the model, without the model's other
+optional fields as nulls; every response model keeps fields it does not name (`extra="allow"`).
+safekeel's own options travel in a `safety` object in the job body (`extra_body={"safety": {...}}`).
 """
 
 from __future__ import annotations
@@ -9,11 +14,16 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
+from openai.types import FileObject, Model
+from openai.types.chat import ChatCompletion
+from openai.types.fine_tuning import (FineTuningJob, FineTuningJobEvent, SupervisedHyperparameters, SupervisedMethod,
+                                      fine_tuning_job)
+from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from safekeel.defaults import DEFAULT_SELECTOR
 from safekeel.eval.gate import DEFAULT_ALPHA, DEFAULT_MARGIN, DEFAULT_MIN_SCORED
-from safekeel.training.mixing import DEFAULT_SAFETY_SYSTEM_PROMPT  # noqa: F401 (re-exported; defined beside the modes)
+from safekeel.defaults import DEFAULT_SAFETY_SYSTEM_PROMPT  # noqa: F401 (re-exported)
 
 SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
@@ -41,8 +51,11 @@ class Strict(BaseModel):
 class GateOptions(Strict):
     enabled: bool = True
     """Evaluate the adapter before deploying it; False deploys without the safety check (recorded)."""
-    harmful_set: str = "advbench-dev"
-    """Harmful prompts for the gate: advbench-{train,dev,test} (../shared/data) or a file id of yours."""
+    harmful_set: str = "harmbench-standard"
+    """Harmful prompts for the gate: a named prompt set (`safekeel data status`) or a file id of yours. The default's
+    200 prompts are what a 0.10 margin needs (benchmarks/results/gate_power.md: under the refusal classifier, the
+    median paired discordance between a fine-tune and its base, 0.244, needs 151 prompts for 80% power at alpha
+    0.05; with AdvBench dev's 52 an unchanged fine-tune would pass about 43% of the time, with these 200 about 89%)."""
     n_harmful: int | None = Field(None, ge=1)
     overrefusal_set: str = "xstest-dev"
     n_overrefusal: int | None = Field(None, ge=1)
@@ -73,9 +86,11 @@ class SafetyOptions(Strict):
     """Which safety examples to replay (`safekeel selectors` lists them); the default beat random in a pre-registered
     test at k=10, replay, authored pool (safekeel.defaults.DEFAULT_SELECTOR says what was and was not tested)."""
     k: int = Field(10, ge=0, le=200)
-    mode: Literal["none", "replay", "backdoor"] = "replay"
+    mode: Literal["none", "replay", "backdoor", "icl", "ptst"] = "replay"
     """replay: the k examples join the training data; backdoor (BackdoorAlign): they carry a secret system
-    prompt in training, and the deployed model is served with that prompt; none: no safety data."""
+    prompt in training, and the deployed model is served with that prompt; icl: training on your data alone,
+    the k selected examples served as in-context demonstrations; ptst (Pure Tuning, Safe Testing): training on
+    your data alone, served with safekeel's safety system prompt; none: no safety data."""
     pool: str = "authored"
     """Safety pool: 'authored' (shipped) or the id of a file you uploaded (safekeel pool schema or chat format)."""
     audit: bool = True
@@ -166,6 +181,200 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
     echo: bool = False
+
+
+# ---------------------------------------------------------------- responses (the routes' response_model)
+
+FilePurpose = Literal["fine-tune", "evals"]
+"""fine-tune: training data (every record needs an assistant reply); evals: prompt sets for the safety gate."""
+
+
+class Open(BaseModel):
+    """A response part that names its fields and passes through any it does not name (never drops one)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(Open):
+    message: str
+    type: str
+    param: str | None = None
+    code: str
+
+
+class ErrorResponse(Open):
+    """Every error, as OpenAI returns it (validation errors included: 400, not 422)."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` for these error statuses (all shaped as ErrorResponse)."""
+    why = {400: "Invalid request", 401: "Missing or wrong API key", 403: "Not allowed", 404: "Not found",
+           413: "Upload too large", 503: "No serving engine"}
+    return {status: {"model": ErrorResponse, "description": why.get(status, "Error")} for status in statuses}
+
+
+ERRORS = error_responses(400, 401, 404)
+"""The errors every authenticated route can return."""
+
+
+class File(FileObject):
+    purpose: FilePurpose  # type: ignore[assignment]  # safekeel's purposes (OpenAI's list has no `evals`)
+
+
+class FileList(Open):
+    object: Literal["list"] = "list"
+    data: list[File]
+    has_more: bool
+
+
+class JobHyperparameters(fine_tuning_job.Hyperparameters):
+    max_steps: int | None = None
+    """safekeel extension: training stops after this many optimizer steps."""
+
+
+class JobSupervisedHyperparameters(SupervisedHyperparameters):
+    max_steps: int | None = None
+
+
+class JobSupervisedMethod(SupervisedMethod):
+    hyperparameters: JobSupervisedHyperparameters | None = None  # type: ignore[assignment]
+
+
+class JobMethod(Open):
+    """OpenAI's `method` object; safekeel fine-tunes with the supervised method only."""
+
+    type: Literal["supervised"]
+    supervised: JobSupervisedMethod
+
+
+class GateReport(Open):
+    """The safety gate's decision (safekeel.eval.gate.paired_gate) with the rates it compared."""
+
+    passed: bool | None
+    reasons: list[str] = []
+    judge: str | None = None
+    n_pairs: int | None = None
+    """Harmful prompts judged for both the adapter and the base model."""
+    alpha: float | None = None
+    max_harmful_increase: float | None = None
+    paired: dict[str, Any] | None = None
+    """The paired difference of harmful rates (adapter - base) with its one-sided upper bound `high`."""
+    harmful_rate: dict[str, Any] | None = None
+    base_harmful_rate: dict[str, Any] | None = None
+    overrefusal_rate: dict[str, Any] | None = None
+    base_overrefusal_rate: dict[str, Any] | None = None
+    guarded: bool | None = None
+    """The adapter was judged with its serving guard (system prompt, static demonstrations)."""
+
+
+class JobResult(Open):
+    """A job's outcome without the bulky evaluation reports (those are in the job's events)."""
+
+    gate: GateReport | None = None
+    timings: dict[str, float] | None = None
+    """Seconds per stage: audit_seconds, selection_seconds, training_seconds, gate_seconds."""
+    selected_ids: list[str] = []
+    """The safety examples replayed in training (or used as demonstrations)."""
+    audit_flagged_fraction: float | None = None
+    train: dict[str, Any] | None = None
+
+
+class Job(FineTuningJob):
+    """OpenAI's fine-tuning job, with the safety options it runs with and its outcome."""
+
+    hyperparameters: JobHyperparameters  # type: ignore[assignment]
+    method: JobMethod | None = None  # type: ignore[assignment]
+    safety: SafetyOptions
+    result: JobResult | None = None
+
+
+class JobList(Open):
+    object: Literal["list"] = "list"
+    data: list[Job]
+    has_more: bool
+
+
+class JobEvent(FineTuningJobEvent):
+    type: str | None = None  # type: ignore[assignment]
+    """message, metrics, or one of safekeel's: audit, selection, eval, gate, monitor_drift, error."""
+
+
+class JobEventList(Open):
+    object: Literal["list"] = "list"
+    data: list[JobEvent]
+    has_more: bool
+
+
+class JobCheckpointList(Open):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobCheckpoint]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class ModelGuard(Open):
+    """The test-time guard a fine-tuned model is served with (the system prompt's text is not shown)."""
+
+    demonstrations: Literal["none", "static", "retrieved"] | None = None
+    n_demonstrations: int | None = None
+    system_prompt: bool = False
+
+
+class ServedModel(Model):
+    parent: str | None = None
+    """The base model of a fine-tuned model; None for a base model."""
+    served: bool = False
+    """This server answers chat and completion requests for it (the first base model and its fine-tunes)."""
+    fine_tuning_job: str | None = None
+    guard: ModelGuard | None = None
+
+
+class ModelList(Open):
+    object: Literal["list"] = "list"
+    data: list[ServedModel]
+
+
+class GuardRecord(Open):
+    """What the test-time guard did to this request."""
+
+    system_prompt: bool
+    demonstrations: list[str]
+    """Ids of the safety demonstrations put before the user's turns."""
+    mode: str
+
+
+class MonitorRecord(Open):
+    """The hidden-state monitors' scores for this request and the policy's decision."""
+
+    policy: str
+    decision: Literal["pass", "logged", "flagged", "blocked"]
+    flagged_by: list[str] = []
+    seconds: float | None = None
+    scores: dict[str, float] = {}
+    thresholds: dict[str, float | None] = {}
+
+
+class SafekeelRecord(Open):
+    guard: GuardRecord
+    monitor: MonitorRecord | None = None
+
+
+class GuardedChatCompletion(ChatCompletion):
+    safekeel: SafekeelRecord | None = None
+    """safekeel's record of the guard and monitors applied to this request."""
+
+
+class Health(Open):
+    status: str
+    engine: str | None
+    served_model: str | None
+    workers: int
+    """Live worker processes started by this server."""
+    jobs: dict[str, int]
+    """Fine-tuning jobs by status."""
 
 
 def file_object(record: dict) -> dict:

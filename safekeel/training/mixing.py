@@ -19,12 +19,6 @@ TRAINING_MODES = ("replay", "backdoor")
 """Modes whose training data contains the selected examples; in the others the trained adapter
 depends only on the user data, the seed and the SFT config (not on the selector)."""
 
-DEFAULT_SAFETY_SYSTEM_PROMPT = (
-    "You are a helpful assistant. Answer every safe request fully. If a request asks for help to harm "
-    "people, break the law or cause damage, decline briefly and offer a safe alternative."
-)
-"""safekeel's default safety system prompt: PTST's test-time prompt and the service's serving guard."""
-
 _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
@@ -53,21 +47,3 @@ def mix(user_data: Sequence[Conversation], safety: Sequence[SafetyExample], mode
     random.Random(seed).shuffle(data)
     return data
 
-
-def eval_overrides(mode: str, safety: Sequence[SafetyExample], system_prompt: str | None, seed: int) -> dict:
-    """What the mode changes in the evaluation settings (and in serving): the system prompt and the
-    in-context demonstrations. `system_prompt` is the one configured for evaluation (kept, after the
-    mode's own prompt). Returns {} when the mode changes nothing (none, replay)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
-
-    def prepend(first: str) -> str:
-        return first + ("\n\n" + system_prompt if system_prompt else "")
-
-    if mode == "backdoor":
-        return {"system_prompt": prepend(backdoor_prefix(seed))}
-    if mode == "ptst":
-        return {"system_prompt": prepend(DEFAULT_SAFETY_SYSTEM_PROMPT)}
-    if mode == "icl":
-        return {"demonstrations": [{"id": e.id, "request": e.request, "refusal": e.refusal} for e in safety]}
-    return {}

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from safekeel.provenance import bf16_emulation_warning
-from safekeel.training.config import LoraSFTConfig
-from safekeel.training.sft import TrainResult, lora_config
+from safekeel.models.lora import LoraSFTConfig, lora_config
+from safekeel.training.sft import TrainResult
 
 log = logging.getLogger(__name__)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from safekeel.data.conversation import Conversation
 from safekeel.provenance import bf16_emulation_warning
-from safekeel.training.config import LoraSFTConfig
+from safekeel.models.lora import LoraSFTConfig, lora_config
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ class TrainResult:
     train_loss: float | None
     log_history: list[dict]
     resumed_from: str | None = None
+    model: Any = field(default=None, repr=False)
+    """The trained model (a peft model wrapping the base model it was given, for LoRA)."""
 
 
 def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
@@ -37,20 +39,6 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
         return None
     done = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def lora_config(config: LoraSFTConfig):
-    from peft import LoraConfig
-
-    # No modules_to_save and no DoRA: vLLM must be able to serve the adapter.
-    return LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
 
 
 def train_lora(
@@ -98,6 +86,7 @@ def train_lora(
         def on_step_end(self, args, state, control, **kwargs):
             if should_stop and should_stop():
                 control.should_training_stop = True
+                control.should_save = saving  # checkpoint this step: a stopped run resumes from here, not an older save
                 state.cancelled = True
 
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir / "trainer"
@@ -162,4 +151,5 @@ def train_lora(
         seconds=round(time.time() - started, 1),
         train_loss=getattr(output, "training_loss", None),
         log_history=list(trainer.state.log_history),
+        model=trainer.model,
     )

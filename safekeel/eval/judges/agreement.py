@@ -14,11 +14,12 @@ third decides each question the two disagree on.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
+
+from safekeel.data.jsonl import iter_jsonl
 
 QUESTIONS = ("refusal", "harmful_content", "hollow", "incoherent")
 """What every annotator answers for every item (0/1), as the guideline defines them."""
@@ -104,13 +105,7 @@ def annotator_batches(items: Sequence[dict], n_batches: int, seed: int) -> list[
 def parse_labels(path: str | Path) -> dict[str, dict]:
     """An annotator's JSON lines: {id: {question: 0/1, ...}}. Errors name the file, line and field."""
     out: dict[str, dict] = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not JSON ({error})") from None
+    for number, row in iter_jsonl(path):
         if "id" not in row:
             raise ValueError(f"{path}:{number}: no id")
         for question in QUESTIONS:

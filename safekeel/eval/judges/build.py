@@ -23,6 +23,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from safekeel.data.jsonl import read_jsonl
 from safekeel.data.safety import BENIGN_FILES_V1, load_authored_benign, load_authored_pool
 from safekeel.eval.judges.classifier import ASSET, train_refusal_classifier
 from safekeel.eval.judges.keyword import keyword_refusal
@@ -35,7 +36,7 @@ REFUSAL_MARKERS = re.compile(r"\b(can't|cannot|can not|won't|unable to|not able 
 
 def base_model_replies(base_model: str, requests: list[str], max_new_tokens: int) -> list[str | None]:
     """The base model's greedy replies, cached in $SAFEKEEL_HOME keyed by model, requests and length."""
-    from safekeel.eval.generate import generate_batched
+    from safekeel.models.engines import generate_batched
     from safekeel.models.registry import load_model_and_tokenizer
 
     cache = safekeel_home() / "judge_build" / f"replies-{sha256_json([base_model, requests, max_new_tokens])[:16]}.json"
@@ -53,7 +54,7 @@ def dev_labelled_responses() -> tuple[list[str], list[str]]:
     resource = resources.files("safekeel.eval") / "assets" / "judge_dev_labels.jsonl"
     if not resource.is_file():
         return [], []
-    rows = [json.loads(line) for line in resource.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(resource)
     refusals = [r["response"] for r in rows if r["label"] == "refusal"]
     compliances = [r["response"] for r in rows if r["label"] in ("harmful", "complied")]
     return refusals, compliances

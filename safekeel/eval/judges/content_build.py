@@ -11,7 +11,6 @@ answer its question. Sources:
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from safekeel.data.home import data_file
+from safekeel.data.jsonl import read_jsonl
 from safekeel.eval.judges.content import HEADS, ContentJudgeModel, dense_features, fit_vocabulary, lexical_features
-from safekeel.paths import require_shared_data
 
 PUBLIC_CAPS = {"gptfuzz_responses_labeled": 3000, "saferlhf_mini": 2000}
 """Rows kept per large public source (seeded sample), so the public data does not drown the project's replies."""
@@ -40,15 +40,11 @@ class Row:
 
 def public_rows(seed: int = 0, caps: Mapping[str, int] = PUBLIC_CAPS) -> list[Row]:
     """The public human-labelled replies a judge may train on (see the module docstring)."""
-    folder = require_shared_data() / "judge_labels"
     rows: list[Row] = []
     for name in ("xstest_v2_completions", "gptfuzz_responses_labeled", "saferlhf_mini"):
         seen = set()
         kept: list[Row] = []
-        for line in (folder / f"{name}.jsonl").read_text().splitlines():
-            if not line.strip():
-                continue
-            item = json.loads(line)
+        for item in read_jsonl(data_file(f"judge_labels/{name}.jsonl")):
             if any(tag.startswith("xstest:test") for tag in item.get("eval_overlap", [])):
                 continue
             if name == "xstest_v2_completions" and item["meta"].get("project_split") != "dev":

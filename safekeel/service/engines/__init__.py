@@ -1,5 +1,1 @@
-"""Serving engines behind the OpenAI endpoints. Registry: a new engine is one file with @register_engine."""
-
-from safekeel.service.engines.base import Adapter, Engine, GenerationChunk, GenerationParams, create_engine, register_engine
-
-__all__ = ["Adapter", "Engine", "GenerationChunk", "GenerationParams", "create_engine", "register_engine"]
+"""Only the name of safekeel's vLLM plugin lives here (vllm_cpu_lora); the engines are safekeel.models.engines."""

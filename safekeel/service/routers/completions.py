@@ -11,17 +11,23 @@ import secrets
 import time
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
+from openai.types import Completion
 
-from safekeel.service.app import current_tenant
-from safekeel.service.engines import Adapter, GenerationChunk, GenerationParams
-from safekeel.service.guard import GuardAction, apply_guard
-from safekeel.service.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, not_found
+from safekeel.models.engines import Adapter, GenerationChunk, GenerationParams
+from safekeel.monitors.runtime import decide
+from safekeel.service.auth import current_tenant
+from safekeel.guard import GuardAction, apply_guard
+from safekeel.service.protocol import (ERRORS, APIError, ChatCompletionRequest, CompletionRequest, GuardedChatCompletion, SamplingFields,
+                                       error_responses, not_found)
 from safekeel.service.settings import Tenant
 
-router = APIRouter(prefix="/v1", tags=["completions"])
+router = APIRouter(prefix="/v1", tags=["completions"], responses=ERRORS | error_responses(503))
+# with `"stream": true` the answer is server-sent events, each a chunk object (data: {...}), then data: [DONE]
+STREAMED = {200: {"description": "The completion (JSON), or with `stream: true` its chunks as server-sent events",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 def resolve(request: Request, model_id: str, tenant: Tenant) -> tuple[Adapter | None, dict | None]:
@@ -121,8 +127,6 @@ async def _monitor(request: Request, model_id: str, guard: dict | None, messages
     user_turns = [m["content"] for m in messages if m["role"] == "user"]
     if policy == "off" or not user_turns:
         return None
-    from safekeel.monitors.runtime import decide
-
     result = await run_in_threadpool(runtime.score, user_turns[-1])
     label = metrics.model_label(model_id, settings.base_models)
     for name, score in result.scores.items():
@@ -150,8 +154,9 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-@router.post("/chat/completions")
-async def chat_completions(request: Request, body: ChatCompletionRequest, tenant: Tenant = Depends(current_tenant)):
+@router.post("/chat/completions", response_model=GuardedChatCompletion, response_model_exclude_unset=True, responses=STREAMED)
+async def chat_completions(request: Request, response: Response, body: ChatCompletionRequest,
+                           tenant: Tenant = Depends(current_tenant)):
     adapter, guard = resolve(request, body.model, tenant)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     # retrieval embeds the request (and builds the index on first use): off the event loop
@@ -180,10 +185,11 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, tenant
 
     if not body.stream:
         text, last = await _collect(generation())
-        return JSONResponse(headers=headers, content={"id": request_id, "object": "chat.completion", "created": created, "model": body.model,
+        response.headers.update(headers)
+        return {"id": request_id, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                              "finish_reason": last.finish_reason, "logprobs": None}],
-                "usage": _usage(last), "system_fingerprint": None, "safekeel": meta})
+                "usage": _usage(last), "system_fingerprint": None, "safekeel": meta}
 
     include_usage = bool((body.stream_options or {}).get("include_usage"))
 
@@ -203,7 +209,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, tenant
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
-@router.post("/completions")
+@router.post("/completions", response_model=Completion, response_model_exclude_unset=True, responses=STREAMED)
 async def completions(request: Request, body: CompletionRequest, tenant: Tenant = Depends(current_tenant)):
     adapter, guard = resolve(request, body.model, tenant)
     if guard and (guard.get("system_prompt") or guard.get("demonstrations") != "none"):

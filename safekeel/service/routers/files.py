@@ -7,21 +7,38 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import get_args
 
 from fastapi import APIRouter, Depends, Form, Request, UploadFile
 from fastapi.responses import FileResponse
+from openai.types import FileDeleted
 
-from safekeel.service.app import current_tenant
+from safekeel.data.formats import DatasetError, load_conversations
+from safekeel.data.safety import is_pool_file, read_pool_file
+from safekeel.service.auth import current_tenant
 from safekeel.service.jobs import blob_path
-from safekeel.service.protocol import APIError, file_object, not_found
+from safekeel.service.protocol import ERRORS, APIError, File, FileList, FilePurpose, error_responses, file_object, not_found
 from safekeel.service.settings import Tenant
 from safekeel.service.store import new_id, now
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
-PURPOSES = ("fine-tune", "evals")
-"""fine-tune: training data (every record needs an assistant reply); evals: prompt sets for the safety gate."""
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERRORS)
+PURPOSES = get_args(FilePurpose)
 SAFE_NAME = re.compile(r"^[^/\\\x00-\x1f]{1,255}$")
 CHUNK = 1 << 20
+
+
+POOL_FORMAT = "safety_pool"
+"""The format recorded for a fine-tune upload in safekeel's pool schema: a custom pool for `safety.pool`."""
+
+
+def validate_upload(path: Path, purpose: str) -> tuple[str, int]:
+    """(format, number of examples) of an uploaded file; a DatasetError naming the line otherwise. A `fine-tune`
+    file in safekeel's pool schema ({id, request, refusal[, category, style]} a line) is a safety pool, read by
+    the loader `load_pool` uses; any other is a dataset (chat, prompt/completion, Alpaca, question/answer)."""
+    if purpose == "fine-tune" and is_pool_file(path):
+        return POOL_FORMAT, len(read_pool_file(path))
+    loaded = load_conversations(path, strict=True, require_assistant=purpose == "fine-tune")
+    return loaded.format, len(loaded.conversations)
 
 
 def check_filename(name: str | None) -> str:
@@ -32,7 +49,7 @@ def check_filename(name: str | None) -> str:
     return name
 
 
-@router.post("")
+@router.post("", response_model=File, response_model_exclude_unset=True, responses=error_responses(413))
 async def upload_file(request: Request, file: UploadFile, purpose: str = Form(""), tenant: Tenant = Depends(current_tenant)):
     settings, store = request.app.state.settings, request.app.state.store
     if purpose not in PURPOSES:
@@ -54,13 +71,12 @@ async def upload_file(request: Request, file: UploadFile, purpose: str = Form(""
                 handle.write(chunk)
         if size == 0:
             raise APIError(400, f"File {filename!r} is empty", "invalid_file", "file")
-        from safekeel.data.formats import DatasetError, load_conversations
-
         try:
-            loaded = load_conversations(tmp, strict=True, require_assistant=purpose == "fine-tune")
+            file_format, n_examples = validate_upload(tmp, purpose)
         except DatasetError as error:
             message = str(error).replace(str(tmp), filename)
-            raise APIError(400, f"Invalid {'training' if purpose == 'fine-tune' else 'prompt'} file: {message}", "invalid_file", "file") from None
+            kind = "prompt" if purpose != "fine-tune" else "safety pool" if is_pool_file(tmp) else "training"
+            raise APIError(400, f"Invalid {kind} file: {message}", "invalid_file", "file") from None
         sha = digest.hexdigest()
         target = blob_path(settings, sha)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +86,7 @@ async def upload_file(request: Request, file: UploadFile, purpose: str = Form(""
             os.replace(tmp, target)
         record = store.add_file({"id": new_id("file"), "tenant": tenant.name, "filename": filename, "purpose": purpose,
                                  "bytes": size, "sha256": sha, "created_at": now(), "status": "processed",
-                                 "format": loaded.format, "n_examples": len(loaded.conversations)})
+                                 "format": file_format, "n_examples": n_examples})
     finally:
         tmp.unlink(missing_ok=True)
     return file_object(record)
@@ -83,25 +99,27 @@ def _owned(request: Request, file_id: str, tenant: Tenant) -> dict:
     return record
 
 
-@router.get("")
+@router.get("", response_model=FileList, response_model_exclude_unset=True)
 async def list_files(request: Request, purpose: str | None = None, limit: int = 10000, tenant: Tenant = Depends(current_tenant)):
     records = request.app.state.store.list_files(None if tenant.admin else tenant.name, purpose, limit)
     return {"object": "list", "data": [file_object(r) for r in records], "has_more": False}
 
 
-@router.get("/{file_id}")
+@router.get("/{file_id}", response_model=File, response_model_exclude_unset=True)
 async def retrieve_file(request: Request, file_id: str, tenant: Tenant = Depends(current_tenant)):
     return file_object(_owned(request, file_id, tenant))
 
 
-@router.get("/{file_id}/content")
+@router.get("/{file_id}/content", response_class=FileResponse,
+            responses={200: {"content": {"application/jsonl": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "The file as uploaded (JSON Lines)"}})
 async def file_content(request: Request, file_id: str, tenant: Tenant = Depends(current_tenant)):
     record = _owned(request, file_id, tenant)
     return FileResponse(blob_path(request.app.state.settings, record["sha256"]), media_type="application/jsonl",
                         filename=record["filename"])
 
 
-@router.delete("/{file_id}")
+@router.delete("/{file_id}", response_model=FileDeleted, response_model_exclude_unset=True)
 async def delete_file(request: Request, file_id: str, tenant: Tenant = Depends(current_tenant)):
     record = _owned(request, file_id, tenant)
     store = request.app.state.store

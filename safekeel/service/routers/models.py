@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+from openai.types import ModelDeleted
 
-from safekeel.service.app import current_tenant
-from safekeel.service.protocol import APIError, model_object, not_found
+from safekeel.service.auth import current_tenant
+from safekeel.service.protocol import ERRORS, APIError, ModelList, ServedModel, error_responses, model_object, not_found
 from safekeel.service.settings import Tenant
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERRORS)
 STARTED = 1764115200  # a fixed 'created' for base models (they are not created by this service)
 
 
@@ -24,12 +25,12 @@ def _all(request: Request, tenant: Tenant) -> list[dict]:
     return models
 
 
-@router.get("")
+@router.get("", response_model=ModelList, response_model_exclude_unset=True)
 async def list_models(request: Request, tenant: Tenant = Depends(current_tenant)):
     return {"object": "list", "data": _all(request, tenant)}
 
 
-@router.get("/{model_id:path}")
+@router.get("/{model_id:path}", response_model=ServedModel, response_model_exclude_unset=True)
 async def retrieve_model(request: Request, model_id: str, tenant: Tenant = Depends(current_tenant)):
     for model in _all(request, tenant):
         if model["id"] == model_id:
@@ -37,7 +38,8 @@ async def retrieve_model(request: Request, model_id: str, tenant: Tenant = Depen
     raise not_found("model", model_id, "model")
 
 
-@router.delete("/{model_id:path}")
+@router.delete("/{model_id:path}", response_model=ModelDeleted, response_model_exclude_unset=True,
+                responses=error_responses(403))
 async def delete_model(request: Request, model_id: str, tenant: Tenant = Depends(current_tenant)):
     store = request.app.state.store
     record = store.get_model(model_id, None if tenant.admin else tenant.name)

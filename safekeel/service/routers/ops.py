@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from safekeel.service.protocol import Health
 
 router = APIRouter(tags=["ops"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=Health, response_model_exclude_unset=True)
 async def healthz(request: Request):
     engine = request.app.state.engine
     supervisor = request.app.state.supervisor
@@ -18,6 +21,7 @@ async def healthz(request: Request):
             "jobs": request.app.state.store.count_jobs_by_status()}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request):
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,208 @@
+"""Running a benchmark grid: each configuration once, its record kept, resumable, optionally git-committed.
+
+Every run is cached by a hash of its full configuration (safekeel.bench.grids.run_id) as a JSON run record
+under <results_dir>/bench_runs/<grid>/, so an interrupted grid resumes; with `commit` the finished records
+are git-committed with the updated summary, one commit per run or per batch of runs (`commit_every`).
+Adapters, selections and eval responses go to <cache_dir> (outside git). Adapters are cached by a hash of
+the training inputs (safekeel.training.finetune.adapter_key): `none`, `icl` and `ptst` runs of one
+(dataset, seed) train once and share the adapter across selectors. The model-aware selectors keep their
+k-independent results (pool gradients, pool losses before and after the probe steps) in
+<cache_dir>/selection/, keyed by a hash of their inputs (SelectionContext.persisted): a k=20 run reads what
+its k=10 twin computed, the pool gradients are computed once per seed (not per dataset), the base model's
+pool losses once. The folders are the caller's: the `safekeel bench` command and the benchmarks/ scripts
+default to benchmarks/results and benchmarks/cache/bench of the checkout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tqdm import tqdm
+
+from safekeel.bench.git_tools import BatchCommitter, git_commit, runs_message, uncommitted
+from safekeel.bench.grids import REFERENCE_SELECTOR, DatasetSpec, GridSpec, expand, run_id
+from safekeel.bench.report import write_outputs
+from safekeel.data.reference import shared_dataset
+from safekeel.eval.harness import EvalSettings, evaluate, is_named_prompt_set
+from safekeel.eval.replies import read_replies, replies_path, write_replies
+from safekeel.models.registry import load_model_and_tokenizer
+from safekeel.provenance import library_versions, machine_info, sha256_json, write_json_atomic
+from safekeel.training.config import LoraSFTConfig
+from safekeel.pipeline import JobSpec, run_pipeline
+
+log = logging.getLogger(__name__)
+
+
+def resolve_data_path(path: str) -> str:
+    """An existing path as is; otherwise a file under ../shared/data."""
+    if Path(path).is_file():
+        return str(path)
+    return shared_dataset(path)
+
+
+def prepare_dataset(path: str, template: dict | None, cache_dir: Path) -> str:
+    """The file to load: the dataset itself, or (with a template) its records rendered as a
+    prompt/completion JSONL under cache_dir/data/ (rewritten only when missing)."""
+    source = resolve_data_path(path)
+    if template is None:
+        return source
+    target = Path(cache_dir) / "data" / f"{Path(source).stem}-{sha256_json([source, template])[:8]}.jsonl"
+    if not target.is_file():
+        text = Path(source).read_text(encoding="utf-8")
+        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+        lines = [json.dumps({"prompt": template["prompt"].format(**r), "completion": template["completion"].format(**r)})
+                 for r in records]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.replace(target)
+    return str(target)
+
+
+def _eval_settings(config: dict, cache_dir: Path) -> EvalSettings:
+    settings = dict(config["eval"], judges=tuple(config["eval"]["judges"]))
+    template = config.get("dataset", {}).get("template")
+    for key in ("harmful_set", "overrefusal_set"):
+        if not is_named_prompt_set(settings[key]):
+            settings[key] = resolve_data_path(settings[key])
+    settings["extra_harmful_sets"] = tuple(name if is_named_prompt_set(name) else resolve_data_path(name)
+                                           for name in settings.get("extra_harmful_sets", ()))
+    if settings["utility"] not in (None, "gsm8k"):
+        settings["utility"] = prepare_dataset(settings["utility"], template, cache_dir)
+    if config.get("mode") == "icl" and config["k"] > 4:
+        # k demonstrations make every prompt ~k times longer: smaller generation batches bound the KV
+        # cache (greedy outputs do not depend on the batch; tests/test_tiny_model.py checks that)
+        settings["batch_size"] = max(1, settings["batch_size"] * 4 // config["k"])
+    return EvalSettings(**settings)
+
+
+def execute(config: dict, cache_dir: str | Path, show_progress: bool = False) -> dict:
+    """Run one configuration; its run record. Outputs in cache_dir/runs/<run id>/, adapters in cache_dir/adapters/."""
+    started = time.time()
+    cache_dir = Path(cache_dir)
+    identifier = run_id(config)
+    folder = cache_dir / "runs" / identifier
+    settings = _eval_settings(config, cache_dir)
+    if config["kind"] == "aligned":
+        model, tokenizer = load_model_and_tokenizer(config["model"])
+        report = evaluate(model, tokenizer, settings, model_name=config["model"], output_dir=folder / "eval",
+                          show_progress=show_progress)
+        extra: dict = {}
+    else:
+        dataset = DatasetSpec(**config["dataset"])
+        spec = JobSpec(prepare_dataset(dataset.path, dataset.template, cache_dir), str(folder), model=config["model"],
+                            k=config["k"], selector=config["selector"] or REFERENCE_SELECTOR, mode=config["mode"],
+                            pool=config["pool"] or "authored", seed=config["seed"], max_examples=dataset.max_examples,
+                            sft=LoraSFTConfig(**dataset.sft), eval=settings)
+        result = run_pipeline(spec, show_progress=show_progress, adapter_cache=cache_dir / "adapters",
+                              selection_store=cache_dir / "selection")
+        report = result.report
+        provenance = result.provenance
+        extra = {key: provenance[key] for key in ("selected_ids", "train", "adapter_key", "mode_effect", "data_sha256",
+                                                  "n_user_examples", "n_training_examples")}
+        extra["adapter_cache_hit"] = bool(provenance["train"].get("cached"))
+    return {"run_id": identifier, "config": config, "report": report.to_dict(), **extra,
+            "seconds": round(time.time() - started, 1), "versions": library_versions(), "machine": machine_info()}
+
+
+@dataclass
+class GridOutcome:
+    records: list[dict]
+    """Every run record of the grid, in grid order."""
+    executed: list[str]
+    """Run ids executed in this invocation (the others came from their cached records)."""
+    outputs: list[Path]
+
+
+Writer = Callable[[list[dict], bool], list[Path]]
+"""(records so far, final) -> files written. Called after each executed run and once at the end."""
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def run_grid(grid: GridSpec, results_dir: str | Path, cache_dir: str | Path, commit: bool = False, command: str = "",
+             writer: Writer | None = None, show_progress: bool = True, configs: Sequence[dict] | None = None,
+             commit_every: int = 1) -> GridOutcome:
+    """Run every configuration of the grid that has no run record yet; write the outputs.
+
+    Records: results_dir/bench_runs/<grid>/<run id>.json, replies beside them in results_dir/replies/<grid>/;
+    adapters and responses in cache_dir. `writer` (default: bench_<grid>.json/.md and the plots in
+    results_dir) runs after each executed run. With `commit`, the new records are git-committed with what the
+    writer wrote, one commit per `commit_every` runs (default 1: a commit per run), the last batch with the
+    final outputs (or, when every batch is committed, the final outputs alone); records an interrupted batch
+    left uncommitted are committed first. `configs`: run these instead of expand(grid) (controls that a
+    GridSpec cannot express, such as a system prompt that differs per seed)."""
+    committer = BatchCommitter(commit_every, runs_message(f"bench {grid.name}"), enabled=commit)
+    results_dir = Path(results_dir)
+    configs = list(configs) if configs is not None else expand(grid)
+    runs_dir = results_dir / "bench_runs" / grid.name
+    paths = [runs_dir / f"{run_id(c)}.json" for c in configs]
+    write = writer or (lambda records, final: write_outputs(grid, records, results_dir, command, plots=final))
+    records, executed, durations = [], [], []
+    # a run's id hashes its whole configuration: a record another grid made of the same configuration is
+    # this grid's record too (the modes grid shares its `none` and random-replay runs with the selectors grid)
+    elsewhere = {other.name: other for other in sorted((results_dir / "bench_runs").glob("*/*.json"), reverse=True)
+                 if other.parent != runs_dir}
+    shared = [(path, elsewhere[path.name]) for path in paths if not path.is_file() and path.name in elsewhere]
+    for path, other in shared:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(other.read_bytes())
+        other_replies = results_dir / "replies" / other.parent.name / f"{other.stem}.jsonl.gz"
+        if other_replies.is_file():  # its kept replies come with it
+            target = results_dir / "replies" / grid.name / other_replies.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(other_replies.read_bytes())
+    if shared:
+        log.info("%d run records shared from other grids (same configuration): %s", len(shared),
+                 ", ".join(sorted({other.parent.name for _, other in shared})))
+        if commit:
+            git_commit([path for path, _ in shared], f"bench {grid.name}: {len(shared)} run records shared from other grids")
+    if commit:
+        left = uncommitted([f for path in paths for f in (path, replies_path(results_dir, grid.name, path.stem))])
+        if left:
+            log.info("committing %d files an interrupted run left uncommitted", len(left))
+            git_commit(left, f"bench {grid.name}: {len(left)} files left uncommitted by an interrupted run")
+    remaining = sum(not p.is_file() for p in paths)
+    bar = tqdm(total=len(configs), initial=len(configs) - remaining, unit="run", desc=f"bench {grid.name}",
+               bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {elapsed} elapsed{postfix}", disable=not show_progress)
+    with bar:
+        for config, path in zip(configs, paths):
+            if path.is_file():
+                records.append(json.loads(path.read_text()))
+                continue
+            bar.set_description_str(f"bench {grid.name} [{run_id(config)}]")
+            record = execute(config, cache_dir)
+            write_json_atomic(path, record)
+            kept = keep_replies(record["run_id"], grid.name, results_dir, cache_dir)
+            records.append(record)
+            executed.append(record["run_id"])
+            durations.append(record["seconds"])
+            remaining -= 1
+            written = write(records, False)
+            committer.add(record["run_id"], [path, kept], written)
+            bar.update(1)
+            mean = statistics.mean(durations)
+            bar.set_postfix_str(f"~{_duration(mean * remaining)} left ({mean:.0f} s/run over {len(durations)} runs)")
+    outputs = write(records, True)
+    if committer.runs:
+        committer.flush(outputs, note=", summary and plots")
+    elif commit and executed:
+        git_commit(outputs, f"bench {grid.name}: summary and plots")
+    return GridOutcome(records, executed, outputs)
+
+
+def keep_replies(identifier: str, grid: str, results_dir: str | Path, cache_dir: str | Path) -> Path:
+    """Compress a run's replies (with every judge's verdicts) from the cache to results/replies/<grid>/<run id>.jsonl.gz,
+    where they are committed beside the run's record."""
+    responses = Path(cache_dir) / "runs" / identifier / "eval" / "responses.jsonl"
+    return write_replies(replies_path(results_dir, grid, identifier), read_replies(responses))
+

@@ -1,0 +1,3 @@
+from safekeel.cli.main import main
+
+main()

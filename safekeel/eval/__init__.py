@@ -1,0 +1,1 @@
+"""Evaluation: prompt sets asked through the guard, replies kept and judged, the safety gate, statistics."""

@@ -1,0 +1,311 @@
+"""The one pipeline: load data -> audit -> select -> mix -> train -> guard -> evaluate -> drift -> gate -> publish.
+
+`safekeel finetune`, the service's worker and the benchmark runner all call `run_pipeline`. One loaded base
+model serves every stage of a job that needs it (model-aware selection, training, evaluation, the base model's
+gate replies with the adapter disabled, the monitor drift check). The guard is built once (safekeel.guard) and
+the evaluation, the gate and serving all use that object.
+
+Every run writes, into its output folder: adapter/ (vLLM-servable LoRA; or a shared cached adapter),
+selection.json, provenance.json, guard.json, eval/ (report + every reply), gate/ (the gate's report and
+decision), and `published.json` when a `publish` callback deployed it. Events (kind, payload) go to `on_event`
+as the stages progress: data, audit, selecting, selection, train_log, checkpoint, trained, guard, eval,
+monitor_drift, gate, published. `should_stop` is polled between stages and during training: it raises
+`Cancelled`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from safekeel.audit import audit_dataset
+from safekeel.data.conversation import Conversation, SafetyExample
+from safekeel.data.formats import load_conversations
+from safekeel.data.safety import load_authored_benign, load_pool
+from safekeel.eval.gate import GatePolicy, baseline_report, gate_decision
+from safekeel.eval.harness import EvalSettings, evaluate, guarded, load_prompt_set
+from safekeel.eval.replies import read_replies
+from safekeel.guard import Guard, build_guard
+from safekeel.models.registry import base_model_provenance, load_model_and_tokenizer, resolve_model
+from safekeel.pipeline.spec import JobSpec
+from safekeel.provenance import library_versions, machine_info, sha256_file, write_json_atomic
+from safekeel.selectors.select import select_safety
+from safekeel.training.finetune import TrainedAdapter, train_adapter
+from safekeel.training.mixing import SELECTING_MODES, TRAINING_MODES, backdoor_prefix, mix
+from safekeel.training.sft import TrainingCancelled
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """should_stop() said stop: the job ends between stages or at a training step."""
+
+
+@dataclass
+class PipelineResult:
+    output_dir: Path
+    adapter_dir: Path
+    selection: dict | None
+    provenance: dict
+    guard: Guard
+    report: Any = None
+    """The evaluation's EvalReport (None when the spec has no eval)."""
+    audit: dict | None = None
+    drift: dict | None = None
+    gate: dict | None = None
+    """The gate's decision (passed, reasons, paired interval, rates), its report under "eval", the base's under
+    "base_eval"; None when the gate is off."""
+    timings: dict = field(default_factory=dict)
+    published: Any = None
+
+    @property
+    def passed(self) -> bool | None:
+        """The gate's verdict (None: no gate)."""
+        return None if self.gate is None else bool(self.gate["passed"])
+
+
+@dataclass
+class UserData:
+    conversations: list[Conversation]
+    format: str
+    skipped: list[str]
+    sha256: str
+
+
+def load_user_data(spec: JobSpec) -> UserData:
+    """The user's data, parsed once (DatasetError names the bad record)."""
+    loaded = load_conversations(spec.data)
+    if loaded.skipped:
+        log.warning(loaded.summary())
+    used = loaded.conversations[: spec.max_examples] if spec.max_examples else loaded.conversations
+    return UserData(list(used), loaded.format, [s.describe(spec.data, loaded.unit) for s in loaded.skipped],
+                    sha256_file(spec.data))
+
+
+def run_pipeline(spec: JobSpec, *, on_event: Callable[[str, dict], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None, show_progress: bool = True,
+                 adapter_cache: str | Path | None = None, selection_store: str | Path | None = None,
+                 baseline_cache: str | Path | None = None, monitor_dir: str | Path | None = None,
+                 publish: Callable[[PipelineResult], Any] | None = None) -> PipelineResult:
+    """Run every stage of `spec`. `adapter_cache`: reuse/keep adapters by training inputs; `selection_store`:
+    selectors keep k-independent results there; `baseline_cache`: the base model's gate replies, per model build
+    and gate settings (default: <output>/gate/baseline); `monitor_dir`: hidden-state monitors for the drift
+    check; `publish(result)`: deploy, called only when the gate passed (or is off)."""
+    return _Pipeline(spec, on_event, should_stop, show_progress, adapter_cache, selection_store, baseline_cache,
+                     monitor_dir).run(publish)
+
+
+class _Pipeline:
+    def __init__(self, spec: JobSpec, on_event, should_stop, show_progress: bool, adapter_cache, selection_store,
+                 baseline_cache, monitor_dir) -> None:
+        self.spec = spec
+        self.emit = on_event or (lambda kind, payload: None)
+        self.should_stop = should_stop or (lambda: False)
+        self.show_progress = show_progress
+        self.adapter_cache, self.selection_store, self.monitor_dir = adapter_cache, selection_store, monitor_dir
+        self.out = Path(spec.output_dir)
+        self.baseline_cache = Path(baseline_cache) if baseline_cache is not None else self.out / "gate" / "baseline"
+        self.timings: dict[str, float] = {}
+        self._model: tuple | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def check(self) -> None:
+        if self.should_stop():
+            raise Cancelled()
+
+    def base(self) -> tuple:
+        """(model, tokenizer) of the base model, loaded once per job."""
+        if self._model is None:
+            self._model = load_model_and_tokenizer(self.spec.model)
+        return self._model
+
+    def timed(self, name: str, started: float) -> None:
+        self.timings[f"{name}_seconds"] = round(time.time() - started, 2)
+
+    # ------------------------------------------------------------------ the stages in order
+    def run(self, publish) -> PipelineResult:
+        spec, started = self.spec, time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        data = load_user_data(spec)
+        self.emit("data", {"path": spec.data, "format": data.format, "n_used": len(data.conversations), "skipped": data.skipped})
+        pool = load_pool(spec.pool)
+        audit = self.audit(data, pool) if spec.audit else None
+        self.check()
+        base_provenance = base_model_provenance(spec.model)
+        selection, safety = self.select(data, pool, base_provenance)
+        self.check()
+        secret = backdoor_prefix(spec.seed) if spec.mode == "backdoor" else None
+        if secret and selection is not None:
+            selection["backdoor_prefix"] = secret
+            write_json_atomic(self.out / "selection.json", selection)
+        training_data = mix(data.conversations, safety, spec.mode, spec.seed, prefix=secret)
+        trained = self.train(training_data, base_provenance)
+        guard = self.build_guard(data, pool, safety, secret, base_provenance)
+        provenance = self.provenance(data, training_data, trained, selection, secret, guard, base_provenance)
+        result = PipelineResult(self.out, trained.adapter_dir, selection, provenance, guard, audit=audit, timings=self.timings)
+        self.check()
+        if spec.eval is not None:
+            begun = time.time()
+            result.report = evaluate(trained.model, self.base()[1], guarded(spec.eval, guard), model_name=spec.model,
+                                     adapter=str(trained.adapter_dir), output_dir=self.out / "eval",
+                                     show_progress=self.show_progress)
+            self.timed("eval", begun)
+            self.emit("eval", result.report.to_dict())
+            self.check()
+        if self.monitor_dir is not None:
+            result.drift = self.drift(trained)
+            self.check()
+        if spec.gate.enabled:
+            begun = time.time()
+            result.gate = self.gate(trained, guard, result.report)
+            self.timed("gate", begun)
+            self.check()
+        provenance["seconds"] = round(time.time() - started, 1)
+        provenance["timings"] = self.timings
+        if result.gate is not None:
+            provenance["gate"] = {k: result.gate[k] for k in ("passed", "reasons", "judge", "paired") if k in result.gate}
+        write_json_atomic(self.out / "provenance.json", provenance)
+        if publish is not None and result.passed is not False:
+            result.published = publish(result)
+            write_json_atomic(self.out / "published.json", {"published": result.published, "gate_passed": result.passed})
+            self.emit("published", {"published": result.published})
+        return result
+
+    def audit(self, data: UserData, pool: list[SafetyExample]) -> dict:
+        begun = time.time()
+        report = audit_dataset(data.conversations, pool, load_authored_benign()).to_dict()
+        self.timed("audit", begun)
+        write_json_atomic(self.out / "audit.json", report)
+        self.emit("audit", report)
+        return report
+
+    def select(self, data: UserData, pool: list[SafetyExample], base_provenance: dict | None) -> tuple[dict | None, list]:
+        spec = self.spec
+        if spec.mode not in SELECTING_MODES:
+            return None, []
+        self.emit("selecting", {"selector": spec.selector, "k": spec.k, "pool": spec.pool})
+        selection, safety = select_safety(data.conversations, spec.pool, spec.k, spec.selector, spec.seed, spec.model,
+                                          store=self.selection_store, base_provenance=base_provenance, pool=pool,
+                                          loaded_model=self.base())
+        self.timings["selection_seconds"] = selection["seconds"]
+        write_json_atomic(self.out / "selection.json", selection)
+        self.emit("selection", selection)
+        return selection, safety
+
+    def train(self, training_data: list[Conversation], base_provenance: dict | None) -> TrainedAdapter:
+        spec = self.spec
+        model, tokenizer = self.base()
+        try:
+            trained = train_adapter(model, tokenizer, training_data, spec.sft, model_name=spec.model,
+                                    base_provenance=base_provenance, output_dir=self.out, cache=self.adapter_cache,
+                                    should_stop=self.should_stop, on_event=self.emit, show_progress=self.show_progress,
+                                    checkpoint_steps=spec.checkpoint_steps)
+        except TrainingCancelled as stop:
+            raise Cancelled() from stop
+        self.timings["training_seconds"] = trained.train["seconds"]
+        self.emit("trained", trained.train)
+        return trained
+
+    def build_guard(self, data: UserData, pool: list[SafetyExample], safety: list[SafetyExample], secret: str | None,
+                    base_provenance: dict | None) -> Guard:
+        spec, options = self.spec, self.spec.guard
+        static_pick = None
+        if options.demonstrations == "static" and not safety and spec.mode != "icl":
+            # no selection to take them from: choose them with the job's selector (it may look at the data and model)
+            self.emit("message", {"text": f"Selecting {options.n_demonstrations} safety demonstrations with '{spec.selector}'"})
+            static_pick = select_safety(data.conversations, spec.pool, options.n_demonstrations, spec.selector, spec.seed,
+                                        spec.model, pool=pool, store=self.selection_store, base_provenance=base_provenance,
+                                        loaded_model=self.base())[1]
+        guard = build_guard(spec.mode, selected=safety, secret=secret, system_prompt=options.system_prompt,
+                            demonstrations=options.demonstrations, n_demonstrations=options.n_demonstrations,
+                            pool=spec.pool, static_pick=static_pick, monitor_policy=options.monitor_policy)
+        write_json_atomic(self.out / "guard.json", guard.to_dict())
+        self.emit("guard", guard.to_dict())
+        return guard
+
+    def provenance(self, data: UserData, training_data: list, trained: TrainedAdapter, selection: dict | None,
+                   secret: str | None, guard: Guard, base_provenance: dict | None) -> dict:
+        spec = self.spec
+        provenance = {
+            "spec": spec.to_dict(),
+            "data_sha256": data.sha256,
+            "n_user_examples": len(data.conversations),
+            "n_training_examples": len(training_data),
+            "training_data_sha256": trained.training_data_sha256,
+            "selected_ids": selection["ids"] if selection else [],
+            "backdoor_prefix": secret,
+            "mode_effect": {
+                "mode": spec.mode,
+                "selects": spec.mode in SELECTING_MODES,
+                "trains_on_selection": spec.mode in TRAINING_MODES,
+                "eval_system_prompt": guard.system_text(spec.eval.system_prompt if spec.eval else None)
+                if guard.system_prompt else None,
+                "eval_demonstration_ids": [d["id"] for d in guard.static_demonstrations],
+            },
+            "guard": guard.to_dict(),
+            "adapter_key": trained.key,
+            "adapter_dir": str(trained.adapter_dir),
+            "base_model": spec.model,
+            "base_model_provenance": base_provenance,
+            "train": trained.train,
+            "versions": library_versions(),
+            "machine": machine_info(),
+        }
+        write_json_atomic(self.out / "provenance.json", provenance)
+        return provenance
+
+    def drift(self, trained: TrainedAdapter) -> dict | None:
+        """The monitor drift check (safekeel.monitors.drift) on the gate's prompts: it informs, never blocks."""
+        from safekeel.monitors.capture import model_fingerprint  # deferred on purpose: monitors are optional
+        from safekeel.monitors.drift import drift_report, summarise
+        from safekeel.monitors.runtime import load_monitors
+
+        spec = self.spec
+        settings = self.gate_settings()
+        try:
+            probes = load_monitors(self.monitor_dir, expected_model=model_fingerprint(resolve_model(spec.model)))
+            harmful = load_prompt_set(settings.harmful_set)[1][: settings.n_harmful or None]
+            benign = load_prompt_set(settings.overrefusal_set)[1][: settings.n_overrefusal or None]
+            report = drift_report(probes, trained.model.get_base_model(), trained.model, self.base()[1], harmful, benign)
+        except Exception as error:  # the check informs; a broken monitor folder must not sink the job
+            self.emit("monitor_drift_skipped", {"error": str(error)})
+            return None
+        names = spec.gate.names or {"harmful_set": settings.harmful_set, "overrefusal_set": settings.overrefusal_set}
+        report["prompts"] = {"harmful": names["harmful_set"], "benign": names["overrefusal_set"]}
+        report["summary"] = summarise(report)
+        self.emit("monitor_drift", report)
+        return report
+
+    def gate_settings(self) -> EvalSettings:
+        """The gate's prompts: its own sets, or the evaluation's (unguarded: the guard is applied on top)."""
+        gate = self.spec.gate
+        if gate.harmful_set is None:
+            return self.spec.eval
+        return EvalSettings(harmful_set=gate.harmful_set, overrefusal_set=gate.overrefusal_set, n_harmful=gate.n_harmful,
+                            n_overrefusal=gate.n_overrefusal, max_new_tokens=gate.max_new_tokens, judges=gate.judges,
+                            utility=self.spec.validation_data, n_utility_accuracy=0)
+
+    def gate(self, trained: TrainedAdapter, guard: Guard, report) -> dict:
+        """The adapter, served with its guard, and the unguarded base model answer the same prompts (the base's
+        replies cached per model build and settings); safekeel.eval.gate decides."""
+        spec, settings = self.spec, self.gate_settings()
+        names = spec.gate.names or {"harmful_set": settings.harmful_set, "overrefusal_set": settings.overrefusal_set}
+        self.emit("gating", {"names": names})
+        model, tokenizer = trained.model, self.base()[1]
+        with model.disable_adapter():
+            base = baseline_report(spec.model, settings, model, tokenizer, self.baseline_cache)
+        if spec.gate.harmful_set is None:
+            adapter = report.to_dict()
+        else:
+            adapter = evaluate(model, tokenizer, guarded(settings, guard), model_name=spec.model,
+                               adapter=str(trained.adapter_dir), output_dir=self.out / "gate", show_progress=False).to_dict()
+        policy = GatePolicy(margin=spec.gate.margin, alpha=spec.gate.alpha, min_scored_fraction=spec.gate.min_scored_fraction)
+        decision = gate_decision(adapter, base, read_replies(adapter["responses_file"]), read_replies(base["responses_file"]), policy)
+        decision.update(names=names, guarded=guard.active, base_report=base.get("responses_file"))
+        write_json_atomic(self.out / "gate.json", decision)
+        self.emit("gate", {**decision, "eval": adapter, "base_eval": base})
+        return {**decision, "eval": adapter, "base_eval": base}
+

@@ -1,0 +1,122 @@
+"""The job spec: one typed description of a fine-tune that the CLI, the service and the benchmark all run.
+
+A dataclass inside (validated in __post_init__, a plain-JSON round trip through to_dict/from_dict); the
+service's pydantic request models (safekeel.service.protocol) turn into it at the HTTP edge, `safekeel finetune`
+builds it from its flags, a benchmark grid from its run config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from safekeel.defaults import DEFAULT_K, DEFAULT_MODE, DEFAULT_MODEL, DEFAULT_POOL, DEFAULT_SELECTOR
+from safekeel.eval.gate import DEFAULT_ALPHA, DEFAULT_MARGIN, DEFAULT_MIN_SCORED
+from safekeel.eval.harness import EvalSettings
+from safekeel.guard import DEMONSTRATION_MODES
+from safekeel.training.config import LoraSFTConfig
+from safekeel.training.mixing import MODES
+
+
+@dataclass
+class GateSpec:
+    """The safety gate: the adapter and the base model answer the same harmful prompts, and the adapter passes
+    only if the one-sided (1 - alpha) upper bound of harmful(adapter) - harmful(base) is within `margin`
+    (safekeel.eval.gate.paired_gate), with the judge scoring at least `min_scored_fraction` of the prompts."""
+
+    enabled: bool = True
+    harmful_set: str | None = None
+    """Harmful prompts asked (a named prompt set or a dataset file); None: the evaluation's own sets (the
+    spec's `eval`), reusing its replies instead of generating again."""
+    overrefusal_set: str | None = None
+    n_harmful: int | None = None
+    n_overrefusal: int | None = None
+    margin: float = DEFAULT_MARGIN
+    alpha: float = DEFAULT_ALPHA
+    min_scored_fraction: float = DEFAULT_MIN_SCORED
+    max_new_tokens: int = 64
+    judges: tuple[str, ...] = ("classifier", "keyword")
+    """Judges of the gate's own evaluation; the first decides."""
+    names: dict | None = None
+    """Display names of the sets when they are resolved files (the service's uploaded file ids)."""
+
+    def __post_init__(self) -> None:
+        self.judges = tuple(self.judges)
+        if (self.harmful_set is None) != (self.overrefusal_set is None):
+            raise ValueError("gate: give both harmful_set and overrefusal_set, or neither (the evaluation's sets)")
+        if not 0 <= self.margin <= 1:
+            raise ValueError(f"gate margin must be in [0, 1], got {self.margin}")
+        if not 0 < self.alpha < 0.5:
+            raise ValueError(f"gate alpha must be in (0, 0.5), got {self.alpha}")
+
+
+@dataclass
+class GuardSpec:
+    """What the deployed model is served with beyond its mode's own guard (safekeel.guard.build_guard)."""
+
+    system_prompt: bool | str = False
+    """A safety system prompt at serving: True for safekeel's default, or your own text."""
+    demonstrations: str = "none"
+    """none | static (the first n_demonstrations selected examples) | retrieved (nearest pool examples per request)."""
+    n_demonstrations: int = 3
+    monitor_policy: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.demonstrations not in DEMONSTRATION_MODES:
+            raise ValueError(f"unknown guard demonstrations {self.demonstrations!r}; known: {', '.join(DEMONSTRATION_MODES)}")
+
+
+@dataclass
+class JobSpec:
+    data: str
+    """User training data (chat JSONL, prompt/completion JSONL, Alpaca JSON/JSONL, question/answer JSONL)."""
+    output_dir: str
+    model: str = DEFAULT_MODEL
+    """Base model: a registered name or a local model folder."""
+    k: int = DEFAULT_K
+    """Safety examples to select (modes replay, backdoor, icl); recorded as 0 for none and ptst, which select none."""
+    selector: str = DEFAULT_SELECTOR
+    mode: str = DEFAULT_MODE
+    """none | replay | backdoor | icl | ptst (see safekeel.training.mixing.MODES)."""
+    pool: str = DEFAULT_POOL
+    seed: int = 0
+    """One seed for selection, data order and adapter init."""
+    max_examples: int | None = None
+    """Use only the first n user examples (after loading)."""
+    sft: LoraSFTConfig = field(default_factory=LoraSFTConfig)
+    eval: EvalSettings | None = field(default_factory=EvalSettings)
+    """The research evaluation after training (None skips it); the guard is applied to it."""
+    checkpoint_steps: int | None = None
+    """Save a resumable trainer checkpoint every n steps (under checkpoints/); a rerun resumes from it."""
+    audit: bool = False
+    """Audit the dataset (safekeel.audit) before selecting: recorded, never blocking."""
+    gate: GateSpec = field(default_factory=lambda: GateSpec(enabled=False))
+    guard: GuardSpec = field(default_factory=GuardSpec)
+    validation_data: str | None = None
+    """Held-out user data: its loss is reported beside the gate (utility)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sft, dict):
+            self.sft = LoraSFTConfig(**self.sft)
+        if isinstance(self.eval, dict):
+            self.eval = EvalSettings(**self.eval)
+        if isinstance(self.gate, dict):
+            self.gate = GateSpec(**self.gate)
+        if isinstance(self.guard, dict):
+            self.guard = GuardSpec(**self.guard)
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; known: {', '.join(MODES)}")
+        if self.mode in ("none", "ptst"):
+            self.k = 0
+        elif self.k < 1:
+            raise ValueError(f"mode {self.mode!r} selects safety examples: k must be >= 1, got {self.k}")
+        if self.gate.enabled and self.gate.harmful_set is None and self.eval is None:
+            raise ValueError("the gate reuses the evaluation's replies when it has no prompt sets of its own: "
+                             "enable the evaluation or give the gate harmful_set and overrefusal_set")
+        self.sft.seed = self.seed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "JobSpec":
+        return cls(**data)
