@@ -329,3 +329,24 @@ def test_a_job_stored_before_the_pipeline_runs_with_the_same_spec():
     assert spec.mode == "backdoor" and spec.k == 10 and spec.seed == 5 and spec.sft.seed == 5 and spec.audit
     assert spec.gate.margin == 0.1 and spec.gate.harmful_set == "advbench-dev" and spec.guard.demonstrations == "static"
     assert job_spec({**legacy, "pipeline": spec.to_dict()}) == spec == JobSpec.from_dict(spec.to_dict())
+
+
+def test_the_api_takes_the_cli_training_options(tmp_path):
+    """One set of training options: bf16 (as `safekeel finetune --bf16`) reaches the job's LoRA config, "auto" takes
+    LoraSFTConfig's defaults, and the stored spec is the pipeline's."""
+    from safekeel.service.jobs import build_job, job_spec
+    from safekeel.service.protocol import CreateJobRequest
+    from safekeel.service.settings import Tenant
+    from safekeel.training.config import LoraSFTConfig
+
+    settings = ServiceSettings(service_dir=tmp_path, base_models=["tiny"])
+    store = Store(settings.db_path)
+    store.add_file({"id": "file-1", "tenant": "t", "filename": "d.jsonl", "purpose": "fine-tune", "bytes": 10, "sha256": "ab" * 32,
+                    "created_at": now(), "status": "processed", "format": "chat", "n_examples": 8})
+    tenant = Tenant("t")
+    for hyper, bf16 in (({"bf16": True}, True), ({}, LoraSFTConfig().bf16)):
+        request = CreateJobRequest(model="tiny", training_file="file-1", hyperparameters=hyper,
+                                   safety={"mode": "ptst", "gate": {"enabled": False}})
+        spec = job_spec(build_job(request, tenant, store, settings)["spec"])
+        assert spec.sft.bf16 is bf16 and spec.mode == "ptst" and spec.k == 0
+        assert spec.sft.epochs == LoraSFTConfig().epochs and spec.sft.learning_rate == LoraSFTConfig().learning_rate

@@ -98,6 +98,8 @@ def build_job(request: CreateJobRequest, tenant: Tenant, store: Store, settings:
     }
     if hyper.max_steps:
         resolved["max_steps"] = hyper.max_steps
+    if hyper.bf16 is not None:
+        resolved["bf16"] = hyper.bf16
     job_id = new_id("ftjob")
     seed = request.seed if request.seed is not None else int.from_bytes(job_id.encode()[-4:], "big") % 2**31
     n_examples = files["training_file"]["n_examples"] or 1
@@ -108,7 +110,7 @@ def build_job(request: CreateJobRequest, tenant: Tenant, store: Store, settings:
     job_dir = settings.jobs_dir / job_id
     sft = LoraSFTConfig(epochs=resolved["n_epochs"], batch_size=resolved["batch_size"],
                         learning_rate=DEFAULT_SFT.learning_rate * resolved["learning_rate_multiplier"],
-                        max_steps=hyper.max_steps or -1, seed=seed)
+                        max_steps=hyper.max_steps or -1, seed=seed, bf16=resolved.get("bf16", DEFAULT_SFT.bf16))
     gate = safety.gate
     try:
         pipeline = JobSpec(

@@ -107,6 +107,9 @@ class Hyperparameters(BaseModel):
     """safekeel extension: stop after this many optimizer steps."""
     checkpoint_steps: int | None = Field(None, ge=1)
     """safekeel extension: save a resumable checkpoint every n steps (default: about 4 per job)."""
+    bf16: bool | None = None
+    """safekeel extension: train with bfloat16 autocast (LoraSFTConfig.bf16, as `safekeel finetune --bf16` and the
+    benchmark presets); fast only with native bf16 (AVX512-BF16/AMX or a GPU). Default: the server's LoRA default."""
 
     @field_validator("n_epochs", "batch_size")
     @classmethod
@@ -232,10 +235,13 @@ class FileList(Open):
 class JobHyperparameters(fine_tuning_job.Hyperparameters):
     max_steps: int | None = None
     """safekeel extension: training stops after this many optimizer steps."""
+    bf16: bool | None = None
+    """safekeel extension: bfloat16 autocast in training."""
 
 
 class JobSupervisedHyperparameters(SupervisedHyperparameters):
     max_steps: int | None = None
+    bf16: bool | None = None
 
 
 class JobSupervisedMethod(SupervisedMethod):
