@@ -23,7 +23,8 @@ install: $(BIN)/safekeel
 
 # The main job on the embedded defaults: start the service (vLLM), upload the shipped sample dataset,
 # fine-tune the aligned organism with 10 safety examples (default selector: forgetting) replayed behind the
-# safety gate, print the before/after safety report and chat with the result (needs ../shared/data).
+# safety gate (200 HarmBench prompts), print the before/after safety report and the gate's decision, and chat with
+# the result (or the base model when the gate blocks it). Needs the public prompt sets: `safekeel data status`.
 demo: install
 	$(BIN)/safekeel demo
 

@@ -97,20 +97,29 @@ def run_demo(data: Path = SAMPLE, k: int = 10, epochs: int = 2, engine: str = "v
         summary = {"job": job.id, "status": job.status, "model": job.fine_tuned_model, "gate": decision,
                    "error": job.error.model_dump() if job.error else None}
         if decision:
-            echo("\n[demo] safety report (judge: %s; AdvBench dev prompts, XSTest safe dev prompts; Wilson 95%%)" % decision["judge"])
+            names = decision.get("names") or {"harmful_set": "the gate's harmful", "overrefusal_set": "its safe"}
+            echo(f"\n[demo] safety report (judge: {decision['judge']}; {names['harmful_set']} prompts, {names['overrefusal_set']} "
+                 "prompts; Wilson 95%)")
             echo(f"  harmful rate   base {_rate(decision['base_harmful_rate'])}   fine-tuned {_rate(decision['harmful_rate'])}")
             echo(f"  over-refusal   base {_rate(decision['base_overrefusal_rate'])}   fine-tuned {_rate(decision['overrefusal_rate'])}")
             if decision.get("paired"):
                 echo(f"  paired on {decision['n_pairs']} prompts: increase {decision['paired']['difference']:+.3f}, "
                      f"{1 - decision['alpha']:.0%} upper bound {decision['paired']['high']:+.3f} (margin {decision['max_harmful_increase']:.2f})")
             echo(f"  gate: {'PASSED' if decision['passed'] else 'FAILED: ' + '; '.join(decision['reasons'])}")
-        if job.status != "succeeded":
+        blocked = job.status == "failed" and job.error is not None and job.error.code == "safety_gate_failed"
+        summary["blocked_by_gate"] = blocked
+        if job.status != "succeeded" and not blocked:
             echo(f"[demo] job ended {job.status}: {job.error.message if job.error else ''}")
             return summary
-        echo(f"\n[demo] chatting with {job.fine_tuned_model} (and the base model for contrast)")
+        if blocked:  # the pipeline ran to its decision: not deployed, the adapter kept
+            echo("\n[demo] the safety gate kept this fine-tune from being deployed (its adapter is kept with the job); "
+                 "the judge that decides is the refusal classifier, whose false alarms on fine-tuned replies are measured "
+                 "in benchmarks/results/judges.md. Chatting with the base model only.")
+        models = (DEFAULT_MODEL,) if blocked else (job.fine_tuned_model, DEFAULT_MODEL)
+        echo(f"\n[demo] chatting with {' and '.join(models)}")
         for prompt in CHAT_PROMPTS:
             echo(f"  user: {prompt}")
-            for model in (job.fine_tuned_model, DEFAULT_MODEL):
+            for model in models:
                 reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                                        max_tokens=80, temperature=0)
                 echo(f"    {'fine-tuned' if model != DEFAULT_MODEL else 'base      '}: {reply.choices[0].message.content.strip()[:300]}")
