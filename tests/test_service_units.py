@@ -209,9 +209,15 @@ def test_transformers_engine_exposes_the_residual_stream(tiny_model_dir):
     states = asyncio.run(engine.hidden_states(prompt))
     config = AutoConfig.from_pretrained(tiny_model_dir)
     n_tokens = len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    assert len(states) == config.num_hidden_layers + 1
+    assert len(states) == config.num_hidden_layers  # the stream entering each decoder block (models.capture)
     assert tuple(states[-1].shape) == (1, n_tokens, config.hidden_size)
     assert not __import__("torch").allclose(states[0], states[-1])
+    # the same numbers the selectors and monitors capture
+    from safekeel.models.capture import residual_stream
+
+    ids = engine.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    direct = residual_stream(engine.model, ids["input_ids"], ids["attention_mask"], [1])
+    assert __import__("torch").equal(direct[1], states[1])
 
 
 def test_deploy_files_are_consistent():

@@ -113,8 +113,8 @@ class Engine:
         raise NotImplementedError(f"the {self.name} engine does not generate batches")
 
     async def hidden_states(self, prompt: str, adapter: Adapter | None = None):
-        """The residual stream for `prompt`: a tuple of (1, tokens, hidden) tensors, where element N is
-        the stream entering block N (element 0: the embeddings; the last: after the final block).
+        """The residual stream for `prompt` (safekeel.models.capture.residual_stream): a tuple of (1, tokens,
+        hidden) float32 tensors, element N the stream entering decoder block N (element 0: the embeddings).
         Engines that cannot expose activations (vLLM) raise NotImplementedError; monitors then use a
         transformers engine beside the serving one."""
         raise NotImplementedError(f"the {self.name} engine does not expose hidden states")

@@ -15,6 +15,7 @@ from typing import AsyncIterator, Sequence
 
 from tqdm.auto import tqdm
 
+from safekeel.models.capture import decoder_layers, residual_stream
 from safekeel.models.engines.base import (
     Adapter,
     Chat,
@@ -151,13 +152,13 @@ class TransformersEngine(Engine):
                                     max_prompt_tokens=max_prompt_tokens, desc=desc, show_progress=show_progress)
 
     async def hidden_states(self, prompt: str, adapter: Adapter | None = None):
-        import torch
-
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
 
         def run():
-            with self.lock, torch.inference_mode(), self._select_adapter(adapter):
-                return self.model(**inputs, output_hidden_states=True).hidden_states
+            with self.lock, self._select_adapter(adapter):  # the one capture the selectors and monitors use
+                streams = residual_stream(self.model, inputs["input_ids"], inputs["attention_mask"],
+                                          range(len(decoder_layers(self.model))))
+            return tuple(streams[layer] for layer in sorted(streams))
 
         return await asyncio.get_running_loop().run_in_executor(None, run)
 
