@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from safekeel.audit.distances import distance_report
 from safekeel.data.conversation import Conversation, SafetyExample
 from safekeel.models.embedder import DEFAULT_EMBEDDER, embed
 
@@ -33,19 +34,27 @@ class AuditReport:
     flag_threshold: float
     flagged: list[dict]
     """The most harmful-looking flagged examples (index, similarity, nearest harmful id, text)."""
+    distances: dict | None = None
+    """The dataset against the harmful and the safe reference as distributions (safekeel.audit.distances): Frechet
+    distance, MMD^2 with its permutation p-value, and the share of examples on the harmful side of an LDA direction."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"audit of {self.n_examples} examples: {self.flagged_fraction:.1%} flagged as harmful-looking; "
+        text = (f"audit of {self.n_examples} examples: {self.flagged_fraction:.1%} flagged as harmful-looking; "
                 f"mean nearest-harmful similarity {self.mean_harmful_similarity:.3f}, "
                 f"nearest-benign {self.mean_benign_similarity:.3f}")
+        if self.distances:
+            d = self.distances
+            text += (f"; {d['lda']['harmful_side_share']:.1%} on the harmful side of the harmful/safe direction; "
+                     f"Frechet to harmful {d['harmful']['frechet']:.3f}, to safe {d['safe']['frechet']:.3f}")
+        return text
 
 
 def audit_dataset(conversations: Sequence[Conversation], harmful: Sequence[SafetyExample],
                   benign: Sequence[Conversation], embedder: str = DEFAULT_EMBEDDER,
-                  flag_threshold: float = 0.5, max_flagged: int = 10) -> AuditReport:
+                  flag_threshold: float = 0.5, max_flagged: int = 10, n_permutations: int = 1000) -> AuditReport:
     if not conversations:
         raise ValueError("nothing to audit: the dataset has no conversations")
     user = embed([c.last_user[:2000] for c in conversations], embedder)
@@ -73,4 +82,5 @@ def audit_dataset(conversations: Sequence[Conversation], harmful: Sequence[Safet
         mean_benign_similarity=round(float(nearest_safe.mean()), 4),
         harmful_centroid_similarity=round(centroid_cosine(user, harm), 4),
         benign_centroid_similarity=round(centroid_cosine(user, safe), 4),
-        flagged_fraction=round(float(flagged_mask.mean()), 4), flag_threshold=flag_threshold, flagged=flagged)
+        flagged_fraction=round(float(flagged_mask.mean()), 4), flag_threshold=flag_threshold, flagged=flagged,
+        distances=distance_report(user, harm, safe, n_permutations=n_permutations) if len(conversations) >= 2 else None)
