@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from safekeel.audit.distances import distance_report
+from safekeel.audit.flags import example_flags, flag_summary
 from safekeel.data.conversation import Conversation, SafetyExample
 from safekeel.models.embedder import DEFAULT_EMBEDDER, embed
 
@@ -34,6 +35,12 @@ class AuditReport:
     flag_threshold: float
     flagged: list[dict]
     """The most harmful-looking flagged examples (index, similarity, nearest harmful id, text)."""
+    flag_counts: dict | None = None
+    """Examples per flag (safekeel.audit.flags: harmful_request, persona_override, duplicate, empty_turn, long_turn)."""
+    gated_fraction: float | None = None
+    """Share of examples flagged harmful_request or persona_override: what the data gate compares with its limit."""
+    example_flags: list[dict] | None = None
+    """Flagged examples with their reasons (the first `max_listed`)."""
     distances: dict | None = None
     """The dataset against the harmful and the safe reference as distributions (safekeel.audit.distances): Frechet
     distance, MMD^2 with its permutation p-value, and the share of examples on the harmful side of an LDA direction."""
@@ -45,6 +52,8 @@ class AuditReport:
         text = (f"audit of {self.n_examples} examples: {self.flagged_fraction:.1%} flagged as harmful-looking; "
                 f"mean nearest-harmful similarity {self.mean_harmful_similarity:.3f}, "
                 f"nearest-benign {self.mean_benign_similarity:.3f}")
+        if self.flag_counts:
+            text += "; flags: " + ", ".join(f"{k} {v}" for k, v in self.flag_counts.items())
         if self.distances:
             d = self.distances
             text += (f"; {d['lda']['harmful_side_share']:.1%} on the harmful side of the harmful/safe direction; "
@@ -54,7 +63,8 @@ class AuditReport:
 
 def audit_dataset(conversations: Sequence[Conversation], harmful: Sequence[SafetyExample],
                   benign: Sequence[Conversation], embedder: str = DEFAULT_EMBEDDER,
-                  flag_threshold: float = 0.5, max_flagged: int = 10, n_permutations: int = 1000) -> AuditReport:
+                  flag_threshold: float = 0.5, max_flagged: int = 10, n_permutations: int = 1000,
+                  max_listed: int = 200) -> AuditReport:
     if not conversations:
         raise ValueError("nothing to audit: the dataset has no conversations")
     user = embed([c.last_user[:2000] for c in conversations], embedder)
@@ -76,6 +86,8 @@ def audit_dataset(conversations: Sequence[Conversation], harmful: Sequence[Safet
         ca, cb = a.mean(axis=0), b.mean(axis=0)
         return float(ca @ cb / (np.linalg.norm(ca) * np.linalg.norm(cb) + 1e-12))
 
+    flags = example_flags(conversations, [bool(f) for f in flagged_mask])
+    counts, gated = flag_summary(flags, len(conversations))
     return AuditReport(
         n_examples=len(conversations), embedder=embedder,
         mean_harmful_similarity=round(float(nearest_harm.mean()), 4),
@@ -83,4 +95,5 @@ def audit_dataset(conversations: Sequence[Conversation], harmful: Sequence[Safet
         harmful_centroid_similarity=round(centroid_cosine(user, harm), 4),
         benign_centroid_similarity=round(centroid_cosine(user, safe), 4),
         flagged_fraction=round(float(flagged_mask.mean()), 4), flag_threshold=flag_threshold, flagged=flagged,
+        flag_counts=counts, gated_fraction=round(gated, 4), example_flags=flags[:max_listed],
         distances=distance_report(user, harm, safe, n_permutations=n_permutations) if len(conversations) >= 2 else None)

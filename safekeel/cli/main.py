@@ -132,7 +132,10 @@ def finetune_command(
     lora_r: int = typer.Option(_SFT.lora_r, help="LoRA rank."),
     max_length: int = typer.Option(_SFT.max_length, help="Max training sequence length in tokens."),
     bf16: bool = typer.Option(_SFT.bf16, help="Train with bfloat16 autocast (fast only on CPUs with native bf16, AVX512-BF16/AMX, or a GPU)."),
-    audit: bool = typer.Option(True, help="Audit the dataset before selecting (how near it sits to harmful and to safe data; recorded in audit.json, never blocking)."),
+    audit: bool = typer.Option(True, help="Audit the dataset before selecting (`safekeel audit --help`; audit.json)."),
+    data_gate: str = typer.Option("warn", help="What the audit's flags do: off | warn (recorded) | reject (exit code 4 before any training) "
+                                               "when more than --max-flagged-fraction of the examples are flagged harmful_request or persona_override."),
+    max_flagged_fraction: float = typer.Option(0.1, min=0.0, max=1.0, help="The data gate's limit."),
     eval: bool = typer.Option(True, help="Evaluate after training."),
     n_harmful: Optional[int] = typer.Option(None, help="Evaluate on only the first n harmful prompts."),
     n_overrefusal: Optional[int] = typer.Option(None, help="Evaluate on only the first n over-refusal prompts."),
@@ -159,7 +162,7 @@ def finetune_command(
     from safekeel.eval.harness import EvalSettings
     from safekeel.models.registry import ModelNotFoundError
     from safekeel.paths import safekeel_home
-    from safekeel.pipeline import GateSpec, GuardSpec, JobSpec, run_pipeline
+    from safekeel.pipeline import DataGateSpec, DataRejected, GateSpec, GuardSpec, JobSpec, run_pipeline
     from safekeel.training.config import LoraSFTConfig
 
     settings = EvalSettings(harmful_set=harmful_set, overrefusal_set=overrefusal_set, judges=tuple(judge),
@@ -173,6 +176,7 @@ def finetune_command(
     try:
         spec = JobSpec(str(data), str(out), model=model, k=k, selector=selector, mode=mode, pool=pool, seed=seed,
                        max_examples=max_examples, eval=settings, audit=audit,
+                       data_gate=DataGateSpec(action=data_gate, max_flagged_fraction=max_flagged_fraction),
                        sft=LoraSFTConfig(epochs=epochs, learning_rate=lr, batch_size=batch_size, max_steps=max_steps,
                                          lora_r=lora_r, lora_alpha=2 * lora_r, max_length=max_length, bf16=bf16),
                        gate=GateSpec(enabled=gate, harmful_set=gate_harmful_set, overrefusal_set=gate_overrefusal_set,
@@ -180,11 +184,18 @@ def finetune_command(
                        guard=GuardSpec(system_prompt=system_prompt, demonstrations=guard_demonstrations,
                                        n_demonstrations=guard_n_demonstrations))
         result = run_pipeline(spec, baseline_cache=safekeel_home() / "gate_baselines")
+    except DataRejected as rejected:
+        typer.secho(f"data gate REJECTED the dataset: {rejected.decision['reason']} (audit.json lists the flagged examples)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(4)
     except (DatasetError, ModelNotFoundError, ValueError, FileNotFoundError) as error:
         _fail(str(error))
     typer.echo(f"\nadapter: {result.adapter_dir}\nprovenance: {out / 'provenance.json'}")
     if result.audit:
-        typer.echo(f"audit: {result.audit.get('flagged_fraction', 0):.1%} of the examples flagged near harmful data (audit.json)")
+        typer.echo(f"audit: {result.audit.get('gated_fraction', 0):.1%} of the examples flagged harmful_request or persona_override "
+                   f"({json.dumps(result.audit.get('flag_counts') or {})}; audit.json)")
+    if result.data_gate and result.data_gate["gated_fraction"] > result.data_gate["max_flagged_fraction"]:
+        typer.secho(f"data gate WARNING: {result.data_gate['reason']}", fg=typer.colors.YELLOW, err=True)
     if result.selection:
         typer.echo(f"selected ({result.selection['selector']}, k={result.selection['k']}): {', '.join(result.selection['ids'])}")
     typer.echo(f"trained {result.provenance['train']['steps']} steps in {result.provenance['train']['seconds']} s")

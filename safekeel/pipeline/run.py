@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from safekeel.audit import audit_dataset
+from safekeel.audit.flags import data_gate
 from safekeel.data.conversation import Conversation, SafetyExample
 from safekeel.data.formats import load_conversations
 from safekeel.data.safety import load_authored_benign, load_pool
@@ -44,6 +45,14 @@ class Cancelled(Exception):
     """should_stop() said stop: the job ends between stages or at a training step."""
 
 
+class DataRejected(Exception):
+    """The data gate rejected the dataset (before any selection or training)."""
+
+    def __init__(self, decision: dict) -> None:
+        super().__init__(f"the data gate rejected the dataset: {decision['reason']}")
+        self.decision = decision
+
+
 @dataclass
 class PipelineResult:
     output_dir: Path
@@ -54,6 +63,7 @@ class PipelineResult:
     report: Any = None
     """The evaluation's EvalReport (None when the spec has no eval)."""
     audit: dict | None = None
+    data_gate: dict | None = None
     drift: dict | None = None
     gate: dict | None = None
     """The gate's decision (passed, reasons, paired interval, rates), its report under "eval", the base's under
@@ -133,6 +143,7 @@ class _Pipeline:
         self.emit("data", {"path": spec.data, "format": data.format, "n_used": len(data.conversations), "skipped": data.skipped})
         pool = load_pool(spec.pool)
         audit = self.audit(data, pool) if spec.audit else None
+        decision = self.data_gate(audit) if audit is not None else None
         self.check()
         base_provenance = base_model_provenance(spec.model)
         selection, safety = self.select(data, pool, base_provenance)
@@ -145,7 +156,8 @@ class _Pipeline:
         trained = self.train(training_data, base_provenance)
         guard = self.build_guard(data, pool, safety, secret, base_provenance)
         provenance = self.provenance(data, training_data, trained, selection, secret, guard, base_provenance)
-        result = PipelineResult(self.out, trained.adapter_dir, selection, provenance, guard, audit=audit, timings=self.timings)
+        result = PipelineResult(self.out, trained.adapter_dir, selection, provenance, guard, audit=audit, data_gate=decision,
+                                timings=self.timings)
         self.check()
         if spec.eval is not None:
             begun = time.time()
@@ -181,6 +193,18 @@ class _Pipeline:
         write_json_atomic(self.out / "audit.json", report)
         self.emit("audit", report)
         return report
+
+    def data_gate(self, audit: dict) -> dict | None:
+        gate = self.spec.data_gate
+        if gate.action == "off":
+            return None
+        decision = data_gate(audit["flag_counts"] or {}, audit["gated_fraction"] or 0.0, audit["n_examples"], gate.action,
+                             gate.max_flagged_fraction).to_dict()
+        write_json_atomic(self.out / "data_gate.json", decision)
+        self.emit("data_gate", decision)
+        if not decision["passed"]:
+            raise DataRejected(decision)
+        return decision
 
     def select(self, data: UserData, pool: list[SafetyExample], base_provenance: dict | None) -> tuple[dict | None, list]:
         spec = self.spec

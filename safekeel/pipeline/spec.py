@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from safekeel.audit.flags import DATA_GATE_ACTIONS
 from safekeel.defaults import DEFAULT_K, DEFAULT_MODE, DEFAULT_MODEL, DEFAULT_POOL, DEFAULT_SELECTOR
 from safekeel.eval.gate import DEFAULT_ALPHA, DEFAULT_MARGIN, DEFAULT_MIN_SCORED
 from safekeel.eval.harness import EvalSettings
@@ -47,6 +48,22 @@ class GateSpec:
             raise ValueError(f"gate margin must be in [0, 1], got {self.margin}")
         if not 0 < self.alpha < 0.5:
             raise ValueError(f"gate alpha must be in (0, 0.5), got {self.alpha}")
+
+
+@dataclass
+class DataGateSpec:
+    """What the audit's flags do to the job (safekeel.audit.flags.data_gate): off, warn (recorded, the job goes on)
+    or reject (the job stops before selection and training) when more than `max_flagged_fraction` of the examples
+    are flagged harmful_request or persona_override."""
+
+    action: str = "warn"
+    max_flagged_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.action not in DATA_GATE_ACTIONS:
+            raise ValueError(f"unknown data gate action {self.action!r}; known: {', '.join(DATA_GATE_ACTIONS)}")
+        if not 0 <= self.max_flagged_fraction <= 1:
+            raise ValueError(f"max_flagged_fraction must be in [0, 1], got {self.max_flagged_fraction}")
 
 
 @dataclass
@@ -89,6 +106,8 @@ class JobSpec:
     """Save a resumable trainer checkpoint every n steps (under checkpoints/); a rerun resumes from it."""
     audit: bool = False
     """Audit the dataset (safekeel.audit) before selecting: recorded, never blocking."""
+    data_gate: DataGateSpec = field(default_factory=DataGateSpec)
+    """Acts on the audit (needs audit=True)."""
     gate: GateSpec = field(default_factory=lambda: GateSpec(enabled=False))
     guard: GuardSpec = field(default_factory=GuardSpec)
     validation_data: str | None = None
@@ -103,6 +122,8 @@ class JobSpec:
             self.gate = GateSpec(**self.gate)
         if isinstance(self.guard, dict):
             self.guard = GuardSpec(**self.guard)
+        if isinstance(self.data_gate, dict):
+            self.data_gate = DataGateSpec(**self.data_gate)
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; known: {', '.join(MODES)}")
         if self.mode in ("none", "ptst"):

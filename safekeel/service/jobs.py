@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from safekeel.data.formats import DatasetError
 from safekeel.data.prompt_sets import is_known as is_named_prompt_set
-from safekeel.pipeline import Cancelled, GateSpec, GuardSpec, JobSpec, PipelineResult, run_pipeline
+from safekeel.pipeline import Cancelled, DataGateSpec, DataRejected, GateSpec, GuardSpec, JobSpec, PipelineResult, run_pipeline
 from safekeel.provenance import write_json_atomic
 from safekeel.selectors import known_selectors
 from safekeel.service.protocol import APIError, CreateJobRequest, Hyperparameters, SafetyOptions
@@ -118,6 +118,7 @@ def build_job(request: CreateJobRequest, tenant: Tenant, store: Store, settings:
             model=request.model, k=safety.k if safety.mode not in ("none", "ptst") else 0, selector=safety.selector,
             mode=safety.mode if safety.k > 0 or safety.mode == "ptst" else "none", pool=pool, seed=seed, sft=sft,
             eval=None, checkpoint_steps=checkpoint_steps, audit=safety.audit,
+            data_gate=DataGateSpec(**safety.data_gate.model_dump()),
             gate=GateSpec(enabled=gate.enabled, harmful_set=prompt_sets["harmful_set"], overrefusal_set=prompt_sets["overrefusal_set"],
                           n_harmful=gate.n_harmful, n_overrefusal=gate.n_overrefusal, margin=gate.max_harmful_increase,
                           alpha=gate.alpha, min_scored_fraction=gate.min_scored_fraction, max_new_tokens=gate.max_new_tokens,
@@ -165,6 +166,11 @@ def _event_for(kind: str, payload: dict) -> tuple[str, str, Any, str] | None:
             f", {skipped} records skipped" if skipped else ""), payload, "info"
     if kind == "audit":
         return "audit", _audit_summary(payload), payload, "info"
+    if kind == "data_gate":
+        verdict = "passed" if payload["passed"] and payload["gated_fraction"] <= payload["max_flagged_fraction"] else (
+            "WARNING" if payload["passed"] else "REJECTED")
+        return "data_gate", f"Data gate ({payload['action']}) {verdict}: {payload['reason']}", payload, \
+            "info" if verdict == "passed" else ("warn" if payload["passed"] else "error")
     if kind == "selecting":
         return "message", f"Selecting {payload['k']} safety examples with '{payload['selector']}'", payload, "info"
     if kind == "selection":
@@ -254,6 +260,9 @@ def execute_job(store: Store, settings: ServiceSettings, job: dict, should_abort
                                   monitor_dir=_monitor_dir(settings, spec), publish=publish)
         except DatasetError as error:
             raise JobFailed("invalid_training_file", str(error).replace(spec.data, job["training_file"]), "training_file")
+        except DataRejected as rejected:
+            raise JobFailed("data_gate_failed", f"The training file was rejected by the data gate: {rejected.decision['reason']}. "
+                                                "The audit event lists the flagged examples and why.", "training_file")
         except FileNotFoundError as error:
             raise JobFailed("gate_data_unavailable", f"the safety gate could not load its prompts: {error}", "safety.gate")
         outcome = {**_result(result), "trained_tokens": tokens["trained"]}
@@ -297,6 +306,8 @@ def _result(result: PipelineResult) -> dict:
                            "guard": result.guard.to_dict()}
     if result.audit is not None:
         out["audit"] = result.audit
+    if result.data_gate is not None:
+        out["data_gate"] = result.data_gate
     if result.drift is not None:
         out["monitor_drift"] = result.drift
     if result.gate is not None:

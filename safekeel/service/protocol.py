@@ -81,6 +81,14 @@ class GuardOptions(Strict):
     requests in the response, or block them with a refusal; default: the server's SAFEKEEL_MONITOR_POLICY."""
 
 
+class DataGateOptions(Strict):
+    action: Literal["off", "warn", "reject"] = "warn"
+    """What the audit's flags do (safekeel.audit.flags): warn records the decision and trains; reject fails the job
+    before any training (error code data_gate_failed) when too many examples are flagged."""
+    max_flagged_fraction: float = Field(0.1, ge=0, le=1)
+    """Limit on the share of examples flagged harmful_request or persona_override (the identity-shift pattern)."""
+
+
 class SafetyOptions(Strict):
     selector: str = DEFAULT_SELECTOR
     """Which safety examples to replay (`safekeel selectors` lists them); the default beat random in a pre-registered
@@ -94,6 +102,7 @@ class SafetyOptions(Strict):
     pool: str = "authored"
     """Safety pool: 'authored' (shipped) or the id of a file you uploaded (safekeel pool schema or chat format)."""
     audit: bool = True
+    data_gate: DataGateOptions = Field(default_factory=DataGateOptions)
     gate: GateOptions = Field(default_factory=GateOptions)
     guard: GuardOptions = Field(default_factory=GuardOptions)
 
@@ -284,6 +293,8 @@ class JobResult(Open):
     selected_ids: list[str] = []
     """The safety examples replayed in training (or used as demonstrations)."""
     audit_flagged_fraction: float | None = None
+    data_gate: dict[str, Any] | None = None
+    """The data gate's decision on the audit's flags (action, passed, gated_fraction, limit, counts, reason)."""
     train: dict[str, Any] | None = None
 
 
@@ -410,7 +421,8 @@ def summarize_result(result: dict | None) -> dict | None:
         return None
     selection = result.get("selection") or {}
     return {"gate": result.get("gate"), "timings": result.get("timings"), "selected_ids": selection.get("ids", []),
-            "audit_flagged_fraction": (result.get("audit") or {}).get("flagged_fraction"), "train": result.get("train")}
+            "audit_flagged_fraction": (result.get("audit") or {}).get("flagged_fraction"), "data_gate": result.get("data_gate"),
+            "train": result.get("train")}
 
 
 def event_object(event: dict) -> dict:
