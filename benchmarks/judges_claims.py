@@ -91,11 +91,20 @@ def adjudicated_comparison(items: list[dict], labels: dict, grid: str = "confirm
     """Harmful-content rate of the blind-labelled replies of the grid's forgetting and random runs (test split)."""
     from scipy.stats import fisher_exact
 
+    chosen = [item for item in items if item["meta"]["grid"] == grid and item["meta"]["split"] == "test"
+              and item["meta"].get("stratum") != "enriched" and item["meta"]["prompt_harmful"] and item["id"] in labels
+              and item["meta"]["condition"]["mode"] == "replay"]
+
+    def cell(item: dict) -> tuple:
+        return (item["meta"]["condition"]["dataset"], item["meta"]["condition"]["seed"])
+
+    # only the (dataset, seed) cells where both selectors' runs were sampled: the comparison stays within pairs
+    cells = ({cell(i) for i in chosen if i["meta"]["condition"]["selector"] == "forgetting"}
+             & {cell(i) for i in chosen if i["meta"]["condition"]["selector"] == "random"})
     groups: dict[str, list[int]] = defaultdict(list)
-    for item in items:
-        m = item["meta"]
-        if m["grid"] == grid and m["split"] == "test" and m.get("stratum") != "enriched" and m["prompt_harmful"] and item["id"] in labels and m["condition"]["mode"] == "replay":
-            groups[m["condition"]["selector"]].append(labels[item["id"]]["harmful_content"])
+    for item in chosen:
+        if cell(item) in cells:
+            groups[item["meta"]["condition"]["selector"]].append(labels[item["id"]]["harmful_content"])
     if not groups.get("forgetting") or not groups.get("random"):
         return []
     f, r = groups["forgetting"], groups["random"]
@@ -104,7 +113,8 @@ def adjudicated_comparison(items: list[dict], labels: dict, grid: str = "confirm
     p = float(fisher_exact([[sum(f), len(f) - sum(f)], [sum(r), len(r) - sum(r)]])[1])
     return [{"grid": grid, "judge": "adjudicated blind labels (sampled replies)", "metric": "harmful", "comparison": "forgetting - random",
              "mean_diff": diff, "mean_diff_harmful_rate": diff, "ci_low": diff - 1.96 * se, "ci_high": diff + 1.96 * se,
-             "p_value": p, "n_pairs": len(f) + len(r), "note": f"unpaired items: forgetting {sum(f)}/{len(f)}, random {sum(r)}/{len(r)}; Fisher exact"}]
+             "p_value": p, "n_pairs": len(f) + len(r), "note": f"items of the runs of {len(cells)} (dataset, seed) cell(s) {sorted(cells)} (n_pairs counts items, not pairs): "
+                     f"forgetting {sum(f)}/{len(f)}, random {sum(r)}/{len(r)}; Fisher exact"}]
 
 
 def rejudged_claims(items: list[dict], labels: dict, runs: list[dict]) -> list[dict]:

@@ -257,14 +257,22 @@ def judge_block(judge: str, items: list[dict], labels: dict, split: str) -> dict
     for name, index in sorted(groups.items()):
         by_condition[name] = error_rates([truth[i] for i in index], [predicted[i] for i in index])
     block["by_condition"] = by_condition
-    # forgetting vs random (replay): do the judge's errors differ?
-    f = [i for i, it in enumerate(chosen) if it["meta"]["condition"]["selector"] == "forgetting" and it["meta"]["condition"]["mode"] == "replay"]
-    r = [i for i, it in enumerate(chosen) if it["meta"]["condition"]["selector"] == "random" and it["meta"]["condition"]["mode"] == "replay"]
+    # forgetting vs random (replay): do the judge's errors differ? Compared on the same (dataset, seed) only: the
+    # runs of the other datasets would confound selector with dataset
+    def replay(it: dict, selector: str) -> bool:
+        return it["meta"]["condition"]["selector"] == selector and it["meta"]["condition"]["mode"] == "replay"
+
+    def cell(it: dict) -> tuple:
+        return (it["meta"]["condition"]["dataset"], it["meta"]["condition"]["seed"])
+
+    paired_cells = {cell(it) for it in chosen if replay(it, "forgetting")} & {cell(it) for it in chosen if replay(it, "random")}
+    f = [i for i, it in enumerate(chosen) if replay(it, "forgetting") and cell(it) in paired_cells]
+    r = [i for i, it in enumerate(chosen) if replay(it, "random") and cell(it) in paired_cells]
     ef, er = error_rates([truth[i] for i in f], [predicted[i] for i in f]), error_rates([truth[i] for i in r], [predicted[i] for i in r])
     wrong_f = sum(truth[i] != predicted[i] for i in f)
     wrong_r = sum(truth[i] != predicted[i] for i in r)
     block["forgetting_vs_random"] = {
-        "forgetting": ef, "random": er,
+        "cells": sorted([list(c) for c in paired_cells], key=str), "forgetting": ef, "random": er,
         "error_rate": {"forgetting": wrong_f / len(f) if f else None, "random": wrong_r / len(r) if r else None},
         "fisher_p_errors": fisher(wrong_f, len(f), wrong_r, len(r)),
         "fisher_p_false_alarms": fisher(ef["false_alarms"], ef["n"] - ef["n_label_harmful"], er["false_alarms"], er["n"] - er["n_label_harmful"]),
@@ -400,7 +408,7 @@ def render(data: dict) -> str:
         for name, e in j["by_condition"].items():
             lines.append(f"| {name} | {e['n']} | {e['n_label_harmful']} | {_ci(e, 'false_alarm_rate')} | {_ci(e, 'miss_rate')} |")
         fr = j["forgetting_vs_random"]
-        lines += ["", f"forgetting vs random (replay): error rate {_f(fr['error_rate']['forgetting'])} vs {_f(fr['error_rate']['random'])}, "
+        lines += ["", f"forgetting vs random (replay, on the (dataset, seed) cells both have: {fr.get('cells')}): error rate {_f(fr['error_rate']['forgetting'])} vs {_f(fr['error_rate']['random'])}, "
                       f"Fisher p {_f(fr['fisher_p_errors'])} (false alarms p {_f(fr['fisher_p_false_alarms'])}, misses p {_f(fr['fisher_p_misses'])}).", ""]
     lines += ["## Claims judged again", "",
               "Paired by (dataset, training seed); two-sided Wilcoxon signed-rank p and a bootstrap 95% interval over pairs "
