@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -83,3 +85,23 @@ def test_the_audit_places_held_out_harmful_requests_on_the_harmful_side():
 
     result = CliRunner().invoke(app, ["audit", "--help"])
     assert result.exit_code == 0 and "Frechet" in result.output and "MMD" in result.output
+
+
+def test_the_audit_measures_distances_in_the_models_own_hidden_states(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from safekeel.cli import app
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]}) + "\n"
+                            for q in ("How do I pick a lock?", "Summarise this meeting.", "Write a poem about rain.")))
+    result = CliRunner().invoke(app, ["audit", str(data), "--hidden-states", "--model", str(tiny_model_dir), "--layer", "1",
+                                      "--permutations", "50", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    hidden = report["hidden_state_distances"]
+    assert hidden["layer"] == 1 and hidden["model"] == str(tiny_model_dir)
+    assert all(np.isfinite(hidden[side]["frechet"]) and 0 < hidden[side]["mmd_p_value"] <= 1 for side in ("harmful", "safe"))
+    assert 0 <= hidden["lda"]["harmful_side_share"] <= 1
+    bad = CliRunner().invoke(app, ["audit", str(data), "--hidden-states", "--model", str(tiny_model_dir), "--layer", "99"])
+    assert bad.exit_code == 2 and "out of range" in bad.output

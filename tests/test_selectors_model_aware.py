@@ -238,7 +238,7 @@ def test_the_selectors_hidden_states_are_the_monitors_capture(pool, tiny_model_d
     request vector is the monitors' token stream (ActivationReader, as probes and SAEs read it) averaged over the
     request's tokens and unit-normalised, whatever each side's batching and padding."""
     from safekeel.monitors.capture import ActivationReader
-    from safekeel.selectors.model_aware import request_hidden_states
+    from safekeel.models.capture import request_hidden_states
 
     model, tokenizer = fresh_model(tiny_model_dir)
     requests = [pool[i].request for i in (0, 17, 40)]

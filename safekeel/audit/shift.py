@@ -97,3 +97,19 @@ def audit_dataset(conversations: Sequence[Conversation], harmful: Sequence[Safet
         flagged_fraction=round(float(flagged_mask.mean()), 4), flag_threshold=flag_threshold, flagged=flagged,
         flag_counts=counts, gated_fraction=round(gated, 4), example_flags=flags[:max_listed],
         distances=distance_report(user, harm, safe, n_permutations=n_permutations) if len(conversations) >= 2 else None)
+
+
+def hidden_state_distances(model, tokenizer, conversations: Sequence[Conversation], harmful: Sequence[SafetyExample],
+                           benign: Sequence[Conversation], layer: int | None = None, n_permutations: int = 1000) -> dict:
+    """The distribution distances (safekeel.audit.distances) in the base model's own representation: the residual
+    stream entering decoder block `layer` (default: the middle one), mean-pooled over each request, unit-normalised
+    (safekeel.models.capture.request_hidden_states, the *_hidden selectors' space)."""
+    from safekeel.models.capture import request_hidden_states
+
+    count = model.config.num_hidden_layers
+    layer = count // 2 if layer is None else layer
+    if not 0 <= layer < count:
+        raise ValueError(f"layer {layer} is out of range: the model has {count} decoder blocks (0..{count - 1})")
+    vectors = [request_hidden_states(model, tokenizer, texts, layer) for texts in
+               ([c.last_user[:2000] for c in conversations], [e.request for e in harmful], [c.last_user for c in benign])]
+    return {"layer": layer, **distance_report(*vectors, n_permutations=n_permutations)}

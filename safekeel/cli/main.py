@@ -65,6 +65,10 @@ def audit_command(
     pool: str = typer.Option(DEFAULT_POOL, help="The harmful reference: a safety pool's requests ('authored' or a file)."),
     flag_threshold: float = typer.Option(0.5, help="Flag an example nearer a harmful request than any safe one at this cosine or more."),
     permutations: int = typer.Option(1000, help="Permutations of the MMD test."),
+    hidden_states: bool = typer.Option(False, "--hidden-states", help="Also measure the distances in the base model's own "
+                                       "representation (the residual stream entering --layer, mean-pooled per request)."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model for --hidden-states: registered name or local folder."),
+    layer: Optional[int] = typer.Option(None, help="Decoder block for --hidden-states (default: the middle one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
 ) -> None:
     """Audit DATA before training, in sentence-embedding space, against a harmful reference (the pool's requests) and
@@ -80,12 +84,20 @@ def audit_command(
 
     try:
         conversations = load_conversations(data).conversations
-        report = audit_dataset(conversations, load_pool(pool), load_authored_benign(), flag_threshold=flag_threshold,
-                               n_permutations=permutations)
+        harmful, benign = load_pool(pool), load_authored_benign()
+        report = audit_dataset(conversations, harmful, benign, flag_threshold=flag_threshold, n_permutations=permutations)
+        hidden = None
+        if hidden_states:
+            from safekeel.audit.shift import hidden_state_distances
+            from safekeel.models.registry import load_model_and_tokenizer
+
+            loaded, tokenizer = load_model_and_tokenizer(model)
+            hidden = {"model": model, **hidden_state_distances(loaded.eval(), tokenizer, conversations, harmful, benign,
+                                                               layer=layer, n_permutations=permutations)}
     except (DatasetError, ValueError, FileNotFoundError) as error:
         _fail(str(error))
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=1))
+        typer.echo(json.dumps({**report.to_dict(), "hidden_state_distances": hidden}, indent=1))
         return
     typer.echo(report.summary())
     if report.distances:
@@ -96,6 +108,10 @@ def audit_command(
         lda = report.distances["lda"]
         typer.echo(f"  LDA: {lda['harmful_side_share']:.1%} on the harmful side, mean projection {lda['mean_projection']:.3f} "
                    f"(references separated at {lda['reference_accuracy']:.1%})")
+    if hidden:
+        typer.echo(f"  hidden states ({hidden['model']}, block {hidden['layer']}): Frechet to harmful {hidden['harmful']['frechet']:.3f}, "
+                   f"to safe {hidden['safe']['frechet']:.3f}; {hidden['lda']['harmful_side_share']:.1%} on the harmful side "
+                   f"(references separated at {hidden['lda']['reference_accuracy']:.1%})")
     for flag in report.flagged:
         typer.echo(f"  flagged #{flag['index']}: cosine {flag['harmful_similarity']:.3f} to {flag['nearest_harmful_id']}: {flag['text'][:100]}")
 

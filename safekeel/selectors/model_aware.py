@@ -39,7 +39,7 @@ import numpy as np
 # torch and peft are imported inside the functions that use them, on purpose: importing the selector registry
 # stays light (no torch) for the commands that never run a model-aware selector.
 from safekeel.data.conversation import Conversation
-from safekeel.models.capture import decoder_layers, residual_stream
+from safekeel.models.capture import decoder_layers, length_batches as _batches, request_hidden_states
 from safekeel.models.lora import LoraSFTConfig, lora_config
 from safekeel.models.registry import load_model_and_tokenizer
 from safekeel.selectors.base import Selection, SelectionContext, register_selector
@@ -118,14 +118,6 @@ def token_nll(model, input_ids, attention, target):
     nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
     mask = target[:, 1:]
     return (nll * mask).sum(dim=1), mask.sum(dim=1)
-
-
-def _batches(items: Sequence[tuple[list[int], object]], batch_size: int):
-    """(positions, items) batches in order of length (less padding); positions index the input."""
-    order = sorted(range(len(items)), key=lambda i: (len(items[i][0]), i))
-    for begin in range(0, len(order), batch_size):
-        positions = order[begin:begin + batch_size]
-        yield positions, [items[i] for i in positions]
 
 
 def assistant_losses(model, tokenizer, conversations: Sequence[Conversation], batch_size: int = BATCH_SIZE,
@@ -379,41 +371,6 @@ class ForgettingSelector:
 
 
 # --- hidden-state representation space -------------------------------------------------------------------------
-
-
-def request_hidden_states(model, tokenizer, texts: Sequence[str], layer: int, batch_size: int = 16,
-                          max_length: int = 512) -> np.ndarray:
-    """Unit-normalised mean of the residual stream entering decoder block `layer` (hidden_states[layer],
-    read by safekeel.models.capture) over each text's tokens, the text rendered by the chat template as a
-    lone user turn. Batches are right-padded here whatever the tokenizer's padding side, padding masked out
-    of the mean. A text the template does not reproduce verbatim (or an empty one) is pooled over its whole
-    rendered turn."""
-    import torch
-
-    items = []
-    for text in texts:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
-        encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
-                            max_length=max_length)
-        begin = rendered.rfind(text.strip()) if text.strip() else -1
-        end = begin + len(text.strip())
-        span = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > begin] if begin >= 0 else []
-        ids = list(encoded["input_ids"])
-        items.append((ids, span or list(range(len(ids)))))
-    vectors = np.zeros((len(items), model.config.hidden_size), dtype=np.float32)
-    for positions, batch in _batches(items, batch_size):
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        pooled = torch.zeros((len(batch), width), dtype=torch.float32)
-        for row, (ids, span) in enumerate(batch):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            attention[row, :len(ids)] = 1
-            pooled[row, span] = 1.0
-        hidden = residual_stream(model, input_ids, attention, [layer])[layer]
-        mean = (hidden * pooled[..., None]).sum(dim=1) / pooled.sum(dim=1, keepdim=True)
-        vectors[positions] = torch.nn.functional.normalize(mean, dim=1).numpy()
-    return vectors
 
 
 class HiddenStateSpace(EmbeddingSpace):
