@@ -226,7 +226,8 @@ def test_cancel_stops_a_running_job(server, gate_file, tmp_path):
     assert api_error(lambda: c.fine_tuning.jobs.cancel(job.id)).status_code == 400
 
 
-def test_jobs_and_files_survive_kill_9_and_the_job_resumes(tmp_path, tiny_model_dir):
+def start_training_job(tmp_path, tiny_model_dir, checkpoint_steps: int):
+    """A fresh server (home under tmp_path) with a 102-step job on it: (home, server, client, training data, its file, job)."""
     home = tmp_path / "home"
     install_model(home, "tiny-llama", tiny_model_dir)
     data = write_jsonl(tmp_path / "d.jsonl", PASSWORD_DATA * 4)
@@ -237,8 +238,17 @@ def test_jobs_and_files_survive_kill_9_and_the_job_resumes(tmp_path, tiny_model_
         gate = c.files.create(file=write_jsonl(tmp_path / "g.jsonl", GATE_PROMPTS).open("rb"), purpose="evals")
         job = c.fine_tuning.jobs.create(
             model="tiny-llama", training_file=uploaded.id,
-            hyperparameters={"n_epochs": 6, "batch_size": 2, "checkpoint_steps": 8},
+            hyperparameters={"n_epochs": 6, "batch_size": 2, "checkpoint_steps": checkpoint_steps},
             extra_body={"safety": tiny_safety(gate.id)})
+    except BaseException:
+        first.kill9()
+        raise
+    return home, first, c, data, uploaded, job
+
+
+def test_jobs_and_files_survive_kill_9_and_the_job_resumes(tmp_path, tiny_model_dir):
+    home, first, c, data, uploaded, job = start_training_job(tmp_path, tiny_model_dir, checkpoint_steps=8)
+    try:
         deadline = time.time() + 180
         while not c.fine_tuning.jobs.checkpoints.list(job.id).data:
             assert time.time() < deadline, first.log_tail()
@@ -261,18 +271,9 @@ def test_jobs_and_files_survive_kill_9_and_the_job_resumes(tmp_path, tiny_model_
 
 
 def test_a_graceful_stop_checkpoints_and_requeues_the_job_without_counting_an_attempt(tmp_path, tiny_model_dir):
-    home = tmp_path / "home"
-    install_model(home, "tiny-llama", tiny_model_dir)
-    data = write_jsonl(tmp_path / "d.jsonl", PASSWORD_DATA * 4)
-    first = LiveServer(home, "tiny-llama", "transformers", workers=1).start()
+    # no periodic checkpoint: the one the job resumes from is the stop's
+    home, first, c, _, _, job = start_training_job(tmp_path, tiny_model_dir, checkpoint_steps=1000)
     try:
-        c = client(first)
-        uploaded = c.files.create(file=data.open("rb"), purpose="fine-tune")
-        gate = c.files.create(file=write_jsonl(tmp_path / "g.jsonl", GATE_PROMPTS).open("rb"), purpose="evals")
-        job = c.fine_tuning.jobs.create(  # no periodic checkpoint: the one the job resumes from is the stop's
-            model="tiny-llama", training_file=uploaded.id,
-            hyperparameters={"n_epochs": 6, "batch_size": 2, "checkpoint_steps": 1000},
-            extra_body={"safety": tiny_safety(gate.id)})
         deadline = time.time() + 180
         while not any(e.type == "metrics" for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data):
             assert time.time() < deadline, first.log_tail()

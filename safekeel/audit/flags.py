@@ -79,6 +79,8 @@ class DataGateDecision:
     gated_fraction: float
     """Share of examples flagged harmful_request or persona_override."""
     max_flagged_fraction: float
+    over_limit: bool
+    """gated_fraction > max_flagged_fraction: rejected (action reject) or warned (action warn)."""
     counts: dict
     """Examples per flag."""
     reason: str
@@ -107,4 +109,4 @@ def data_gate(counts: dict, gated_fraction: float, n_examples: int, action: str 
     reason = (f"{gated_fraction:.1%} of {n_examples} examples are flagged {' or '.join(GATED_FLAGS)} ({named}); "
               f"the limit is {max_flagged_fraction:.1%}")
     return DataGateDecision(action, not (over and action == "reject"), round(gated_fraction, 4), max_flagged_fraction,
-                            counts, reason)
+                            over, counts, reason)

@@ -300,6 +300,10 @@ def load_grid(source: str | Path) -> GridSpec:
     return GridSpec.from_dict(data)
 
 
+LATE_EVAL_FIELDS = ("extra_harmful_sets", "extra_overrefusal_sets", "prompt_template", "retrieval")
+"""EvalSettings fields added after the first grid records: left out of a run's config (and its id) while unset."""
+
+
 def _eval_config(grid: GridSpec, dataset: DatasetSpec | None, dataset_utility: bool = True) -> dict:
     """The evaluation settings of a run on `dataset` (None: the grid's own): the grid's, then the dataset's
     eval overrides, then (with dataset_utility) its held-out utility set."""
@@ -309,18 +313,12 @@ def _eval_config(grid: GridSpec, dataset: DatasetSpec | None, dataset_utility: b
     settings["judges"] = list(settings["judges"])
     # fields added to EvalSettings after records were made are hashed only when set, so the run ids of
     # committed records (benchmarks/results/bench_runs/) stay valid
-    if not settings["extra_harmful_sets"]:
-        del settings["extra_harmful_sets"]
-    else:
-        settings["extra_harmful_sets"] = list(settings["extra_harmful_sets"])
-    if not settings["extra_overrefusal_sets"]:
-        del settings["extra_overrefusal_sets"]
-    else:
-        settings["extra_overrefusal_sets"] = list(settings["extra_overrefusal_sets"])
-    if settings["prompt_template"] is None:
-        del settings["prompt_template"]
-    if settings.get("retrieval", "unset") is None:  # the retrieving guard (EvalSettings.retrieval), when unset
-        del settings["retrieval"]
+    for name in LATE_EVAL_FIELDS:
+        value = settings.get(name)
+        if value is None or (isinstance(value, (tuple, list)) and not value):
+            settings.pop(name, None)
+        elif isinstance(value, tuple):
+            settings[name] = list(value)
     if dataset is not None and dataset.utility is not None and dataset_utility:
         settings["utility"] = dataset.utility
     return settings

@@ -210,7 +210,7 @@ def finetune_command(
     if result.audit:
         typer.echo(f"audit: {result.audit.get('gated_fraction', 0):.1%} of the examples flagged harmful_request or persona_override "
                    f"({json.dumps(result.audit.get('flag_counts') or {})}; audit.json)")
-    if result.data_gate and result.data_gate["gated_fraction"] > result.data_gate["max_flagged_fraction"]:
+    if result.data_gate and result.data_gate["over_limit"]:
         typer.secho(f"data gate WARNING: {result.data_gate['reason']}", fg=typer.colors.YELLOW, err=True)
     if result.selection:
         typer.echo(f"selected ({result.selection['selector']}, k={result.selection['k']}): {', '.join(result.selection['ids'])}")

@@ -188,10 +188,11 @@ class _Pipeline:
 
     def audit(self, data: UserData, pool: list[SafetyExample]) -> dict:
         begun = time.time()
-        report = audit_dataset(data.conversations, pool, load_authored_benign()).to_dict()
+        audited = audit_dataset(data.conversations, pool, load_authored_benign())
+        report = audited.to_dict()
         self.timed("audit", begun)
         write_json_atomic(self.out / "audit.json", report)
-        self.emit("audit", report)
+        self.emit("audit", {**report, "summary": audited.summary()})
         return report
 
     def data_gate(self, audit: dict) -> dict | None:

@@ -165,12 +165,11 @@ def _event_for(kind: str, payload: dict) -> tuple[str, str, Any, str] | None:
         return "message", f"Training data: {payload['n_used']} examples ({payload['format']})" + (
             f", {skipped} records skipped" if skipped else ""), payload, "info"
     if kind == "audit":
-        return "audit", _audit_summary(payload), payload, "info"
+        return "audit", payload["summary"].capitalize(), payload, "info"
     if kind == "data_gate":
-        verdict = "passed" if payload["passed"] and payload["gated_fraction"] <= payload["max_flagged_fraction"] else (
-            "WARNING" if payload["passed"] else "REJECTED")
-        return "data_gate", f"Data gate ({payload['action']}) {verdict}: {payload['reason']}", payload, \
-            "info" if verdict == "passed" else ("warn" if payload["passed"] else "error")
+        verdict, level = ("REJECTED", "error") if not payload["passed"] else (
+            ("WARNING", "warn") if payload["over_limit"] else ("passed", "info"))
+        return "data_gate", f"Data gate ({payload['action']}) {verdict}: {payload['reason']}", payload, level
     if kind == "selecting":
         return "message", f"Selecting {payload['k']} safety examples with '{payload['selector']}'", payload, "info"
     if kind == "selection":
@@ -198,15 +197,6 @@ def _event_for(kind: str, payload: dict) -> tuple[str, str, Any, str] | None:
         return "gate", _gate_message(payload), {k: v for k, v in payload.items() if k not in ("eval", "base_eval", "base_report")}, \
             "info" if payload["passed"] else "error"
     return None
-
-
-def _audit_summary(report: dict) -> str:
-    from safekeel.audit import AuditReport
-
-    try:
-        return AuditReport(**report).summary().capitalize()
-    except TypeError:  # a report shape this version does not know: say what it is
-        return "Dataset audit finished"
 
 
 def _gate_message(decision: dict) -> str:
@@ -269,8 +259,6 @@ def execute_job(store: Store, settings: ServiceSettings, job: dict, should_abort
         if result.passed is False:
             raise JobFailed("safety_gate_failed", "The fine-tuned model failed the safety gate: " + "; ".join(result.gate["reasons"])
                             + f". The adapter is kept for inspection with job {job_id} (adapter key {result.provenance['adapter_key']}).")
-        if should_stop():  # a cancel that arrived during the last stage still wins over deployment
-            raise Cancelled()
     except Cancelled:
         if should_abort() and not store.cancel_requested(job_id):
             return  # the worker is shutting down: leave the job running for takeover/resume
