@@ -89,16 +89,27 @@ def mmd(a: np.ndarray, b: np.ndarray, bandwidth: float | None = None, n_permutat
             "n_permutations": n_permutations}
 
 
-def lda_side(x: np.ndarray, harmful: np.ndarray, safe: np.ndarray, shrinkage: float = 0.1) -> dict:
-    """Where the rows of x fall on Fisher's discriminant between harmful and safe: {"harmful_side_share",
-    "mean_projection" (0 = the safe mean, 1 = the harmful mean), "reference_accuracy"} (the direction's accuracy
-    on the two reference sets themselves: how separable they are)."""
+def _lda_direction(harmful: np.ndarray, safe: np.ndarray, shrinkage: float):
+    """(direction, projection of the safe mean, of the harmful mean) of Fisher's discriminant."""
     mu_h, cov_h = _moments(harmful)
     mu_s, cov_s = _moments(safe)
     pooled = (cov_h + cov_s) / 2
     pooled = (1 - shrinkage) * pooled + shrinkage * np.eye(len(pooled)) * np.trace(pooled) / len(pooled)
     direction = linalg.solve(pooled, mu_h - mu_s, assume_a="pos")
-    at_safe, at_harmful = float(mu_s @ direction), float(mu_h @ direction)
+    return direction, float(mu_s @ direction), float(mu_h @ direction)
+
+
+def lda_projections(x: np.ndarray, harmful: np.ndarray, safe: np.ndarray, shrinkage: float = 0.1) -> np.ndarray:
+    """Each row of x on Fisher's discriminant between harmful and safe, scaled: 0 = the safe mean, 1 = the harmful mean."""
+    direction, at_safe, at_harmful = _lda_direction(harmful, safe, shrinkage)
+    return (np.asarray(x, dtype=np.float64) @ direction - at_safe) / (at_harmful - at_safe)
+
+
+def lda_side(x: np.ndarray, harmful: np.ndarray, safe: np.ndarray, shrinkage: float = 0.1) -> dict:
+    """Where the rows of x fall on Fisher's discriminant between harmful and safe: {"harmful_side_share",
+    "mean_projection" (0 = the safe mean, 1 = the harmful mean), "reference_accuracy"} (the direction's accuracy
+    on the two reference sets themselves: how separable they are)."""
+    direction, at_safe, at_harmful = _lda_direction(harmful, safe, shrinkage)
     scale = at_harmful - at_safe
 
     def scaled(rows: np.ndarray) -> np.ndarray:

@@ -3,6 +3,9 @@
 Flags (an example may carry several):
 - `harmful_request`: its last user turn is nearer a harmful reference request than any safe one, at cosine >=
   the threshold (safekeel.audit.shift, sentence embeddings).
+- `harmful_answer`: an answer judge (the caller's: the pipeline and the CLI pass the content judge,
+  safekeel.eval.judges.content) puts the probability that the assistant's answer holds content that helps a
+  harmful aim at or above its threshold; the reason gives the probability.
 - `persona_override`: a system prompt or a turn that redefines the assistant's identity or tells it to obey
   without judgement (the identity-shift attack's pattern: "You are no longer ...", "absolutely obedient",
   "never apply any opinion or principle"); the reason names the phrases found. A lexical rule: it catches the
@@ -11,8 +14,8 @@ Flags (an example may carry several):
 - `empty_turn`: a message with no text. `long_turn`: a message over `max_turn_chars` characters.
 
 The data gate (`data_gate`): `off`, `warn` (the job goes on, the decision is recorded) or `reject` (the job
-fails before any training) when the share of examples flagged harmful_request or persona_override exceeds
-`max_flagged_fraction`.
+fails before any training) when the share of examples flagged harmful_request, harmful_answer or
+persona_override exceeds `max_flagged_fraction`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ PERSONA_PATTERNS = {
                      r"|\bnot bound by\b",
     "ignore instructions": r"\bignore (all |any )?(previous|prior|earlier) (instructions|rules)\b",
 }
-GATED_FLAGS = ("harmful_request", "persona_override")
+GATED_FLAGS = ("harmful_request", "harmful_answer", "persona_override")
 DATA_GATE_ACTIONS = ("off", "warn", "reject")
 
 
@@ -44,14 +47,19 @@ def persona_reasons(conversation: Conversation) -> list[str]:
 
 
 def example_flags(conversations: Sequence[Conversation], harmful_flagged: Sequence[bool],
-                  max_turn_chars: int = 8000) -> list[dict]:
-    """One entry per flagged example: {"index", "flags": [...], "reasons": {flag: reason}}."""
+                  max_turn_chars: int = 8000, answer_scores: Sequence[float] | None = None,
+                  answer_threshold: float = 0.5) -> list[dict]:
+    """One entry per flagged example: {"index", "flags": [...], "reasons": {flag: reason}}. `answer_scores`: the
+    answer judge's probability of harmful content per example (None: no harmful_answer flags)."""
     seen: dict[str, int] = {}
     out = []
     for index, (conversation, harmful) in enumerate(zip(conversations, harmful_flagged)):
         reasons: dict[str, str] = {}
         if harmful:
             reasons["harmful_request"] = "nearer a harmful reference request than any safe one"
+        if answer_scores is not None and answer_scores[index] >= answer_threshold:
+            reasons["harmful_answer"] = (f"the answer judge gives {answer_scores[index]:.2f} for content that helps a "
+                                         f"harmful aim (threshold {answer_threshold:.2f})")
         found = persona_reasons(conversation)
         if found:
             reasons["persona_override"] = ", ".join(found)
@@ -77,7 +85,7 @@ class DataGateDecision:
     """off | warn | reject: what the gate was configured to do."""
     passed: bool
     gated_fraction: float
-    """Share of examples flagged harmful_request or persona_override."""
+    """Share of examples flagged harmful_request, harmful_answer or persona_override."""
     max_flagged_fraction: float
     over_limit: bool
     """gated_fraction > max_flagged_fraction: rejected (action reject) or warned (action warn)."""
@@ -90,7 +98,7 @@ class DataGateDecision:
 
 
 def flag_summary(flags: Sequence[dict], n_examples: int) -> tuple[dict, float]:
-    """(examples per flag, share of examples flagged harmful_request or persona_override)."""
+    """(examples per flag, share of examples carrying any of GATED_FLAGS)."""
     counts: dict[str, int] = {}
     for entry in flags:
         for flag in entry["flags"]:

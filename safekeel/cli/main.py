@@ -69,6 +69,14 @@ def audit_command(
                                        "representation (the residual stream entering --layer, mean-pooled per request)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Base model for --hidden-states: registered name or local folder."),
     layer: Optional[int] = typer.Option(None, help="Decoder block for --hidden-states (default: the middle one)."),
+    answers: bool = typer.Option(True, help="Judge the training answers with the content judge (the harmful_answer flag)."),
+    shift: str = typer.Option("none", help="Plan a shift toward safe: none | drop | downweight the flagged examples "
+                                           "(and the --shift-fraction nearest a harmful request)."),
+    shift_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Also shift this share nearest a harmful request."),
+    shift_weight: float = typer.Option(0.5, min=0.0, max=1.0, help="downweight: the probability that each target is kept."),
+    seed: int = typer.Option(0, help="Seed of downweight's draws."),
+    write_shifted: Optional[Path] = typer.Option(None, help="Write the examples the shift keeps here (chat JSONL)."),
+    predictor: Optional[Path] = typer.Option(None, help="A harm predictor file (default: the one shipped, if any)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
 ) -> None:
     """Audit DATA before training, in sentence-embedding space, against a harmful reference (the pool's requests) and
@@ -76,29 +84,49 @@ def audit_command(
     with cosine >= --flag-threshold (the report lists the most harmful-looking). As distributions: the Frechet
     distance to each reference, MMD^2 with a permutation p-value (Gaussian kernel, median-heuristic bandwidth),
     and the share of examples on the harmful side of an LDA direction between the references (mean projection:
-    0 = the safe mean, 1 = the harmful mean). The same audit runs as a fine-tune's first stage."""
+    0 = the safe mean, 1 = the harmful mean). Flags per example, with reasons: harmful_request, harmful_answer (the
+    content judge on the answer), persona_override, duplicate, empty_turn, long_turn. The predicted no-replay
+    harmful-rate increase, with its interval, when a harm predictor is shipped (safekeel.audit.predict: the score it
+    reads, its judge and training datasets are in the report). --shift previews what a fine-tune's shift would drop.
+    The same audit runs as a fine-tune's first stage (`safekeel finetune --audit`)."""
     _setup()
     from safekeel.audit import audit_dataset
+    from safekeel.audit.act import apply_shift, shift_plan
+    from safekeel.audit.predict import HarmPredictor, shipped_predictor
     from safekeel.data.formats import DatasetError, load_conversations
+    from safekeel.data.jsonl import write_jsonl
     from safekeel.data.safety import load_authored_benign, load_pool
+    from safekeel.eval.judges.content import harmful_content_scorer
 
     try:
         conversations = load_conversations(data).conversations
         harmful, benign = load_pool(pool), load_authored_benign()
-        report = audit_dataset(conversations, harmful, benign, flag_threshold=flag_threshold, n_permutations=permutations)
-        hidden = None
+        score, threshold = harmful_content_scorer() if answers else (None, 0.5)
+        report = audit_dataset(conversations, harmful, benign, flag_threshold=flag_threshold, n_permutations=permutations,
+                               answer_judge=score, answer_threshold=threshold, answer_judge_name="content")
         if hidden_states:
             from safekeel.audit.shift import hidden_state_distances
             from safekeel.models.registry import load_model_and_tokenizer
 
             loaded, tokenizer = load_model_and_tokenizer(model)
-            hidden = {"model": model, **hidden_state_distances(loaded.eval(), tokenizer, conversations, harmful, benign,
-                                                               layer=layer, n_permutations=permutations)}
+            report.hidden_state_distances = {"model": model, **hidden_state_distances(
+                loaded.eval(), tokenizer, conversations, harmful, benign, layer=layer, n_permutations=permutations)}
+        out = report.to_dict()
+        predictor = HarmPredictor.load(predictor) if predictor else shipped_predictor()
+        try:
+            out["prediction"] = {"available": True, **predictor.predict(out)} if predictor else {
+                "available": False, "reason": "no harm predictor is shipped"}
+        except ValueError as error:
+            out["prediction"] = {"available": False, "reason": str(error)}
+        plan = shift_plan(out, shift, shift_fraction, shift_weight, seed) if shift != "none" or write_shifted else None
     except (DatasetError, ValueError, FileNotFoundError) as error:
         _fail(str(error))
+    if write_shifted is not None:
+        write_jsonl(write_shifted, [{"messages": c.to_messages()} for c in apply_shift(conversations, plan)])
     if as_json:
-        typer.echo(json.dumps({**report.to_dict(), "hidden_state_distances": hidden}, indent=1))
+        typer.echo(json.dumps({**out, "shift": plan}, indent=1))
         return
+    hidden = report.hidden_state_distances
     typer.echo(report.summary())
     if report.distances:
         for name in ("harmful", "safe"):
@@ -112,8 +140,19 @@ def audit_command(
         typer.echo(f"  hidden states ({hidden['model']}, block {hidden['layer']}): Frechet to harmful {hidden['harmful']['frechet']:.3f}, "
                    f"to safe {hidden['safe']['frechet']:.3f}; {hidden['lda']['harmful_side_share']:.1%} on the harmful side "
                    f"(references separated at {hidden['lda']['reference_accuracy']:.1%})")
+    prediction = out["prediction"]
+    if prediction["available"]:
+        typer.echo(f"  predicted no-replay harmful-rate increase: {prediction['predicted_increase']:+.3f} ({prediction['level']:.0%} "
+                   f"interval {prediction['ci_low']:+.3f} to {prediction['ci_high']:+.3f}; from {prediction['feature']}, fitted on "
+                   f"{prediction['n_training_datasets']} datasets judged by {prediction['judge']})")
+    else:
+        typer.echo(f"  no prediction: {prediction['reason']}")
     for flag in report.flagged:
         typer.echo(f"  flagged #{flag['index']}: cosine {flag['harmful_similarity']:.3f} to {flag['nearest_harmful_id']}: {flag['text'][:100]}")
+    for entry in (report.example_flags or [])[:10]:
+        typer.echo(f"  #{entry['index']}: " + "; ".join(f"{flag}: {reason}" for flag, reason in entry["reasons"].items()))
+    if plan is not None:
+        typer.echo(f"  shift ({plan['action']}): {plan['reason']}" + (f"; kept examples written to {write_shifted}" if write_shifted else ""))
 
 
 @app.command("validate")
@@ -150,8 +189,16 @@ def finetune_command(
     bf16: bool = typer.Option(_SFT.bf16, help="Train with bfloat16 autocast (fast only on CPUs with native bf16, AVX512-BF16/AMX, or a GPU)."),
     audit: bool = typer.Option(True, help="Audit the dataset before selecting (`safekeel audit --help`; audit.json)."),
     data_gate: str = typer.Option("warn", help="What the audit's flags do: off | warn (recorded) | reject (exit code 4 before any training) "
-                                               "when more than --max-flagged-fraction of the examples are flagged harmful_request or persona_override."),
+                                               "when more than --max-flagged-fraction of the examples are flagged harmful_request, harmful_answer or persona_override."),
     max_flagged_fraction: float = typer.Option(0.1, min=0.0, max=1.0, help="The data gate's limit."),
+    audit_hidden_states: bool = typer.Option(False, help="The audit also measures distances in the base model's own hidden states."),
+    shift: str = typer.Option("none", help="Before training: none | drop | downweight the examples the audit flags "
+                                           "(and the --shift-fraction nearest a harmful request); shift.json records what went."),
+    shift_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Also shift this share of the data nearest a harmful request."),
+    shift_weight: float = typer.Option(0.5, min=0.0, max=1.0, help="downweight: the probability that each target is kept."),
+    policy: str = typer.Option("fixed", help="fixed (the given k and mode) | adaptive (k, mode and a safety system prompt "
+                                             "from the audit's predicted harmful-rate increase; policy.json says why)."),
+    predictor: Optional[Path] = typer.Option(None, help="A harm predictor file (default: the one shipped, if any)."),
     eval: bool = typer.Option(True, help="Evaluate after training."),
     n_harmful: Optional[int] = typer.Option(None, help="Evaluate on only the first n harmful prompts."),
     n_overrefusal: Optional[int] = typer.Option(None, help="Evaluate on only the first n over-refusal prompts."),
@@ -178,7 +225,7 @@ def finetune_command(
     from safekeel.eval.harness import EvalSettings
     from safekeel.models.registry import ModelNotFoundError
     from safekeel.paths import safekeel_home
-    from safekeel.pipeline import DataGateSpec, DataRejected, GateSpec, GuardSpec, JobSpec, run_pipeline
+    from safekeel.pipeline import AuditSpec, DataGateSpec, DataRejected, GateSpec, GuardSpec, JobSpec, run_pipeline
     from safekeel.training.config import LoraSFTConfig
 
     settings = EvalSettings(harmful_set=harmful_set, overrefusal_set=overrefusal_set, judges=tuple(judge),
@@ -191,7 +238,10 @@ def finetune_command(
         gate = False
     try:
         spec = JobSpec(str(data), str(out), model=model, k=k, selector=selector, mode=mode, pool=pool, seed=seed,
-                       max_examples=max_examples, eval=settings, audit=audit,
+                       max_examples=max_examples, eval=settings,
+                       audit=AuditSpec(enabled=audit, hidden_states=audit_hidden_states, shift=shift,
+                                       shift_fraction=shift_fraction, shift_weight=shift_weight, policy=policy,
+                                       predictor=str(predictor) if predictor else None),
                        data_gate=DataGateSpec(action=data_gate, max_flagged_fraction=max_flagged_fraction),
                        sft=LoraSFTConfig(epochs=epochs, learning_rate=lr, batch_size=batch_size, max_steps=max_steps,
                                          lora_r=lora_r, lora_alpha=2 * lora_r, max_length=max_length, bf16=bf16),
@@ -208,8 +258,15 @@ def finetune_command(
         _fail(str(error))
     typer.echo(f"\nadapter: {result.adapter_dir}\nprovenance: {out / 'provenance.json'}")
     if result.audit:
-        typer.echo(f"audit: {result.audit.get('gated_fraction', 0):.1%} of the examples flagged harmful_request or persona_override "
+        typer.echo(f"audit: {result.audit.get('gated_fraction', 0):.1%} of the examples flagged harmful_request, harmful_answer or persona_override "
                    f"({json.dumps(result.audit.get('flag_counts') or {})}; audit.json)")
+    if result.audit and result.audit.get("prediction", {}).get("available"):
+        p = result.audit["prediction"]
+        typer.echo(f"predicted no-replay harmful-rate increase: {p['predicted_increase']:+.3f} "
+                   f"({p['level']:.0%} interval {p['ci_low']:+.3f} to {p['ci_high']:+.3f}; judge {p['judge']})")
+    for name in ("shift", "policy"):
+        if (out / f"{name}.json").is_file():
+            typer.echo(f"{name}: {json.loads((out / f'{name}.json').read_text())['reason']}")
     if result.data_gate and result.data_gate["over_limit"]:
         typer.secho(f"data gate WARNING: {result.data_gate['reason']}", fg=typer.colors.YELLOW, err=True)
     if result.selection:

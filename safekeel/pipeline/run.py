@@ -17,22 +17,27 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from safekeel.audit import audit_dataset
+from safekeel.audit.act import apply_shift, choose_policy, shift_plan
 from safekeel.audit.flags import data_gate
+from safekeel.audit.predict import HarmPredictor, shipped_predictor
+from safekeel.audit.shift import hidden_state_distances
 from safekeel.data.conversation import Conversation, SafetyExample
 from safekeel.data.formats import load_conversations
 from safekeel.data.safety import load_authored_benign, load_pool
 from safekeel.eval.gate import GatePolicy, baseline_report, gate_decision
 from safekeel.eval.harness import EvalSettings, evaluate, guarded, load_prompt_set
+from safekeel.eval.judges.content import harmful_content_scorer
 from safekeel.eval.replies import read_replies
 from safekeel.guard import Guard, build_guard
 from safekeel.models.registry import base_model_provenance, load_model_and_tokenizer, resolve_model
 from safekeel.pipeline.spec import JobSpec
 from safekeel.provenance import library_versions, machine_info, sha256_file, write_json_atomic
+from safekeel.selectors.format_match import match_format
 from safekeel.selectors.select import select_safety
 from safekeel.training.finetune import TrainedAdapter, train_adapter
 from safekeel.training.mixing import SELECTING_MODES, TRAINING_MODES, backdoor_prefix, mix
@@ -142,8 +147,12 @@ class _Pipeline:
         data = load_user_data(spec)
         self.emit("data", {"path": spec.data, "format": data.format, "n_used": len(data.conversations), "skipped": data.skipped})
         pool = load_pool(spec.pool)
-        audit = self.audit(data, pool) if spec.audit else None
+        audit = self.audit(data, pool) if spec.audit.enabled else None
         decision = self.data_gate(audit) if audit is not None else None
+        if audit is not None:
+            data = self.shift(data, audit)
+            self.choose_policy(audit)
+            spec = self.spec
         self.check()
         base_provenance = base_model_provenance(spec.model)
         selection, safety = self.select(data, pool, base_provenance)
@@ -152,7 +161,11 @@ class _Pipeline:
         if secret and selection is not None:
             selection["backdoor_prefix"] = secret
             write_json_atomic(self.out / "selection.json", selection)
-        training_data = mix(data.conversations, safety, spec.mode, spec.seed, prefix=secret)
+        replayed: list = safety
+        if spec.replay_format == "match" and selection is not None:
+            replayed, selection["replay_format"] = match_format(safety, data.conversations, spec.seed)
+            write_json_atomic(self.out / "selection.json", selection)
+        training_data = mix(data.conversations, replayed, spec.mode, spec.seed, prefix=secret)
         trained = self.train(training_data, base_provenance)
         guard = self.build_guard(data, pool, safety, secret, base_provenance)
         provenance = self.provenance(data, training_data, trained, selection, secret, guard, base_provenance)
@@ -187,13 +200,55 @@ class _Pipeline:
         return result
 
     def audit(self, data: UserData, pool: list[SafetyExample]) -> dict:
-        begun = time.time()
-        audited = audit_dataset(data.conversations, pool, load_authored_benign())
+        begun, options = time.time(), self.spec.audit
+        score, threshold = harmful_content_scorer() if options.answers else (None, 0.5)
+        benign = load_authored_benign()
+        audited = audit_dataset(data.conversations, pool, benign, answer_judge=score, answer_threshold=threshold,
+                                answer_judge_name="content")
+        if options.hidden_states:
+            model, tokenizer = self.base()
+            audited.hidden_state_distances = {"model": self.spec.model, **hidden_state_distances(
+                model, tokenizer, data.conversations, pool, benign, layer=options.layer)}
         report = audited.to_dict()
+        report["prediction"] = self.predict(report, options.predictor)
         self.timed("audit", begun)
         write_json_atomic(self.out / "audit.json", report)
-        self.emit("audit", {**report, "summary": audited.summary()})
+        self.emit("audit", {**{k: v for k, v in report.items() if k != "per_example"}, "summary": audited.summary()})
         return report
+
+    @staticmethod
+    def predict(report: dict, path: str | None = None) -> dict:
+        """The harm predictor's interval for the no-replay harmful-rate increase (the shipped one, or the file at
+        `path`), or why there is none."""
+        predictor = HarmPredictor.load(path) if path else shipped_predictor()
+        if predictor is None:
+            return {"available": False, "reason": "no harm predictor is shipped (safekeel/audit/assets/harm_predictor.json)"}
+        try:
+            return {"available": True, **predictor.predict(report)}
+        except ValueError as error:
+            return {"available": False, "reason": str(error)}
+
+    def shift(self, data: UserData, audit: dict) -> UserData:
+        """Drop or down-weight the examples the audit points at (safekeel.audit.act), before selection and training."""
+        options = self.spec.audit
+        if options.shift == "none":
+            return data
+        plan = shift_plan(audit, options.shift, options.shift_fraction, options.shift_weight, self.spec.seed)
+        write_json_atomic(self.out / "shift.json", plan)
+        self.emit("shift", {k: v for k, v in plan.items() if k not in ("targets", "removed")})
+        return UserData(apply_shift(data.conversations, plan), data.format, data.skipped, data.sha256)
+
+    def choose_policy(self, audit: dict) -> None:
+        """The adaptive policy replaces the job's k, mode and system prompt (recorded in policy.json and the event)."""
+        options, spec = self.spec.audit, self.spec
+        if options.policy == "fixed":
+            return
+        prediction = audit["prediction"] if audit["prediction"].get("available") else None
+        choice = choose_policy(options.policy, prediction, spec.k, spec.mode).to_dict()
+        write_json_atomic(self.out / "policy.json", {**choice, "job_k": spec.k, "job_mode": spec.mode})
+        self.emit("policy", choice)
+        guard = replace(spec.guard, system_prompt=spec.guard.system_prompt or choice["guard_system_prompt"])
+        self.spec = replace(spec, k=choice["k"], mode=choice["mode"], guard=guard)
 
     def data_gate(self, audit: dict) -> dict | None:
         gate = self.spec.data_gate

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from safekeel.audit.act import POLICIES, SHIFT_ACTIONS
 from safekeel.audit.flags import DATA_GATE_ACTIONS
 from safekeel.defaults import DEFAULT_K, DEFAULT_MODE, DEFAULT_MODEL, DEFAULT_POOL, DEFAULT_SELECTOR
 from safekeel.eval.gate import DEFAULT_ALPHA, DEFAULT_MARGIN, DEFAULT_MIN_SCORED
 from safekeel.eval.harness import EvalSettings
 from safekeel.guard import DEMONSTRATION_MODES
+from safekeel.selectors.format_match import REPLAY_FORMATS
 from safekeel.training.config import LoraSFTConfig
 from safekeel.training.mixing import MODES
 
@@ -54,7 +56,7 @@ class GateSpec:
 class DataGateSpec:
     """What the audit's flags do to the job (safekeel.audit.flags.data_gate): off, warn (recorded, the job goes on)
     or reject (the job stops before selection and training) when more than `max_flagged_fraction` of the examples
-    are flagged harmful_request or persona_override."""
+    are flagged harmful_request, harmful_answer or persona_override."""
 
     action: str = "warn"
     max_flagged_fraction: float = 0.1
@@ -64,6 +66,42 @@ class DataGateSpec:
             raise ValueError(f"unknown data gate action {self.action!r}; known: {', '.join(DATA_GATE_ACTIONS)}")
         if not 0 <= self.max_flagged_fraction <= 1:
             raise ValueError(f"max_flagged_fraction must be in [0, 1], got {self.max_flagged_fraction}")
+
+
+@dataclass
+class AuditSpec:
+    """The audit stage (safekeel.audit) and what acts on it: the data gate (JobSpec.data_gate), the shift toward
+    safe and the adaptive policy (safekeel.audit.act). Shift or an adaptive policy turn the audit on."""
+
+    enabled: bool = False
+    answers: bool = True
+    """Judge the assistant answers with the content judge (the harmful_answer flag)."""
+    hidden_states: bool = False
+    """Also measure the distances in the base model's residual stream (entering decoder block `layer`)."""
+    layer: int | None = None
+    shift: str = "none"
+    """none | drop | downweight: what happens to the flagged examples (and the `shift_fraction` nearest a harmful
+    request) before selection and training."""
+    shift_fraction: float | None = None
+    shift_weight: float = 0.5
+    """downweight: the probability that each target is kept."""
+    predictor: str | None = None
+    """A harm predictor file (safekeel.audit.predict.HarmPredictor JSON); None: the one shipped in the package."""
+    policy: str = "fixed"
+    """fixed: the job's k and mode. adaptive: k, mode and the safety system prompt from the harm predictor's
+    interval (safekeel.audit.act.choose_policy); the job's k is the medium-risk k."""
+
+    def __post_init__(self) -> None:
+        if self.shift not in SHIFT_ACTIONS:
+            raise ValueError(f"unknown audit shift {self.shift!r}; known: {', '.join(SHIFT_ACTIONS)}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown audit policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.shift_fraction is not None and not 0 <= self.shift_fraction <= 1:
+            raise ValueError(f"shift_fraction must be in [0, 1], got {self.shift_fraction}")
+        if not 0 <= self.shift_weight <= 1:
+            raise ValueError(f"shift_weight must be in [0, 1], got {self.shift_weight}")
+        if self.shift != "none" or self.policy != "fixed":
+            self.enabled = True
 
 
 @dataclass
@@ -104,14 +142,18 @@ class JobSpec:
     """The research evaluation after training (None skips it); the guard is applied to it."""
     checkpoint_steps: int | None = None
     """Save a resumable trainer checkpoint every n steps (under checkpoints/); a rerun resumes from it."""
-    audit: bool = False
-    """Audit the dataset (safekeel.audit) before selecting: recorded, never blocking."""
+    audit: AuditSpec = field(default_factory=AuditSpec)
+    """Audit the dataset (safekeel.audit) before selecting (True/False are accepted for enabled)."""
     data_gate: DataGateSpec = field(default_factory=DataGateSpec)
     """Acts on the audit (needs audit=True)."""
     gate: GateSpec = field(default_factory=lambda: GateSpec(enabled=False))
     guard: GuardSpec = field(default_factory=GuardSpec)
     validation_data: str | None = None
     """Held-out user data: its loss is reported beside the gate (utility)."""
+    replay_format: str = "plain"
+    """plain: the selected examples are replayed as a bare request and reply; match: rewritten into the user data's
+    format (system prompt, template, persona, turns, length; safekeel.selectors.format_match), mode replay only.
+    Recorded as plain for none and ptst, which replay nothing."""
 
     def __post_init__(self) -> None:
         if isinstance(self.sft, dict):
@@ -122,12 +164,21 @@ class JobSpec:
             self.gate = GateSpec(**self.gate)
         if isinstance(self.guard, dict):
             self.guard = GuardSpec(**self.guard)
+        if isinstance(self.audit, bool):
+            self.audit = AuditSpec(enabled=self.audit)
+        elif isinstance(self.audit, dict):
+            self.audit = AuditSpec(**self.audit)
         if isinstance(self.data_gate, dict):
             self.data_gate = DataGateSpec(**self.data_gate)
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; known: {', '.join(MODES)}")
+        if self.replay_format not in REPLAY_FORMATS:
+            raise ValueError(f"unknown replay format {self.replay_format!r}; known: {', '.join(REPLAY_FORMATS)}")
         if self.mode in ("none", "ptst"):
             self.k = 0
+            self.replay_format = "plain"
+        elif self.replay_format != "plain" and self.mode != "replay":
+            raise ValueError(f"replay format {self.replay_format!r} rewrites replayed examples: it needs mode 'replay', not {self.mode!r}")
         elif self.k < 1:
             raise ValueError(f"mode {self.mode!r} selects safety examples: k must be >= 1, got {self.k}")
         if self.gate.enabled and self.gate.harmful_set is None and self.eval is None:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from safekeel.data.formats import DatasetError
 from safekeel.data.prompt_sets import is_known as is_named_prompt_set
-from safekeel.pipeline import Cancelled, DataGateSpec, DataRejected, GateSpec, GuardSpec, JobSpec, PipelineResult, run_pipeline
+from safekeel.pipeline import AuditSpec, Cancelled, DataGateSpec, DataRejected, GateSpec, GuardSpec, JobSpec, PipelineResult, run_pipeline
 from safekeel.provenance import write_json_atomic
 from safekeel.selectors import known_selectors
 from safekeel.service.protocol import APIError, CreateJobRequest, Hyperparameters, SafetyOptions
@@ -117,7 +117,8 @@ def build_job(request: CreateJobRequest, tenant: Tenant, store: Store, settings:
             data=str(blob_path(settings, files["training_file"]["sha256"])), output_dir=str(job_dir / "output"),
             model=request.model, k=safety.k if safety.mode not in ("none", "ptst") else 0, selector=safety.selector,
             mode=safety.mode if safety.k > 0 or safety.mode == "ptst" else "none", pool=pool, seed=seed, sft=sft,
-            eval=None, checkpoint_steps=checkpoint_steps, audit=safety.audit,
+            eval=None, checkpoint_steps=checkpoint_steps,
+            audit=safety.audit if isinstance(safety.audit, bool) else AuditSpec(enabled=True, **safety.audit.model_dump()),
             data_gate=DataGateSpec(**safety.data_gate.model_dump()),
             gate=GateSpec(enabled=gate.enabled, harmful_set=prompt_sets["harmful_set"], overrefusal_set=prompt_sets["overrefusal_set"],
                           n_harmful=gate.n_harmful, n_overrefusal=gate.n_overrefusal, margin=gate.max_harmful_increase,
@@ -166,6 +167,11 @@ def _event_for(kind: str, payload: dict) -> tuple[str, str, Any, str] | None:
             f", {skipped} records skipped" if skipped else ""), payload, "info"
     if kind == "audit":
         return "audit", payload["summary"].capitalize(), payload, "info"
+    if kind == "shift":
+        return "audit", f"Shift toward safe: {payload['reason']}", payload, "info"
+    if kind == "policy":
+        return "audit", (f"Policy ({payload['policy']}): risk {payload['risk']}, k={payload['k']}, mode {payload['mode']}"
+                         + (", safety system prompt" if payload["guard_system_prompt"] else "") + f"; {payload['reason']}"), payload, "info"
     if kind == "data_gate":
         verdict, level = ("REJECTED", "error") if not payload["passed"] else (
             ("WARNING", "warn") if payload["over_limit"] else ("passed", "info"))
@@ -246,7 +252,7 @@ def execute_job(store: Store, settings: ServiceSettings, job: dict, should_abort
                             type="gate", data={"passed": None, "enabled": False})
         try:
             result = run_pipeline(spec, on_event=emit, should_stop=should_stop, show_progress=False,
-                                  selection_store=settings.selection_store, baseline_cache=settings.root / "gate_baselines",
+                                  selection_store=settings.selection_store, baseline_cache=settings.gate_baselines_dir,
                                   monitor_dir=_monitor_dir(settings, spec), publish=publish)
         except DatasetError as error:
             raise JobFailed("invalid_training_file", str(error).replace(spec.data, job["training_file"]), "training_file")
@@ -293,7 +299,7 @@ def _result(result: PipelineResult) -> dict:
                            "trained_tokens": None, "adapter": {"key": result.provenance["adapter_key"]},
                            "guard": result.guard.to_dict()}
     if result.audit is not None:
-        out["audit"] = result.audit
+        out["audit"] = {k: v for k, v in result.audit.items() if k != "per_example"}  # per example: audit.json
     if result.data_gate is not None:
         out["data_gate"] = result.data_gate
     if result.drift is not None:

@@ -25,6 +25,12 @@ class JobCollector:
         for status, count in self.store.count_jobs_by_status().items():
             jobs.add_metric([status], count)
         yield jobs
+        decisions = GaugeMetricFamily("safekeel_data_gate_decisions", "The data gate's decisions on fine-tuning jobs' "
+                                      "training files", labels=["decision"])
+        levels = self.store.count_events_by_level("data_gate")
+        for decision, level in (("passed", "info"), ("warned", "warn"), ("rejected", "error")):
+            decisions.add_metric([decision], levels.get(level, 0))
+        yield decisions
         stages = {"selection": "selection_seconds", "training": "training_seconds", "gate": "gate_seconds", "audit": "audit_seconds"}
         timings = self.store.job_timings()
         for stage, key in stages.items():

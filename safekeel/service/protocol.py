@@ -86,7 +86,25 @@ class DataGateOptions(Strict):
     """What the audit's flags do (safekeel.audit.flags): warn records the decision and trains; reject fails the job
     before any training (error code data_gate_failed) when too many examples are flagged."""
     max_flagged_fraction: float = Field(0.1, ge=0, le=1)
-    """Limit on the share of examples flagged harmful_request or persona_override (the identity-shift pattern)."""
+    """Limit on the share of examples flagged harmful_request, harmful_answer or persona_override (the identity-shift pattern)."""
+
+
+class AuditOptions(Strict):
+    """The audit stage's options (safekeel.pipeline.spec.AuditSpec); `"audit": true` is these defaults."""
+
+    answers: bool = True
+    """Judge the training answers with the content judge (the harmful_answer flag)."""
+    hidden_states: bool = False
+    """Also measure the distances in the base model's own residual stream (slower: one forward pass per example)."""
+    layer: int | None = None
+    shift: Literal["none", "drop", "downweight"] = "none"
+    """Before training, drop (or keep with probability shift_weight) the flagged examples and the shift_fraction
+    nearest a harmful request."""
+    shift_fraction: float | None = Field(None, ge=0, le=1)
+    shift_weight: float = Field(0.5, ge=0, le=1)
+    policy: Literal["fixed", "adaptive"] = "fixed"
+    """adaptive: k, mode and the safety system prompt chosen from the predicted harmful-rate increase
+    (safekeel.audit.act); k is then the medium-risk k."""
 
 
 class SafetyOptions(Strict):
@@ -101,7 +119,8 @@ class SafetyOptions(Strict):
     your data alone, served with safekeel's safety system prompt; none: no safety data."""
     pool: str = "authored"
     """Safety pool: 'authored' (shipped) or the id of a file you uploaded (safekeel pool schema or chat format)."""
-    audit: bool = True
+    audit: bool | AuditOptions = True
+    """Audit the training file before training (true: the default options; false: no audit)."""
     data_gate: DataGateOptions = Field(default_factory=DataGateOptions)
     gate: GateOptions = Field(default_factory=GateOptions)
     guard: GuardOptions = Field(default_factory=GuardOptions)

@@ -252,6 +252,12 @@ class Store:
                               " WHERE json_extract(result, '$.timings') IS NOT NULL").fetchall()
         return [json.loads(r["timings"]) for r in rows]
 
+    def count_events_by_level(self, event_type: str) -> dict[str, int]:
+        """Events of one type by level (the data gate's: info passed, warn over the limit, error rejected)."""
+        with self.connect() as db:
+            rows = db.execute("SELECT level, COUNT(*) AS n FROM events WHERE type = ? GROUP BY level", (event_type,)).fetchall()
+        return {r["level"]: r["n"] for r in rows}
+
     # ---- events ----
     def add_event(self, job_id: str, message: str, type: str = "message", level: str = "info", data: Any = None) -> dict:
         event = {"id": new_id("ftevent"), "job_id": job_id, "created_at": now(), "level": level, "type": type,

@@ -174,3 +174,14 @@ class ContentJudge:
         probabilities = self.model.probabilities(features)
         thresholds = {name: float(head.get("threshold", 0.5)) for name, head in self.model.heads.items()}
         return judgements_from_probabilities(probabilities, thresholds, responses)
+
+
+def harmful_content_scorer(model: ContentJudgeModel | None = None):
+    """The content judge as safekeel.audit's answer judge: (score(requests, answers) -> probability of content that
+    helps a harmful aim, per answer; the head's calibrated threshold)."""
+    model = model or default_model()
+
+    def score(prompts: Sequence[str], replies: Sequence[str]) -> np.ndarray:
+        return model.probabilities(model.features(prompts, replies))["harmful_content"]
+
+    return score, float(model.heads["harmful_content"].get("threshold", 0.5))
