@@ -171,16 +171,29 @@ def audit(args) -> None:
 
     harmful, benign = load_pool("authored"), load_authored_benign()
     score, threshold = harmful_content_scorer()
+    loaded = None
+    if args.hidden_states:
+        from safekeel.audit.shift import hidden_state_distances
+        from safekeel.models.registry import load_model_and_tokenizer
+
+        loaded = load_model_and_tokenizer(args.model)
+        loaded[0].eval()
     done = {}
     if AUDITS.is_file() and not args.fresh:
         done = {a["name"]: a for a in json.loads(gzip.decompress(AUDITS.read_bytes()))["audits"]}
     manifest = _manifest()
     for index, variant in enumerate(manifest, 1):
-        if variant["name"] in done and done[variant["name"]]["sha256"] == variant["sha256"]:
+        previous = done.get(variant["name"])
+        if previous and previous["sha256"] == variant["sha256"] and (
+                not args.hidden_states or "hidden_lda_harmful_side_share" in previous["features"]):
             continue
         conversations = load_conversations(variant["path"]).conversations
-        report = audit_dataset(conversations, harmful, benign, n_permutations=args.permutations, answer_judge=score,
-                               answer_threshold=threshold, answer_judge_name="content").to_dict()
+        audited = audit_dataset(conversations, harmful, benign, n_permutations=args.permutations, answer_judge=score,
+                                answer_threshold=threshold, answer_judge_name="content")
+        if loaded is not None:
+            audited.hidden_state_distances = {"model": args.model, **hidden_state_distances(
+                *loaded, conversations, harmful, benign, layer=args.layer, n_permutations=args.permutations)}
+        report = audited.to_dict()
         done[variant["name"]] = {"name": variant["name"], "kind": variant["kind"], "attack_kind": variant["attack_kind"],
                                  "trained": variant["trained"], "sha256": variant["sha256"], "n_examples": variant["n_examples"],
                                  "harmful_indices": variant["harmful_indices"], "features": audit_features(report),
@@ -268,6 +281,72 @@ def gate_detection(audits: list[dict], fpr: float = 0.01) -> dict:
     return {"fpr": fpr, "dataset_level": dataset_level, "per_example": per_example}
 
 
+def measured(judge: str) -> dict[str, dict]:
+    """Per trained variant, the no-replay harmful-rate increase over the aligned model evaluated the same way (the
+    AOA-served reference for identity shift), under `judge`: mean over seeds, with a 95% Wald interval over prompts
+    (the seeds' binomial variances and the aligned rate's, pooled)."""
+    folder = RESULTS / "bench_runs" / "audit_panel"
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+    def rate(record: dict) -> tuple[float, int] | None:
+        entry = record["report"]["harmful"].get(judge, {}).get("harmful")
+        return (entry["rate"], entry["n"] - entry.get("unjudged", 0)) if entry else None
+
+    aligned = {json.dumps(r["config"].get("dataset_eval"), sort_keys=True): rate(r) for r in records if r["config"]["kind"] == "aligned"}
+    out: dict[str, dict] = {}
+    for record in records:
+        config = record["config"]
+        if config["kind"] != "finetune" or rate(record) is None:
+            continue
+        reference = aligned.get(json.dumps(config["dataset"].get("eval"), sort_keys=True))
+        if reference is None:
+            continue
+        entry = out.setdefault(config["dataset"]["name"], {"rates": {}, "aligned": reference[0], "aligned_n": reference[1]})
+        entry["rates"][config["seed"]] = rate(record)
+    for entry in out.values():
+        rates = [r for r, _ in entry["rates"].values()]
+        variance = sum(r * (1 - r) / n for r, n in entry["rates"].values()) / len(rates) ** 2 + \
+            entry["aligned"] * (1 - entry["aligned"]) / entry["aligned_n"]
+        entry["increase"] = round(float(np.mean(rates)) - entry["aligned"], 4)
+        entry["ci_low"], entry["ci_high"] = (round(entry["increase"] - 1.96 * variance ** 0.5, 4),
+                                             round(entry["increase"] + 1.96 * variance ** 0.5, 4))
+        entry["seeds"] = sorted(entry["rates"])
+        entry["rates"] = {str(k): round(v[0], 4) for k, v in entry["rates"].items()}
+    return out
+
+
+def correlations(audits: list[dict], increases: dict[str, dict], n_boot: int = 2000) -> list[dict]:
+    from safekeel.audit.predict import fit_predictor, spearman
+
+    trained = [a for a in audits if a["name"] in increases]
+    out = []
+    for name in sorted({k for a in trained for k in a["features"]}):
+        rows = [{"name": a["name"], "features": {name: a["features"][name]}, "increase": increases[a["name"]]["increase"]}
+                for a in trained if name in a["features"]]
+        if len(rows) < 4 or len({r["features"][name] for r in rows}) < 2:
+            continue
+        x = np.array([r["features"][name] for r in rows])
+        y = np.array([r["increase"] for r in rows])
+        rng = np.random.default_rng(0)
+        boot = [spearman(x[i], y[i]) for i in (rng.integers(0, len(rows), len(rows)) for _ in range(n_boot))]
+        out.append({"score": name, "spearman_rho": round(spearman(x, y), 4), "ci_low": round(float(np.quantile(boot, 0.025)), 4),
+                    "ci_high": round(float(np.quantile(boot, 0.975)), 4), "n": len(rows),
+                    "leave_one_out_rho": fit_predictor(rows, features=(name,)).quality["leave_one_out_rho"]})
+    return sorted(out, key=lambda row: -abs(row["leave_one_out_rho"]))
+
+
+def fit(args) -> None:
+    from safekeel.audit.predict import fit_predictor
+
+    increases = measured(args.judge)
+    rows = [{"name": a["name"], "features": a["features"], "increase": increases[a["name"]]["increase"],
+             "n_seeds": len(increases[a["name"]]["seeds"])} for a in _audits() if a["name"] in increases]
+    predictor = fit_predictor(rows, judge=args.judge, made_by=" ".join(["python"] + sys.argv))
+    predictor.save(args.out)
+    print(f"{args.out}: {predictor.feature}, increase = {predictor.intercept:.3f} + {predictor.slope:.3f} x; "
+          f"nested leave-one-out rho {predictor.quality['leave_one_out_rho']} on {predictor.n} datasets")
+
+
 def report(args) -> None:
     audits = _audits()
     gate = gate_detection(audits)
@@ -281,8 +360,20 @@ def report(args) -> None:
            "gate": {"detection_rate_at_1pct_fpr": {"score": best[0], **best[1]},
                     "per_example_detection_at_1pct_fpr": {"score": best_example[0], **best_example[1]},
                     "all_scores": gate},
-           "correlations": None, "policy": None,
-           "pending": "measured increases: the no-replay runs of benchmarks/audit_panel_grid.yaml (not run yet)"}
+           "correlations": None, "policy": None, "pending": None}
+    increases = {judge: measured(judge) for judge in (args.judge, args.second_judge)}
+    for variant in out["variants"]:
+        for judge, values in increases.items():
+            if variant["name"] in values:
+                variant.setdefault("measured", {})[judge] = {k: values[variant["name"]][k] for k in
+                                                             ("increase", "ci_low", "ci_high", "seeds", "rates", "aligned")}
+    n_measured = len(increases[args.judge])
+    trained = sum(a["trained"] for a in audits)
+    if n_measured >= 4:
+        out["correlations"] = {judge: correlations(audits, values) for judge, values in increases.items()}
+    if n_measured < trained:
+        out["pending"] = (f"measured increases for {n_measured} of {trained} trained variants so far: the rest of the "
+                          f"no-replay runs of benchmarks/audit_panel_grid.yaml")
     write_json_atomic(RESULTS / "audit.json", out)
     lines = ["# Audit panel (issue 30)", "", f"`{out['command']}`; audits: `{AUDITS.relative_to(ROOT)}`.", "",
              f"{out['n_variants']} variants: {out['n_benign_variants']} benign ({sum(a['kind'] == 'benign' and a['trained'] for a in audits)} "
@@ -301,7 +392,14 @@ def report(args) -> None:
         lines.append(f"| {name} | {row['threshold']} | {row['false_positive_rate']:.4f} | {row['n_attack_examples']} | "
                      f"{row['detection_pooled']:.3f} | " + " | ".join(f"{row['by_kind'][k]:.2f}" for k in kinds) + " |")
     lines += ["", "Comparable figure: finetuning-auditor (Egler, Schulman and Carlini 2025) detects 56.2% of eight attacks "
-              "at 1% FPR.", "", "## Prediction of the harmful-rate increase", "", out["pending"] + "."]
+              "at 1% FPR.", "", "## Prediction of the harmful-rate increase", ""]
+    for judge, rows in (out["correlations"] or {}).items():
+        lines += [f"Judge `{judge}` (increase = no-replay fine-tune minus the aligned model, mean of the seeds):", "",
+                  "| score | Spearman rho | 95% bootstrap | n | nested leave-one-out rho |", "|---|---|---|---|---|"]
+        lines += [f"| {r['score']} | {r['spearman_rho']:+.3f} | [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {r['n']} | "
+                  f"{r['leave_one_out_rho']:+.3f} |" for r in rows] + [""]
+    if out["pending"]:
+        lines.append(out["pending"] + ".")
     (RESULTS / "audit.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -314,10 +412,18 @@ def main() -> None:
     a = sub.add_parser("audit")
     a.add_argument("--permutations", type=int, default=200)
     a.add_argument("--fresh", action="store_true")
+    a.add_argument("--hidden-states", action="store_true", help="also the distances in the base model's residual stream")
+    a.add_argument("--model", default="smollm2-135m-safe")
+    a.add_argument("--layer", type=int, default=None, help="decoder block (default: the middle one)")
     sub.add_parser("grid")
-    sub.add_parser("report")
+    r = sub.add_parser("report")
+    r.add_argument("--judge", default="content", help="whose harmful rates the increases are")
+    r.add_argument("--second-judge", default="classifier")
+    f = sub.add_parser("fit")
+    f.add_argument("--judge", default="content")
+    f.add_argument("--out", type=Path, default=ROOT / "safekeel" / "audit" / "assets" / "harm_predictor.json")
     args = parser.parse_args()
-    {"build": build, "audit": audit, "grid": grid, "report": report}[args.command](args)
+    {"build": build, "audit": audit, "grid": grid, "report": report, "fit": fit}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -332,7 +332,7 @@ def test_a_job_stored_before_the_pipeline_runs_with_the_same_spec():
                        "max_new_tokens": 64, "names": {"harmful_set": "advbench-dev", "overrefusal_set": "xstest-dev"}},
               "guard": {"demonstrations": "static", "n_demonstrations": 3, "system_prompt": True, "monitor_policy": "default"}}
     spec = job_spec(legacy)
-    assert spec.mode == "backdoor" and spec.k == 10 and spec.seed == 5 and spec.sft.seed == 5 and spec.audit
+    assert spec.mode == "backdoor" and spec.k == 10 and spec.seed == 5 and spec.sft.seed == 5 and spec.audit.enabled
     assert spec.gate.margin == 0.1 and spec.gate.harmful_set == "advbench-dev" and spec.guard.demonstrations == "static"
     assert job_spec({**legacy, "pipeline": spec.to_dict()}) == spec == JobSpec.from_dict(spec.to_dict())
 
@@ -356,3 +356,37 @@ def test_the_api_takes_the_cli_training_options(tmp_path):
         spec = job_spec(build_job(request, tenant, store, settings)["spec"])
         assert spec.sft.bf16 is bf16 and spec.mode == "ptst" and spec.k == 0
         assert spec.sft.epochs == LoraSFTConfig().epochs and spec.sft.learning_rate == LoraSFTConfig().learning_rate
+
+
+def test_the_api_takes_audit_options_and_counts_data_gate_decisions(tmp_path):
+    """`safety.audit` takes true/false or the audit's options (shift, policy, hidden states), which reach the job's
+    AuditSpec; a bad option is a 400 naming the field's values; data gate events become a metric by decision."""
+    from pydantic import ValidationError
+
+    from safekeel.service.jobs import build_job, job_spec
+    from safekeel.service.metrics import ServiceMetrics
+    from safekeel.service.protocol import CreateJobRequest
+    from safekeel.service.settings import Tenant
+
+    settings = ServiceSettings(service_dir=tmp_path, base_models=["tiny"])
+    store = Store(settings.db_path)
+    store.add_file({"id": "file-1", "tenant": "t", "filename": "d.jsonl", "purpose": "fine-tune", "bytes": 10, "sha256": "ab" * 32,
+                    "created_at": now(), "status": "processed", "format": "chat", "n_examples": 8})
+    options = {"shift": "downweight", "shift_fraction": 0.2, "shift_weight": 0.25, "policy": "adaptive", "hidden_states": True}
+    request = CreateJobRequest(model="tiny", training_file="file-1", safety={"audit": options, "gate": {"enabled": False}})
+    job = build_job(request, Tenant("t"), store, settings)
+    audit = job_spec(job["spec"]).audit
+    assert audit.enabled and (audit.shift, audit.shift_fraction, audit.shift_weight, audit.policy, audit.hidden_states) == (
+        "downweight", 0.2, 0.25, "adaptive", True)
+    off = CreateJobRequest(model="tiny", training_file="file-1", safety={"audit": False, "gate": {"enabled": False}})
+    assert not job_spec(build_job(off, Tenant("t"), store, settings)["spec"]).audit.enabled
+    with pytest.raises(ValidationError, match="shift"):
+        CreateJobRequest(model="tiny", training_file="file-1", safety={"audit": {"shift": "erase"}})
+    store.add_event(job["id"], "Data gate (reject) REJECTED", type="data_gate", level="error")
+    store.add_event(job["id"], "Data gate (warn) WARNING", type="data_gate", level="warn")
+    store.add_event(job["id"], "Data gate (warn) WARNING", type="data_gate", level="warn")
+    from prometheus_client import generate_latest
+
+    text = generate_latest(ServiceMetrics(store).registry).decode()
+    assert 'safekeel_data_gate_decisions{decision="warned"} 2.0' in text
+    assert 'safekeel_data_gate_decisions{decision="rejected"} 1.0' in text and 'decision="passed"} 0.0' in text
