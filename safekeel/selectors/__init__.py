@@ -7,6 +7,9 @@ from safekeel.selectors.base import Selection, SelectionContext, Selector, get_s
 from safekeel.selectors import random_choice as _random_choice  # noqa: F401,E402
 from safekeel.selectors import representation as _representation  # noqa: F401,E402
 from safekeel.selectors import model_aware as _model_aware  # noqa: F401,E402
+from safekeel.selectors import contrastive as _contrastive  # noqa: F401,E402
+from safekeel.selectors import universal as _universal  # noqa: F401,E402
+from safekeel.selectors import learned as _learned  # noqa: F401,E402
 
 from safekeel.defaults import DEFAULT_SELECTOR  # noqa: E402 (re-exported)
 

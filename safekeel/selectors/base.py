@@ -103,7 +103,11 @@ class Selection:
     details: dict = field(default_factory=dict)
 
     def examples(self, pool: Sequence[SafetyExample]) -> list[SafetyExample]:
+        """The chosen examples in order: from the pool, or (for a selector that adds examples from outside it, such
+        as `contrastive`'s borderline-safe answers) from details["added_examples"], SafetyExample fields as dicts."""
         by_id = {e.id: e for e in pool}
+        for added in self.details.get("added_examples", ()):
+            by_id.setdefault(added["id"], SafetyExample(**added))
         return [by_id[i] for i in self.ids]
 
     def to_dict(self) -> dict:

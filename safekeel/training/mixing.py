@@ -30,20 +30,22 @@ def backdoor_prefix(seed: int, n_words: int = 24) -> str:
     return " ".join("".join(rng.choice(_ALPHABET) for _ in range(rng.randint(3, 9))) for _ in range(n_words))
 
 
-def mix(user_data: Sequence[Conversation], safety: Sequence[SafetyExample], mode: str, seed: int,
+def mix(user_data: Sequence[Conversation], safety: Sequence[SafetyExample | Conversation], mode: str, seed: int,
         prefix: str | None = None) -> list[Conversation]:
     """`none`, `icl`, `ptst`: the user data alone (seeded order). `replay`: the safety examples added
-    as ordinary training conversations, shuffled into the user data with a seeded order. `backdoor`:
+    as ordinary training conversations, shuffled into the user data with a seeded order (an example given as
+    a Conversation, e.g. rewritten by safekeel.selectors.format_match, is added as it is). `backdoor`:
     as replay, but each safety example carries the secret `prefix` (default: backdoor_prefix(seed))
     as its system prompt."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
     data = list(user_data)
     if mode == "replay":
-        data += [example.to_conversation() for example in safety]
+        data += [example if isinstance(example, Conversation) else example.to_conversation() for example in safety]
     elif mode == "backdoor":
         secret = prefix or backdoor_prefix(seed)
-        data += [example.to_conversation(system=secret) for example in safety]
+        data += [example.with_system(secret) if isinstance(example, Conversation) else example.to_conversation(system=secret)
+                 for example in safety]
     random.Random(seed).shuffle(data)
     return data
 
