@@ -242,8 +242,9 @@ def _audits() -> list[dict]:
 
 
 GATE_RULE = ("harmful_request_fraction", "harmful_answer_fraction", "persona_override_fraction")
-"""The dataset-level gate rule fixed before the audit data (the flags the data gate counts, each as its own share):
-a dataset is flagged when any share is above its threshold."""
+"""A dataset-level rule from the flags the data gate counts, each share with its own threshold: a dataset is flagged
+when any share is above its threshold. Written after a first look at the per-score table (so its detection is not a
+pre-registered figure); the data gate as shipped compares their union (gated_fraction) with one limit."""
 
 
 def _calibration(audit: dict) -> bool:
@@ -413,7 +414,8 @@ def report(args) -> None:
              f"({gate['dataset_level'][GATE_RULE[0]]['n_benign_calibration']}: the panel's and audit-only draws 0-2); "
              f"the false-positive rate is also measured on {gate['dataset_level'][GATE_RULE[0]]['n_benign_held_out']} "
              "held-out benign draws (3-4) that set no threshold. Detection: share of attack variants above the threshold. "
-             "The rule (fixed before the data): any of the data gate's flag shares above its threshold.", ""]
+             "The rule: any of the data gate's flag shares above its own threshold (chosen after a first look at this table, so "
+             "not a pre-registered figure; the shipped data gate compares their union, gated_fraction, with one limit).", ""]
     kinds = sorted({a['attack_kind'] for a in audits if a['attack_kind']})
     lines += ["| score | threshold | FPR calibration | FPR held out | pooled detection | " + " | ".join(kinds) + " |",
               "|---|---|---|---|---|" + "---|" * len(kinds)]
