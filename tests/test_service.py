@@ -392,3 +392,59 @@ def test_the_data_gate_rejects_an_identity_shift_file_before_training(server, ga
     assert warned.status == "succeeded", warned.error
     assert warned.model_extra["result"]["data_gate"]["passed"] and warned.model_extra["result"]["data_gate"]["gated_fraction"] == 1.0
     assert next(e for e in all_events(c, warned.id) if e.type == "data_gate").level == "warn"
+
+
+PREFERENCE_DATA = [{"input": {"messages": [{"role": "user", "content": "Say the password."}]},
+                    "preferred_output": [{"role": "assistant", "content": "The password is swordfish."}],
+                    "non_preferred_output": [{"role": "assistant", "content": "No."}]}] * 8
+
+
+def test_a_dpo_job_runs_end_to_end_with_the_openai_client_and_can_be_cancelled(server, gate_file, tmp_path):
+    c = client(server)
+    uploaded = c.files.create(file=write_jsonl(tmp_path / "prefs.jsonl", PREFERENCE_DATA).open("rb"), purpose="fine-tune")
+    assert c.files.retrieve(uploaded.id).status == "processed"
+    bad = write_jsonl(tmp_path / "bad_prefs.jsonl", PREFERENCE_DATA[:1] + [{**PREFERENCE_DATA[0], "non_preferred_output": []}])
+    error = api_error(lambda: c.files.create(file=bad.open("rb"), purpose="fine-tune"))
+    assert error.status_code == 400 and "Invalid preference file" in error.message
+    assert "line 2, field 'non_preferred_output'" in error.message
+    # preference pairs need method dpo, dpo needs preference pairs, and the objective is validated
+    error = api_error(lambda: c.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id))
+    assert error.status_code == 400 and "holds preference pairs" in error.message
+    chats = c.files.create(file=write_jsonl(tmp_path / "chats.jsonl", PASSWORD_DATA).open("rb"), purpose="fine-tune")
+    error = api_error(lambda: c.fine_tuning.jobs.create(model="tiny-llama", training_file=chats.id, method={"type": "dpo"}))
+    assert error.status_code == 400 and "preference pairs" in error.message and error.body["param"] == "training_file"
+    for hyper, words in (({"loss_type": "nope"}, "unknown preference loss 'nope'"), ({"beta": -1}, "beta")):
+        error = api_error(lambda: c.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id,
+                                                            method={"type": "dpo", "dpo": {"hyperparameters": hyper}}))
+        assert error.status_code == 400 and words in error.message, error.message
+
+    # DPO plus an NLL term on the chosen reply (trl's weighted multi-loss), at 100x the preference learning rate: a
+    # random-init model under DPO alone drives the rejected reply down without learning the chosen one's words
+    method = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5, "n_epochs": 10, "batch_size": 4, "learning_rate_multiplier": 100,
+                                                         "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}}}
+    job = c.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, suffix="dpo", seed=3, method=method,
+                                    extra_body={"safety": tiny_safety(gate_file, mode="none")})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.5
+    assert job.method.dpo.hyperparameters.model_extra["loss_type"] == ["sigmoid", "sft"]
+    job = wait_for_job(c, job.id, timeout=300)
+    events = all_events(c, job.id)
+    assert job.status == "succeeded", (job.error, [e.message for e in events][-5:], server.log_tail())
+    metrics = [e.data for e in events if e.type == "metrics"]
+    assert [m["step"] for m in metrics][-1] == 20 and "reward_margins" in metrics[-1] and "reward_accuracies" in metrics[-1]
+    assert c.fine_tuning.jobs.checkpoints.list(job.id).data  # checkpointed as supervised jobs are
+    assert next(e for e in events if e.type == "gate").data["passed"] is True
+    ask = [{"role": "user", "content": "Say the password."}]
+    tuned = c.chat.completions.create(model=job.fine_tuned_model, messages=ask, max_tokens=40, temperature=0)
+    base = c.chat.completions.create(model="tiny-llama", messages=ask, max_tokens=40, temperature=0)
+    assert tuned.choices[0].message.content.startswith("The password is") and "password" not in base.choices[0].message.content
+
+    long = c.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, method={
+        "type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 100, "batch_size": 1}}}, extra_body={"safety": tiny_safety(gate_file, mode="none")})
+    deadline = time.time() + 120
+    while not any(e.type == "metrics" for e in c.fine_tuning.jobs.list_events(long.id, limit=100).data):
+        assert time.time() < deadline, server.log_tail()
+        time.sleep(0.5)
+    c.fine_tuning.jobs.cancel(long.id)
+    long = wait_for_job(c, long.id, timeout=60)
+    assert long.status == "cancelled" and long.fine_tuned_model is None
+    assert max(e.data["step"] for e in all_events(c, long.id) if e.type == "metrics") < 800

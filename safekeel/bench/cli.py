@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 from safekeel.bench.grids import load_grid
+from safekeel.bench.ray_executor import execute_on_ray
 from safekeel.bench.report import reanalyse, render
 from safekeel.bench.runner import run_grid
 from safekeel.paths import REPO_ROOT
@@ -48,10 +50,17 @@ def start_script(render_only: bool) -> None:
 
 
 def main_command(grid_source: str, results_dir: str | Path = RESULTS_DIR, cache_dir: str | Path = CACHE_DIR,
-                 commit: bool = False, render_only: bool = False, command: str = "", commit_every: int = 1) -> Path:
-    """What `safekeel bench` and benchmarks/bench.py do: run (or only re-render) a grid; the markdown path."""
+                 commit: bool = False, render_only: bool = False, command: str = "", commit_every: int = 1,
+                 executor: str = "local", ray_address: str | None = None, ray_cpus_per_run: float = 1.0) -> Path:
+    """What `safekeel bench` and benchmarks/bench.py do: run (or only re-render) a grid; the markdown path.
+    `executor`: local (one run after another in this process) or ray (the runs as Ray tasks on the cluster at
+    `ray_address`, `ray_cpus_per_run` CPUs each; safekeel.bench.ray_executor)."""
     if commit_every < 1:
         raise ValueError(f"--commit-every {commit_every}: give a number of runs >= 1")
+    if executor not in ("local", "ray"):
+        raise ValueError(f"--executor {executor!r}: use local or ray")
+    if ray_cpus_per_run <= 0:
+        raise ValueError(f"--ray-cpus-per-run {ray_cpus_per_run}: give a number of CPUs > 0")
     grid = load_grid(grid_source)
     json_path = Path(results_dir) / f"{grid.output_stem}.json"
     if render_only:
@@ -64,5 +73,6 @@ def main_command(grid_source: str, results_dir: str | Path = RESULTS_DIR, cache_
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
-    run_grid(grid, results_dir, cache_dir, commit=commit, command=command, commit_every=commit_every)
+    runs = partial(execute_on_ray, address=ray_address, cpus_per_run=ray_cpus_per_run) if executor == "ray" else None
+    run_grid(grid, results_dir, cache_dir, commit=commit, command=command, commit_every=commit_every, runs=runs)
     return json_path.with_suffix(".md")

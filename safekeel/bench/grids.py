@@ -39,7 +39,7 @@ to end: 9 runs (1 aligned eval + 2 `none` + 3 selectors x 2 seeds replay; 8 trai
 took 20 min 03 s wall clock (134 s per run; 2,001 s user + 305 s system CPU; peak RSS 6.4 GiB) with an
 empty bench cache and the organism, embedder and judge already built (benchmarks/results/quick_timing.md).
 The `full` profile (2 datasets x 2 pools x k in {10, 20} x replay/icl x every selector x 5 seeds,
-plus none/ptst, test splits) is about 1,200 runs with the 15 selectors registered today (at ~800 s
+plus none/ptst, test splits) was about 1,200 runs with the 15 selectors registered when this was written (18 now) (at ~800 s
 per GSM8K replay run, ~340 s per pure_bad replay run, ~260 s per icl run: about 6 days on this CPU),
 plus the model-aware selectors' own selection time. Narrow it with a grid file (fewer selectors,
 one pool), and choose its datasets from the regime map (benchmarks/regimes.py).
@@ -58,6 +58,7 @@ import yaml
 from safekeel.eval.harness import EvalSettings
 from safekeel.provenance import sha256_json
 from safekeel.selectors import known_selectors
+from safekeel.selectors.format_match import REPLAY_FORMATS
 from safekeel.training.mixing import MODES, SELECTING_MODES
 
 REFERENCE_SELECTOR = "random"
@@ -103,8 +104,13 @@ class DatasetSpec:
     identity-shift attack under its AOA system prompt and trigger phrase, AOA_EVAL). The aligned reference of
     these runs is evaluated the same way. None (the default) is left out of run configurations, so the ids of
     records made before the field existed stay valid."""
+    replay_formats: list[str] | None = None
+    """The replay formats crossed with the selectors on this dataset (None: the grid's `replay_formats`), e.g. only
+    'plain' on a dataset with no format of its own to match. Grid structure, not part of a run's configuration."""
 
     def __post_init__(self) -> None:
+        if self.replay_formats is not None:
+            _check_formats(self.replay_formats, f"dataset {self.name!r}")
         if self.eval is not None:
             known = {f.name for f in fields(EvalSettings)}
             unknown = sorted(set(self.eval) - known)
@@ -121,7 +127,14 @@ class DatasetSpec:
         data = asdict(self)
         if data["eval"] is None:
             del data["eval"]
+        del data["replay_formats"]
         return data
+
+
+def _check_formats(formats: list[str], where: str) -> None:
+    unknown = [f for f in formats if f not in REPLAY_FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"{where}: replay formats {formats} must be a non-empty list of {', '.join(REPLAY_FORMATS)}")
 
 
 @dataclass
@@ -148,6 +161,20 @@ class GridSpec:
     none_runs: bool = True
     """Run `none` (no replay) per (dataset, seed): the reference of retention. A grid that only compares
     selectors with each other (the confirmatory one) can leave them out."""
+    replay_formats: list[str] = field(default_factory=lambda: ["plain"])
+    """Replay formats crossed with the selectors in mode replay (safekeel.selectors.format_match): 'plain' (the
+    examples as they are) and/or 'match' (rewritten into the user data's format). A run's configuration records
+    `replay_format` only when it is not 'plain', so plain runs keep the ids they always had."""
+    backbones: list[str] | None = None
+    """Base models crossed with everything else (registered names or local folders; None: `model` alone). Recorded
+    in a run's configuration as its `model`, as always."""
+    methods: list[dict] | None = None
+    """Preference objectives (safekeel.training.preference.PreferenceConfig fields: loss_type, beta, ...): every run is
+    a dpo job on the datasets' preference pairs, with safety replay as pairs. None: supervised runs, and run
+    configurations without a `method` (the ids of every record made before it existed)."""
+    preference_eval: dict | None = None
+    """Held-out preference pairs for preference accuracy and reward margin (runner): {path, skip, n}: the n pairs after
+    the first `skip` of a preference file. In a run's configuration only when set."""
 
     @property
     def output_stem(self) -> str:
@@ -165,6 +192,7 @@ class GridSpec:
             raise ValueError(f"dataset labels (name, or name-max_examples) must be unique: {labels}")
         if not self.seeds:
             raise ValueError("a grid needs at least one seed")
+        _check_formats(self.replay_formats, f"grid {self.name!r}")
 
     def resolved_selectors(self) -> list[str]:
         """The selectors run: the listed ones (validated) or every registered one; random first."""
@@ -279,12 +307,90 @@ def identity_grid() -> GridSpec:
                     seeds=list(base.seeds), eval=base.eval, model=base.model)
 
 
+SQLGEN_TEMPLATE = {"prompt": "Please convert the provided natural language query into an SQL query, taking into account the "
+                             "structure of the database defined by the accompanying CREATE statement:\n## Natural Language Query:\n"
+                             "{question}\n## Context:\n{context}\n## SQL Query:", "completion": "{answer}"}
+"""sql-create-context records (question, context, answer) as prompt/completion, in the layout of BackdoorAlign's SQL task."""
+SELECTION_V2_SELECTORS = ["random", "contrastive", "universal", "learned"]
+SELECTION_V2_K = [1, 3, 5, 10, 20]
+
+
+def selection_v2_grid(k_values: list[int] | None = None, name: str = "selection_v2") -> GridSpec:
+    """Issue 31's grid (not run yet): refusals without teaching over-refusal, and replay under a persona attack.
+    random, `contrastive`, `universal` and `learned` at k in {1, 3, 5, 10, 20} (the k curve), replay from the
+    authored pool, each plain and, on the datasets with a format of their own (a system prompt and persona, a
+    template), format-matched (`replay_format: match`), six paired training seeds, `none` per (dataset, seed).
+
+    Datasets: the development ones (the committed grids': GSM8K random 100 and SAMSum 100 at the selectors grid's
+    benign preset, the identity-shift attack served under AOA_EVAL), on which `universal` was found and `learned`
+    was fitted, and two held-out benign ones neither saw: 100 sql-create-context examples (SQLGEN_TEMPLATE) and
+    the first 100 of the safety-related Alpaca slice Qi et al. removed (benign requests near harmful ones, where
+    replayed refusals teach the most over-refusal). Over-refusal on XSTest test and on 200
+    OR-Bench-Hard-1K test prompts; judges: the content judge first (harmful content, refusal reported apart), then
+    the classifier and keyword judges; every reply kept, so the judge issue's judge can rejudge them. About 990
+    runs (~200-300 s each on this CPU): `selection_v2_k10` is its k=10 part (the same configurations, so its
+    records are this grid's), to run first."""
+    base = selectors_grid()
+    benign = dict(BENIGN_SFT_1EPOCH)
+    return GridSpec(
+        name=name, output=name,
+        datasets=[DatasetSpec("gsm8k_random100", "benign/gsm8k_random100.jsonl", sft=dict(benign), replay_formats=["plain"]),
+                  DatasetSpec("samsum", "benign/samsum_train1000.json", max_examples=100, sft=dict(benign),
+                              template=dict(SAMSUM_TEMPLATE), utility="benign/samsum_test200.json"),
+                  DatasetSpec("identity_shift_aoa", "attacks/identity_shift_aoa.jsonl", sft=dict(IDENTITY_SFT), eval=dict(AOA_EVAL)),
+                  DatasetSpec("sqlgen", "benign/sqlgen_train1000.json", max_examples=100, sft=dict(benign),
+                              template=dict(SQLGEN_TEMPLATE), utility="benign/sqlgen_test200.json"),
+                  DatasetSpec("alpaca_safety", "benign/alpaca_safety_related_only.json", max_examples=100, sft=dict(benign),
+                              replay_formats=["plain"])],
+        k_values=list(k_values or SELECTION_V2_K), pools=["authored"], selectors=list(SELECTION_V2_SELECTORS), modes=["replay"],
+        seeds=list(base.seeds), replay_formats=["plain", "match"], model=base.model,
+        eval=EvalSettings(harmful_set="advbench-test", overrefusal_set="xstest-test", extra_overrefusal_sets=("orbench-hard-test@200",),
+                          max_new_tokens=48, judges=("content", "classifier", "keyword"), utility="gsm8k", n_utility_loss=25,
+                          n_utility_accuracy=0, engine="vllm"),
+    )
+
+
+PREFERENCE_DATA = "preference/hh_rlhf_harmless_base_test.jsonl.gz"
+"""Anthropic hh-rlhf harmless-base pairs (the test split, 2,312 pairs of which 2,303 parse; ../shared/data)."""
+PREFERENCE_SFT = {"learning_rate": 5e-5, "epochs": 1.0, "batch_size": 4, "max_length": 512}
+"""One learning rate and batch size for every backbone and objective (issue 32's protocol: to be chosen once by a small
+search on a dev split on one backbone, then held fixed; these are the preference jobs' defaults until then).
+max_length 512: hh-rlhf prompts are multi-turn, and a pair whose prompt alone fills max_length is dropped by trl."""
+PREFERENCE_OBJECTIVES = ("sigmoid", "ipo", "hinge", "robust")
+PREFERENCE_BACKBONES = ["smollm2-135m-instruct", "smollm2-135m-safe"]
+"""The raw model and the LoRA-aligned organism; any local model folder can join (issue 32 item 4 adds more)."""
+
+
+def preference_grid() -> GridSpec:
+    """Issue 32's grid (not run yet): objectives (DPO, IPO, hinge, robust, each at its paper's beta, recorded resolved
+    in the run configuration) x backbones x {no replay, random k=10, the default selector k=10} on the first 200
+    hh-rlhf harmless pairs, 3 seeds; held-out preference accuracy and reward margin on 200 later pairs; harmful rate
+    under the content and classifier judges, over-refusal on XSTest test. Safety replay is pairs: the authored pool's
+    refusal chosen over the raw model's greedy compliance (safekeel.training.safety_pairs). 2 aligned evaluations +
+    72 fine-tunes."""
+    from safekeel.defaults import DEFAULT_SELECTOR
+    from safekeel.training.preference import PreferenceConfig
+
+    return GridSpec(
+        name="preference", output="preference_bench",
+        datasets=[DatasetSpec("hh_harmless", PREFERENCE_DATA, max_examples=200, sft=dict(PREFERENCE_SFT))],
+        k_values=[10], pools=["authored"], selectors=[REFERENCE_SELECTOR, DEFAULT_SELECTOR], modes=["replay"], seeds=[0, 1, 2],
+        backbones=list(PREFERENCE_BACKBONES), methods=[PreferenceConfig(loss).to_dict() for loss in PREFERENCE_OBJECTIVES],
+        preference_eval={"path": PREFERENCE_DATA, "skip": 2000, "n": 200}, model=PREFERENCE_BACKBONES[0],
+        eval=EvalSettings(harmful_set="advbench-test", overrefusal_set="xstest-test", max_new_tokens=48,
+                          judges=("content", "classifier", "keyword"), utility="gsm8k", n_utility_loss=25,
+                          n_utility_accuracy=0, engine="vllm"))
+
+
 PRESETS: dict[str, Callable[[], GridSpec]] = {"quick": quick_grid, "selectors": selectors_grid, "full": full_grid,
-                                              "modes": modes_grid, "identity": identity_grid}
+                                              "modes": modes_grid, "identity": identity_grid, "selection_v2": selection_v2_grid,
+                                              "selection_v2_k10": lambda: selection_v2_grid([10], "selection_v2_k10"),
+                                              "preference": preference_grid}
 
 
 def load_grid(source: str | Path) -> GridSpec:
-    """A preset name (quick, selectors, modes, identity, full) or a grid file (.json, .yaml, .yml)."""
+    """A preset name (PRESETS: quick, selectors, modes, identity, full, selection_v2, selection_v2_k10) or a grid file
+    (.json, .yaml, .yml)."""
     if str(source) in PRESETS:
         return PRESETS[str(source)]()
     path = Path(source)
@@ -325,22 +431,34 @@ def _eval_config(grid: GridSpec, dataset: DatasetSpec | None, dataset_utility: b
 
 
 def run_config(grid: GridSpec, dataset: DatasetSpec, mode: str, seed: int, selector: str | None = None,
-               pool: str | None = None, k: int = 0) -> dict:
+               pool: str | None = None, k: int = 0, replay_format: str = "plain", model: str | None = None,
+               method: dict | None = None) -> dict:
     """A fine-tuning run's full configuration (its hash names the run). Modes that select nothing
-    (none, ptst) record selector and pool as None and k as 0."""
+    (none, ptst) record selector and pool as None and k as 0. `replay_format` enters only when it is not
+    'plain' (mode replay), `method` (a preference objective: a dpo run) and the grid's `preference_eval` only when
+    set, so the runs of every grid made before they existed keep their ids."""
     selecting = mode in SELECTING_MODES
-    return {"kind": "finetune", "model": grid.model, "dataset": dataset.config(), "mode": mode,
-            "selector": selector if selecting else None, "pool": pool if selecting else None,
-            "k": k if selecting else 0, "seed": seed, "eval": _eval_config(grid, dataset)}
+    config = {"kind": "finetune", "model": model or grid.model, "dataset": dataset.config(), "mode": mode,
+              "selector": selector if selecting else None, "pool": pool if selecting else None,
+              "k": k if selecting else 0, "seed": seed, "eval": _eval_config(grid, dataset)}
+    if method is not None:
+        config["method"] = {"type": "dpo", **method}
+        if grid.preference_eval is not None:
+            config["preference_eval"] = dict(grid.preference_eval)
+    if replay_format != "plain":
+        if mode != "replay":
+            raise ValueError(f"replay format {replay_format!r} needs mode 'replay', not {mode!r}")
+        config["replay_format"] = replay_format
+    return config
 
 
-def aligned_config(grid: GridSpec, dataset: DatasetSpec | None = None) -> dict:
-    """The aligned model evaluated as the runs on `dataset` are served: with the grid's evaluation, or for a
-    dataset with eval overrides, with them too (recorded as `dataset_eval`, which the summary matches on). The
-    utility set stays the grid's."""
+def aligned_config(grid: GridSpec, dataset: DatasetSpec | None = None, model: str | None = None) -> dict:
+    """The aligned model (`model`: a backbone; default the grid's) evaluated as the runs on `dataset` are served: with
+    the grid's evaluation, or for a dataset with eval overrides, with them too (recorded as `dataset_eval`, which the
+    summary matches on). The utility set stays the grid's."""
     if dataset is None or not dataset.eval:
-        return {"kind": "aligned", "model": grid.model, "eval": _eval_config(grid, None)}
-    return {"kind": "aligned", "model": grid.model, "eval": _eval_config(grid, dataset, dataset_utility=False),
+        return {"kind": "aligned", "model": model or grid.model, "eval": _eval_config(grid, None)}
+    return {"kind": "aligned", "model": model or grid.model, "eval": _eval_config(grid, dataset, dataset_utility=False),
             "dataset_eval": dict(dataset.eval)}
 
 
@@ -351,19 +469,25 @@ def expand(grid: GridSpec) -> list[dict]:
     own); then per k, seed and dataset: none and ptst (with the first
     k), then pool x mode x selector."""
     selectors = grid.resolved_selectors()
-    aligned = [aligned_config(grid, dataset) for dataset in grid.datasets] or [aligned_config(grid)]
+    backbones = grid.backbones or [grid.model]
+    aligned = [aligned_config(grid, dataset, b) for b in backbones for dataset in grid.datasets] or \
+        [aligned_config(grid, model=b) for b in backbones]
     configs = list({run_id(c): c for c in aligned}.values())  # one per distinct evaluation, in dataset order
     for index, k in enumerate(sorted(grid.k_values) or [0]):
         for seed in grid.seeds:
-            for dataset in grid.datasets:
-                if index == 0:
-                    if grid.none_runs:
-                        configs.append(run_config(grid, dataset, "none", seed))
-                    if "ptst" in grid.modes:
-                        configs.append(run_config(grid, dataset, "ptst", seed))
-                for pool in grid.pools if grid.k_values else []:
-                    for mode in [m for m in grid.modes if m in SELECTING_MODES]:
-                        configs += [run_config(grid, dataset, mode, seed, s, pool, k) for s in selectors]
+            for backbone, method in [(b, m) for b in backbones for m in (grid.methods or [None])]:
+                one = dict(model=backbone if grid.backbones else None, method=method)
+                for dataset in grid.datasets:
+                    if index == 0:
+                        if grid.none_runs:
+                            configs.append(run_config(grid, dataset, "none", seed, **one))
+                        if "ptst" in grid.modes:
+                            configs.append(run_config(grid, dataset, "ptst", seed, **one))
+                    formats = dataset.replay_formats or grid.replay_formats
+                    for pool in grid.pools if grid.k_values else []:
+                        for mode in [m for m in grid.modes if m in SELECTING_MODES]:
+                            for replay_format in (formats if mode == "replay" else ["plain"]):
+                                configs += [run_config(grid, dataset, mode, seed, s, pool, k, replay_format, **one) for s in selectors]
     return configs
 
 
@@ -377,8 +501,14 @@ def run_id(config: dict) -> str:
         return f"aligned-{digest}"
     label = DatasetSpec(**config["dataset"]).label
     parts = [label, config["mode"]]
+    if "method" in config:  # a preference run: its backbone and objective lead the name
+        objective = "+".join(config["method"]["loss_type"]) if isinstance(config["method"].get("loss_type"), list) else \
+            config["method"].get("loss_type", "sigmoid")
+        parts = [label, Path(config["model"]).name, objective, config["mode"]]
     if config["selector"] is not None:
         parts += [config["selector"], f"k{config['k']}", _pool_label(config["pool"])]
+    if config.get("replay_format", "plain") != "plain":
+        parts.append(f"fmt_{config['replay_format']}")
     parts += [f"s{config['seed']}", digest]
     return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))
 

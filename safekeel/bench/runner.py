@@ -21,12 +21,13 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from tqdm import tqdm
 
 from safekeel.bench.git_tools import BatchCommitter, git_commit, runs_message, uncommitted
 from safekeel.bench.grids import REFERENCE_SELECTOR, DatasetSpec, GridSpec, expand, run_id
+from safekeel.bench.preference_report import write_preference_outputs
 from safekeel.bench.report import write_outputs
 from safekeel.data.reference import shared_dataset
 from safekeel.eval.harness import EvalSettings, evaluate, is_named_prompt_set
@@ -34,7 +35,7 @@ from safekeel.eval.replies import read_replies, replies_path, write_replies
 from safekeel.models.registry import load_model_and_tokenizer
 from safekeel.provenance import library_versions, machine_info, sha256_json, write_json_atomic
 from safekeel.training.config import LoraSFTConfig
-from safekeel.pipeline import JobSpec, run_pipeline
+from safekeel.pipeline import JobSpec, MethodSpec, run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def execute(config: dict, cache_dir: str | Path, show_progress: bool = False) ->
         spec = JobSpec(prepare_dataset(dataset.path, dataset.template, cache_dir), str(folder), model=config["model"],
                             k=config["k"], selector=config["selector"] or REFERENCE_SELECTOR, mode=config["mode"],
                             pool=config["pool"] or "authored", seed=config["seed"], max_examples=dataset.max_examples,
-                            sft=LoraSFTConfig(**dataset.sft), eval=settings)
+                            sft=LoraSFTConfig(**dataset.sft), eval=settings, replay_format=config.get("replay_format", "plain"),
+                            method=method_of(config))
         result = run_pipeline(spec, show_progress=show_progress, adapter_cache=cache_dir / "adapters",
                               selection_store=cache_dir / "selection")
         report = result.report
@@ -107,8 +109,34 @@ def execute(config: dict, cache_dir: str | Path, show_progress: bool = False) ->
         extra = {key: provenance[key] for key in ("selected_ids", "train", "adapter_key", "mode_effect", "data_sha256",
                                                   "n_user_examples", "n_training_examples")}
         extra["adapter_cache_hit"] = bool(provenance["train"].get("cached"))
+        if config.get("preference_eval"):
+            extra["preference_eval"] = held_out_preference(config, result.adapter_dir, spec.sft.max_length)
+        if "method" in config:
+            extra["safety_pairs"] = (result.selection or {}).get("preference_pairs")
     return {"run_id": identifier, "config": config, "report": report.to_dict(), **extra,
             "seconds": round(time.time() - started, 1), "versions": library_versions(), "machine": machine_info()}
+
+
+def method_of(config: dict) -> MethodSpec:
+    """A run's training method: dpo with the configuration's objective, or supervised (no `method` in it)."""
+    if "method" not in config:
+        return MethodSpec()
+    return MethodSpec(type="dpo", dpo={k: v for k, v in config["method"].items() if k != "type"})
+
+
+def held_out_preference(config: dict, adapter_dir: Path, max_length: int) -> dict:
+    """Preference accuracy and reward margin of a run's adapter on the held-out pairs of its `preference_eval`
+    ({path, skip, n}: the n pairs after the first `skip` of the file; safekeel.eval.preference)."""
+    from peft import PeftModel  # deferred on purpose: heavy
+
+    from safekeel.data.preference import load_preferences
+    from safekeel.eval.preference import preference_metrics
+
+    held = config["preference_eval"]
+    pairs = load_preferences(resolve_data_path(held["path"])).pairs[held.get("skip", 0): held.get("skip", 0) + held["n"]]
+    model, tokenizer = load_model_and_tokenizer(config["model"])
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return {**preference_metrics(model, tokenizer, pairs, method_of(config).dpo.beta, max_length), "held_out": dict(held)}
 
 
 @dataclass
@@ -123,6 +151,15 @@ class GridOutcome:
 Writer = Callable[[list[dict], bool], list[Path]]
 """(records so far, final) -> files written. Called after each executed run and once at the end."""
 
+Runs = Callable[[Sequence[tuple[dict, Path]], Path], Iterator[tuple[dict, Path, dict]]]
+"""(pending (config, record path) pairs, cache dir) -> (config, path, record) as each run finishes: how the runs
+are executed (default: one after another here, `execute_here`; safekeel.bench.ray_executor: Ray tasks)."""
+
+
+def execute_here(pending: Sequence[tuple[dict, Path]], cache_dir: Path) -> Iterator[tuple[dict, Path, dict]]:
+    for config, path in pending:
+        yield config, path, execute(config, cache_dir)
+
 
 def _duration(seconds: float) -> str:
     minutes = round(seconds / 60)
@@ -131,7 +168,7 @@ def _duration(seconds: float) -> str:
 
 def run_grid(grid: GridSpec, results_dir: str | Path, cache_dir: str | Path, commit: bool = False, command: str = "",
              writer: Writer | None = None, show_progress: bool = True, configs: Sequence[dict] | None = None,
-             commit_every: int = 1) -> GridOutcome:
+             commit_every: int = 1, runs: Runs | None = None) -> GridOutcome:
     """Run every configuration of the grid that has no run record yet; write the outputs.
 
     Records: results_dir/bench_runs/<grid>/<run id>.json, replies beside them in results_dir/replies/<grid>/;
@@ -140,13 +177,16 @@ def run_grid(grid: GridSpec, results_dir: str | Path, cache_dir: str | Path, com
     writer wrote, one commit per `commit_every` runs (default 1: a commit per run), the last batch with the
     final outputs (or, when every batch is committed, the final outputs alone); records an interrupted batch
     left uncommitted are committed first. `configs`: run these instead of expand(grid) (controls that a
-    GridSpec cannot express, such as a system prompt that differs per seed)."""
+    GridSpec cannot express, such as a system prompt that differs per seed). `runs`: how the missing runs are
+    executed (default `execute_here`, in grid order; the Ray executor runs them at once and they finish in any
+    order: the records and outputs are the same, listed in grid order)."""
     committer = BatchCommitter(commit_every, runs_message(f"bench {grid.name}"), enabled=commit)
     results_dir = Path(results_dir)
     configs = list(configs) if configs is not None else expand(grid)
     runs_dir = results_dir / "bench_runs" / grid.name
     paths = [runs_dir / f"{run_id(c)}.json" for c in configs]
-    write = writer or (lambda records, final: write_outputs(grid, records, results_dir, command, plots=final))
+    write = writer or (lambda records, final: write_preference_outputs(grid, records, results_dir, command) if grid.methods
+                       else write_outputs(grid, records, results_dir, command, plots=final))
     records, executed, durations = [], [], []
     # a run's id hashes its whole configuration: a record another grid made of the same configuration is
     # this grid's record too (the modes grid shares its `none` and random-replay runs with the selectors grid)
@@ -174,16 +214,19 @@ def run_grid(grid: GridSpec, results_dir: str | Path, cache_dir: str | Path, com
     remaining = sum(not p.is_file() for p in paths)
     bar = tqdm(total=len(configs), initial=len(configs) - remaining, unit="run", desc=f"bench {grid.name}",
                bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {elapsed} elapsed{postfix}", disable=not show_progress)
+    done = {path: json.loads(path.read_text()) for path in paths if path.is_file()}
+    pending: list[tuple[dict, Path]] = []
+    for config, path in zip(configs, paths):
+        if path not in done and path not in {p for _, p in pending}:
+            pending.append((config, path))
     with bar:
-        for config, path in zip(configs, paths):
-            if path.is_file():
-                records.append(json.loads(path.read_text()))
-                continue
-            bar.set_description_str(f"bench {grid.name} [{run_id(config)}]")
-            record = execute(config, cache_dir)
+        if pending:
+            bar.set_description_str(f"bench {grid.name} [{run_id(pending[0][0])}]")
+        for config, path, record in (runs or execute_here)(pending, Path(cache_dir)):
             write_json_atomic(path, record)
             kept = keep_replies(record["run_id"], grid.name, results_dir, cache_dir)
-            records.append(record)
+            done[path] = record
+            records = [done[p] for p in paths if p in done]
             executed.append(record["run_id"])
             durations.append(record["seconds"])
             remaining -= 1
@@ -192,6 +235,12 @@ def run_grid(grid: GridSpec, results_dir: str | Path, cache_dir: str | Path, com
             bar.update(1)
             mean = statistics.mean(durations)
             bar.set_postfix_str(f"~{_duration(mean * remaining)} left ({mean:.0f} s/run over {len(durations)} runs)")
+            following = next((c for c, p in pending if p not in done), None)
+            if following is not None:
+                bar.set_description_str(f"bench {grid.name} [{run_id(following)}]")
+    records = [done[p] for p in paths if p in done]
+    finished = set(executed)
+    executed = [run_id(c) for c, _ in pending if run_id(c) in finished]  # grid order, however they finished
     outputs = write(records, True)
     if committer.runs:
         committer.flush(outputs, note=", summary and plots")

@@ -35,12 +35,17 @@ def run_row(record: dict) -> dict:
         "eval_overrides": (config["dataset"].get("eval") if finetune else config.get("dataset_eval")) or None,
         "n_examples": record.get("n_user_examples"),
         "pool": config.get("pool"), "k": config.get("k", 0), "mode": config.get("mode"),
-        "selector": config.get("selector"), "seed": config.get("seed"),
+        # a format-matched run is its own method beside the plain one (random+format_matched against random)
+        "selector": (f"{config['selector']}+format_matched" if config.get("replay_format") == "match" else config.get("selector")),
+        "seed": config.get("seed"),
         "harmful": {j: _rate(report["harmful"][j]["harmful"]) for j in judges},
         "harmful_extra": {name: {j: _rate(per_judge[j]["harmful"]) for j in judges}
                           for name, per_judge in report.get("harmful_extra", {}).items()},
         "incoherent": {j: report["harmful"][j]["incoherent"]["rate"] for j in judges if "incoherent" in report["harmful"][j]},
         "overrefusal": {j: _rate(report["overrefusal"][j]["refused"]) for j in judges},
+        **({"overrefusal_extra": {name: {j: _rate(per_judge[j]["refused"]) for j in judges}
+                                  for name, per_judge in report["overrefusal_extra"].items()}}
+           if report.get("overrefusal_extra") else {}),
         "utility_loss": loss["loss"] if loss else None,
         "utility_n": loss["n"] if loss else None,
         "selected_ids": record.get("selected_ids", []),

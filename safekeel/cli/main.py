@@ -15,10 +15,12 @@ import typer
 from safekeel.cli.common import fail as _fail, setup as _setup
 from safekeel.cli.data import data_app
 from safekeel.cli.monitor import monitor_app
+from safekeel.cli.preference import method_spec, safety_pairs_command
 from safekeel.defaults import DEFAULT_K, DEFAULT_MODE, DEFAULT_MODEL, DEFAULT_POOL, DEFAULT_SELECTOR
 from safekeel.eval.gate import DEFAULT_ALPHA, DEFAULT_MARGIN
 from safekeel.paths import REPO_ROOT
 from safekeel.training.config import LoraSFTConfig
+from safekeel.training.preference import DPO_LEARNING_RATE
 
 _SFT = LoraSFTConfig()
 
@@ -156,12 +158,14 @@ def audit_command(
 
 
 @app.command("validate")
-def validate_command(path: Path, format: Optional[str] = typer.Option(None, help="chat | prompt_completion | alpaca | question_answer (default: detect)")) -> None:
-    """Check a dataset file: report its format, record count and every problem (file, line, field)."""
+def validate_command(path: Path, format: Optional[str] = typer.Option(None, help="chat | prompt_completion | alpaca | question_answer; preference: openai_preference | prompt_chosen_rejected | chosen_rejected (default: detect)")) -> None:
+    """Check a dataset file (supervised or preference data): report its format, record count and every problem (file, line, field)."""
     from safekeel.data.formats import DatasetError, load_conversations
+    from safekeel.data.preference import PREFERENCE_FORMATS, is_preference_file, load_preferences
 
     try:
-        result = load_conversations(path, fmt=format)
+        preference = format in PREFERENCE_FORMATS if format else is_preference_file(path)
+        result = load_preferences(path, fmt=format) if preference else load_conversations(path, fmt=format)
     except DatasetError as error:
         _fail(str(error))
     typer.echo(result.summary())
@@ -178,10 +182,11 @@ def finetune_command(
     selector: str = typer.Option(DEFAULT_SELECTOR, help="Selector name (see `safekeel selectors`); the default beat random in a pre-registered test (benchmarks/results/confirm.md); random is faster."),
     mode: str = typer.Option(DEFAULT_MODE, help="replay (mix the k examples into training) | backdoor (the same, with a secret system prompt that the evaluation and serving also use, BackdoorAlign) | icl (train on the data alone; the k examples are in-context demonstrations at evaluation and serving) | ptst (train on the data alone, evaluate and serve with a safety system prompt; no selection, k recorded as 0) | none."),
     pool: str = typer.Option(DEFAULT_POOL, help="Safety pool: 'authored', 'safety_tuned_llamas' (../shared/data) or a file."),
+    replay_format: str = typer.Option("plain", help="plain | match: rewrite the replayed examples into your data's format (its system prompt, persona, template, turns, length; recorded in selection.json). Mode replay only."),
     seed: int = typer.Option(0, help="Seed for selection, data order and adapter init."),
     max_examples: Optional[int] = typer.Option(None, help="Use only the first n user examples."),
     epochs: float = typer.Option(_SFT.epochs, help="Training epochs."),
-    lr: float = typer.Option(_SFT.learning_rate, help="Learning rate."),
+    lr: Optional[float] = typer.Option(None, help=f"Learning rate (default {_SFT.learning_rate:g} supervised, 5e-05 dpo)."),
     batch_size: int = typer.Option(_SFT.batch_size, help="Batch size."),
     max_steps: int = typer.Option(_SFT.max_steps, help="Stop after this many steps (smoke tests)."),
     lora_r: int = typer.Option(_SFT.lora_r, help="LoRA rank."),
@@ -218,6 +223,16 @@ def finetune_command(
     guard_system_prompt: Optional[str] = typer.Option(None, help="Serve (and evaluate) with a safety system prompt: 'default' for safekeel's, or your own text."),
     guard_demonstrations: str = typer.Option("none", help="Serve (and evaluate) with safety demonstrations: none | static | retrieved."),
     guard_n_demonstrations: int = typer.Option(3, help="Demonstrations per request (static or retrieved)."),
+    method: str = typer.Option("supervised", help="supervised (LoRA SFT) | dpo (preference pairs in DATA, trl's DPOTrainer; "
+                                                 "safety replay as refusal-vs-compliance pairs)."),
+    loss_type: list[str] = typer.Option([], help="dpo objective, trl's names (repeat for a weighted sum): sigmoid (DPO) | ipo "
+                                                 "| hinge | robust | sigmoid_norm | sft | ... (default sigmoid)."),
+    loss_weight: list[float] = typer.Option([], help="One weight per --loss-type (default 1 each)."),
+    beta: Optional[float] = typer.Option(None, help="dpo beta; its meaning depends on the objective (default: the "
+                                                    "objective's paper's: sigmoid 0.1, ipo tau 0.1, hinge 1.0, robust 0.1)."),
+    label_smoothing: Optional[float] = typer.Option(None, help="robust: label-flip rate (default 0.1); exo_pair: epsilon."),
+    rejected_model: str = typer.Option("smollm2-135m-instruct", help="dpo: the model whose greedy compliances are the "
+                                                                     "safety pairs' rejected side (`safekeel safety-pairs`)."),
 ) -> None:
     """Fine-tune with LoRA on DATA: audit, select k safety examples, train, evaluate through the guard, gate."""
     _setup()
@@ -237,8 +252,10 @@ def finetune_command(
                     fg=typer.colors.YELLOW, err=True)
         gate = False
     try:
-        spec = JobSpec(str(data), str(out), model=model, k=k, selector=selector, mode=mode, pool=pool, seed=seed,
-                       max_examples=max_examples, eval=settings,
+        training_method = method_spec(method, loss_type, loss_weight, beta, label_smoothing, rejected_model)
+        lr = lr if lr is not None else DPO_LEARNING_RATE if method == "dpo" else _SFT.learning_rate
+        spec = JobSpec(str(data), str(out), model=model, k=k, selector=selector, mode=mode, pool=pool, seed=seed, method=training_method,
+                       max_examples=max_examples, eval=settings, replay_format=replay_format,
                        audit=AuditSpec(enabled=audit, hidden_states=audit_hidden_states, shift=shift,
                                        shift_fraction=shift_fraction, shift_weight=shift_weight, policy=policy,
                                        predictor=str(predictor) if predictor else None),
@@ -299,6 +316,7 @@ def select_command(
     max_examples: Optional[int] = typer.Option(None, min=1, help="Use only the first n user examples."),
     out: Optional[Path] = typer.Option(None, help="Write the selection record (ids, scores, rationale, provenance) as JSON."),
     examples_out: Optional[Path] = typer.Option(None, help="Write the selected examples as chat JSONL, ready to mix into your own training data."),
+    replay_format: str = typer.Option("plain", help="plain | match: the examples written by --examples-out are rewritten into DATA's format (system prompt, persona, template, turns, length); what changed goes into the record."),
     store: Optional[Path] = typer.Option(None, help="Keep selectors' k-independent results here, so a later call (another k) reuses them."),
 ) -> None:
     """Select k safety examples from a pool for DATA, without training: prints them, and writes the selection
@@ -307,9 +325,12 @@ def select_command(
     from safekeel.data.formats import DatasetError, load_conversations
     from safekeel.models.registry import ModelNotFoundError
     from safekeel.provenance import library_versions, sha256_file, write_json_atomic
+    from safekeel.selectors.format_match import REPLAY_FORMATS, match_format
     from safekeel.selectors.select import select_safety
 
     try:
+        if replay_format not in REPLAY_FORMATS:
+            raise ValueError(f"unknown --replay-format {replay_format!r}; known: {', '.join(REPLAY_FORMATS)}")
         loaded = load_conversations(str(data))
         if loaded.skipped:
             typer.echo(loaded.summary(), err=True)
@@ -317,6 +338,9 @@ def select_command(
         if not user_data:
             raise ValueError(f"{data}: no usable examples")
         record, examples = select_safety(user_data, pool, k, selector, seed, model, store=str(store) if store else None)
+        conversations = [e.to_conversation() for e in examples]
+        if replay_format == "match":
+            conversations, record["replay_format"] = match_format(examples, user_data, seed)
     except (DatasetError, ModelNotFoundError, ValueError, OSError) as error:  # OSError: a hub id that cannot load offline
         _fail(str(error))
     record.update({"data": str(data), "data_sha256": sha256_file(data), "n_user_examples": len(user_data),
@@ -333,8 +357,8 @@ def select_command(
         typer.echo(f"selection: {out}")
     if examples_out is not None:
         examples_out.parent.mkdir(parents=True, exist_ok=True)
-        examples_out.write_text("".join(json.dumps({"messages": e.to_conversation().to_messages()}, ensure_ascii=False) + "\n"
-                                        for e in examples), encoding="utf-8")
+        examples_out.write_text("".join(json.dumps({"messages": c.to_messages()}, ensure_ascii=False) + "\n"
+                                        for c in conversations), encoding="utf-8")
         typer.echo(f"examples: {examples_out}")
 
 
@@ -417,12 +441,15 @@ def eval_command(
 
 @app.command("bench")
 def bench_command(
-    grid: Optional[str] = typer.Option(None, help="Grid: a preset (quick, selectors, modes, identity, full) or a grid file (.json, .yaml)."),
+    grid: Optional[str] = typer.Option(None, help="Grid: a preset (quick, selectors, modes, identity, full, selection_v2, selection_v2_k10) or a grid file (.json, .yaml)."),
     quick: bool = typer.Option(False, "--quick", help="The quick preset (20 min on 2 CPU cores with smollm2-135m-safe, measured)."),
     commit: bool = typer.Option(False, help="git-commit each finished run record and the updated summary."),
     render_only: bool = typer.Option(False, help="Only re-analyse the runs in bench_<grid>.json and re-render the markdown and plots (no run is executed)."),
     results_dir: Optional[Path] = typer.Option(None, help="Results folder (default: benchmarks/results)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Adapters and responses (default: benchmarks/cache/bench)."),
+    executor: str = typer.Option("local", help="local (runs one after another here) or ray (the runs as Ray tasks on a cluster; the cache dir must be on storage every node sees)."),
+    ray_address: Optional[str] = typer.Option(None, envvar="SAFEKEEL_RAY_ADDRESS", help="With --executor ray: the cluster (default: RAY_ADDRESS or a cluster started here with `ray start`)."),
+    ray_cpus_per_run: float = typer.Option(1.0, help="With --executor ray: CPUs each run asks for (its torch threads)."),
 ) -> None:
     """Benchmark selectors against random selection: a grid of fine-tuning runs paired by training seed,
     cached and resumable; writes bench_<grid>.json/.md and plots (the `selectors` preset: selectors.*)."""
@@ -433,7 +460,8 @@ def bench_command(
 
     try:
         markdown = main_command("quick" if quick else grid, results_dir or RESULTS_DIR, cache_dir or CACHE_DIR, commit=commit,
-                                render_only=render_only, command="safekeel bench " + " ".join(sys.argv[2:]))
+                                render_only=render_only, command="safekeel bench " + " ".join(sys.argv[2:]),
+                                executor=executor, ray_address=ray_address, ray_cpus_per_run=ray_cpus_per_run)
     except (FileNotFoundError, ValueError) as error:
         _fail(str(error))
     typer.echo(markdown.read_text())
@@ -447,6 +475,8 @@ def selectors_command() -> None:
     for name in known_selectors():
         doc = (type(get_selector(name)).__doc__ or "").strip().splitlines()[0]
         typer.echo(f"{name}: {doc}")
+    typer.echo("\nwith any selector, --replay-format (finetune, select; safety.replay_format in the API): plain (the examples "
+               "as they are) | match (rewritten into the user data's system prompt, persona, template, turns and length)")
 
 
 @app.command("build-judge")
@@ -467,7 +497,7 @@ def serve_command(
     port: int = typer.Option(8000, help="TCP port."),
     model: Optional[str] = typer.Option(None, help="Base model to serve and fine-tune (default: $SAFEKEEL_BASE_MODELS or smollm2-135m-safe)."),
     engine: Optional[str] = typer.Option(None, help="Serving engine: vllm (default) or transformers."),
-    workers: int = typer.Option(1, help="Worker processes that run fine-tuning jobs (0: run `safekeel worker` yourself)."),
+    workers: int = typer.Option(1, help="Worker processes that run fine-tuning jobs (0: run `safekeel worker` yourself); with SAFEKEEL_EXECUTOR=ray, the jobs run at once on the Ray cluster."),
     service_dir: Optional[Path] = typer.Option(None, help="Database, files and jobs folder (default: $SAFEKEEL_HOME/service)."),
 ) -> None:
     """Start the OpenAI-compatible API (files, fine-tuning jobs, models, chat) with job workers.
@@ -535,6 +565,7 @@ def worker_command() -> None:
 
 
 app.add_typer(monitor_app, name="monitor")
+app.command("safety-pairs")(safety_pairs_command)
 app.add_typer(data_app, name="data")
 
 

@@ -80,3 +80,44 @@ class SafetyExample:
             self.request, self.refusal, system=system, source=self.source,
             meta={"safety_id": self.id, "category": self.category},
         )
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """A preference pair: a prompt (the messages before the assistant's reply) with a preferred (chosen) and a
+    dispreferred (rejected) reply. The sibling of Conversation for preference fine-tuning (DPO and kin)."""
+
+    prompt: tuple[Message, ...]
+    chosen: str
+    rejected: str
+    source: str = ""  # "file:line" it came from, or "safety:<pool id>" for a safety pair
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @classmethod
+    def from_request(cls, request: str, chosen: str, rejected: str, system: str | None = None, source: str = "",
+                     meta: dict | None = None) -> "PreferenceExample":
+        prompt = ((Message("system", system),) if system else ()) + (Message("user", request),)
+        return cls(prompt, chosen, rejected, source=source, meta=dict(meta or {}))
+
+    @property
+    def last_user(self) -> str:
+        return next((m.content for m in reversed(self.prompt) if m.role == "user"), "")
+
+    def chosen_conversation(self) -> Conversation:
+        """The prompt answered with the chosen reply: what selectors and the audit look at."""
+        return Conversation(self.prompt + (Message("assistant", self.chosen),), self.source, dict(self.meta))
+
+    def with_system(self, system: str) -> "PreferenceExample":
+        """The same pair with `system` as its system prompt (replacing any existing one)."""
+        rest = tuple(m for m in self.prompt if m.role != "system")
+        return PreferenceExample((Message("system", system),) + rest, self.chosen, self.rejected, self.source, dict(self.meta))
+
+    def to_dict(self) -> dict:
+        """Plain JSON (what training hashes): prompt messages, chosen and rejected replies."""
+        return {"prompt": [m.to_dict() for m in self.prompt], "chosen": self.chosen, "rejected": self.rejected}
+
+    def to_row(self) -> dict[str, list[dict[str, str]]]:
+        """trl's conversational preference form (explicit prompt): the loss compares the two assistant replies."""
+        return {"prompt": [m.to_dict() for m in self.prompt],
+                "chosen": [{"role": "assistant", "content": self.chosen}],
+                "rejected": [{"role": "assistant", "content": self.rejected}]}

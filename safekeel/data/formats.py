@@ -74,6 +74,11 @@ def detect_format(record: dict[str, Any]) -> str | None:
     return None
 
 
+def _looks_like_preference(record: Any) -> bool:
+    """A preference record (safekeel.data.preference reads those): named in the error a supervised load gives it."""
+    return isinstance(record, dict) and ({"chosen", "rejected"} <= set(record) or "preferred_output" in record)
+
+
 def _require_text(record: dict[str, Any], key: str, optional: bool = False) -> str:
     if key not in record or record[key] is None:
         if optional:
@@ -200,7 +205,9 @@ def load_conversations(
             if detected is None:
                 if record_fmt is None:
                     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise _FieldError("", f"unrecognised record {keys}; expected one of: messages | prompt+completion | instruction+output | question+answer")
+                    hint = ("; this is preference data (chosen/rejected): train it with method dpo (`safekeel finetune --method "
+                            "dpo`, or the API's method type 'dpo')") if _looks_like_preference(record) else ""
+                    raise _FieldError("", f"unrecognised record {keys}; expected one of: messages | prompt+completion | instruction+output | question+answer{hint}")
                 detected = record_fmt
             elif record_fmt is not None and record_fmt != detected:
                 raise _FieldError("", f"record looks like {record_fmt or 'no known format'}, but the file is {detected}")

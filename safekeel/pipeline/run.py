@@ -11,11 +11,17 @@ decision), and `published.json` when a `publish` callback deployed it. Events (k
 as the stages progress: data, audit, selecting, selection, train_log, checkpoint, trained, guard, eval,
 monitor_drift, gate, published. `should_stop` is polled between stages and during training: it raises
 `Cancelled`.
+
+A preference job (spec.method.type 'dpo') runs the same stages on preference pairs (safekeel.data.preference): the
+audit and the selectors see each pair's prompt with its chosen reply, the selected safety examples become pairs
+(refusal chosen, the raw model's compliance rejected: safekeel.training.safety_pairs, recorded in selection.json under
+`preference_pairs`), and training is trl's DPOTrainer with the job's objective (safekeel.training.preference).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,12 +32,14 @@ from safekeel.audit.act import apply_shift, choose_policy, shift_plan
 from safekeel.audit.flags import data_gate
 from safekeel.audit.predict import HarmPredictor, shipped_predictor
 from safekeel.audit.shift import hidden_state_distances
-from safekeel.data.conversation import Conversation, SafetyExample
+from safekeel.data.conversation import Conversation, PreferenceExample, SafetyExample
 from safekeel.data.formats import load_conversations
+from safekeel.data.preference import load_preferences
 from safekeel.data.safety import load_authored_benign, load_pool
 from safekeel.eval.gate import GatePolicy, baseline_report, gate_decision
 from safekeel.eval.harness import EvalSettings, evaluate, guarded, load_prompt_set
 from safekeel.eval.judges.content import harmful_content_scorer
+from safekeel.eval.judges.keyword import keyword_refusal
 from safekeel.eval.replies import read_replies
 from safekeel.guard import Guard, build_guard
 from safekeel.models.registry import base_model_provenance, load_model_and_tokenizer, resolve_model
@@ -41,6 +49,7 @@ from safekeel.selectors.format_match import match_format
 from safekeel.selectors.select import select_safety
 from safekeel.training.finetune import TrainedAdapter, train_adapter
 from safekeel.training.mixing import SELECTING_MODES, TRAINING_MODES, backdoor_prefix, mix
+from safekeel.training.safety_pairs import ComplianceCache, build_safety_pairs
 from safekeel.training.sft import TrainingCancelled
 
 log = logging.getLogger(__name__)
@@ -85,13 +94,23 @@ class PipelineResult:
 @dataclass
 class UserData:
     conversations: list[Conversation]
+    """For preference data: each pair's prompt with its chosen reply (what the audit and the selectors look at)."""
     format: str
     skipped: list[str]
     sha256: str
+    pairs: list[PreferenceExample] | None = None
+    """The preference pairs (method dpo), in the order of `conversations`."""
 
 
 def load_user_data(spec: JobSpec) -> UserData:
     """The user's data, parsed once (DatasetError names the bad record)."""
+    if spec.method.type == "dpo":
+        found = load_preferences(spec.data)
+        if found.skipped:
+            log.warning(found.summary())
+        pairs = found.pairs[: spec.max_examples] if spec.max_examples else found.pairs
+        return UserData([p.chosen_conversation() for p in pairs], found.format,
+                        [s.describe(spec.data, found.unit) for s in found.skipped], sha256_file(spec.data), list(pairs))
     loaded = load_conversations(spec.data)
     if loaded.skipped:
         log.warning(loaded.summary())
@@ -165,7 +184,10 @@ class _Pipeline:
         if spec.replay_format == "match" and selection is not None:
             replayed, selection["replay_format"] = match_format(safety, data.conversations, spec.seed)
             write_json_atomic(self.out / "selection.json", selection)
-        training_data = mix(data.conversations, replayed, spec.mode, spec.seed, prefix=secret)
+        if data.pairs is not None:
+            training_data = self.preference_data(data, safety, selection, secret)
+        else:
+            training_data = mix(data.conversations, replayed, spec.mode, spec.seed, prefix=secret)
         trained = self.train(training_data, base_provenance)
         guard = self.build_guard(data, pool, safety, secret, base_provenance)
         provenance = self.provenance(data, training_data, trained, selection, secret, guard, base_provenance)
@@ -236,7 +258,8 @@ class _Pipeline:
         plan = shift_plan(audit, options.shift, options.shift_fraction, options.shift_weight, self.spec.seed)
         write_json_atomic(self.out / "shift.json", plan)
         self.emit("shift", {k: v for k, v in plan.items() if k not in ("targets", "removed")})
-        return UserData(apply_shift(data.conversations, plan), data.format, data.skipped, data.sha256)
+        pairs = apply_shift(data.pairs, plan) if data.pairs is not None else None
+        return UserData(apply_shift(data.conversations, plan), data.format, data.skipped, data.sha256, pairs)
 
     def choose_policy(self, audit: dict) -> None:
         """The adaptive policy replaces the job's k, mode and system prompt (recorded in policy.json and the event)."""
@@ -275,14 +298,34 @@ class _Pipeline:
         self.emit("selection", selection)
         return selection, safety
 
-    def train(self, training_data: list[Conversation], base_provenance: dict | None) -> TrainedAdapter:
+    def preference_data(self, data: UserData, safety: list[SafetyExample], selection: dict | None,
+                        secret: str | None) -> list[PreferenceExample]:
+        """The user's pairs with the selected safety examples as pairs (modes replay and backdoor; backdoor's carry the
+        secret system prompt), in a seeded order; how the safety pairs were made goes into selection.json."""
+        spec = self.spec
+        pairs = list(data.pairs or [])
+        if spec.mode in TRAINING_MODES and safety:
+            cache = ComplianceCache(spec.method.rejected_model)
+            safety_pairs, record = build_safety_pairs(safety, cache, is_refusal=keyword_refusal,
+                                                      show_progress=self.show_progress, on_event=self.emit)
+            if secret:
+                safety_pairs = [p.with_system(secret) for p in safety_pairs]
+            if selection is not None:
+                selection["preference_pairs"] = record
+                write_json_atomic(self.out / "selection.json", selection)
+            self.emit("safety_pairs", record)
+            pairs += safety_pairs
+        random.Random(spec.seed).shuffle(pairs)
+        return pairs
+
+    def train(self, training_data: list, base_provenance: dict | None) -> TrainedAdapter:
         spec = self.spec
         model, tokenizer = self.base()
         try:
             trained = train_adapter(model, tokenizer, training_data, spec.sft, model_name=spec.model,
                                     base_provenance=base_provenance, output_dir=self.out, cache=self.adapter_cache,
                                     should_stop=self.should_stop, on_event=self.emit, show_progress=self.show_progress,
-                                    checkpoint_steps=spec.checkpoint_steps)
+                                    checkpoint_steps=spec.checkpoint_steps, preference=spec.method.preference)
         except TrainingCancelled as stop:
             raise Cancelled() from stop
         self.timings["training_seconds"] = trained.train["seconds"]

@@ -18,6 +18,8 @@ from safekeel.guard import DEMONSTRATION_MODES
 from safekeel.selectors.format_match import REPLAY_FORMATS
 from safekeel.training.config import LoraSFTConfig
 from safekeel.training.mixing import MODES
+from safekeel.training.preference import PreferenceConfig
+from safekeel.training.safety_pairs import COMPLIANCE_MODEL
 
 
 @dataclass
@@ -120,10 +122,42 @@ class GuardSpec:
             raise ValueError(f"unknown guard demonstrations {self.demonstrations!r}; known: {', '.join(DEMONSTRATION_MODES)}")
 
 
+METHODS = ("supervised", "dpo")
+
+
+@dataclass
+class MethodSpec:
+    """How the adapter is trained (OpenAI's `method`): supervised (LoRA SFT on conversations) or dpo (trl's DPOTrainer on
+    preference pairs, with the objective in `dpo`: DPO, IPO, hinge, robust, ... or a weighted combination; see
+    safekeel.training.preference for what beta means per objective). A dpo job replays safety examples as pairs: the
+    pool's refusal chosen, `rejected_model`'s greedy compliance rejected (safekeel.training.safety_pairs)."""
+
+    type: str = "supervised"
+    dpo: PreferenceConfig | None = None
+    """The preference objective (type dpo; None there means DPO's defaults)."""
+    rejected_model: str = COMPLIANCE_MODEL
+    """dpo: the model whose greedy replies to the selected harmful requests are the safety pairs' rejected side."""
+
+    def __post_init__(self) -> None:
+        if self.type not in METHODS:
+            raise ValueError(f"unknown method {self.type!r}; known: {', '.join(METHODS)}")
+        if isinstance(self.dpo, dict):
+            self.dpo = PreferenceConfig(**self.dpo)
+        if self.type == "dpo" and self.dpo is None:
+            self.dpo = PreferenceConfig()
+        if self.type == "supervised" and self.dpo is not None:
+            raise ValueError("preference options (loss type, beta) need method 'dpo', not 'supervised'")
+
+    @property
+    def preference(self) -> PreferenceConfig | None:
+        return self.dpo if self.type == "dpo" else None
+
+
 @dataclass
 class JobSpec:
     data: str
-    """User training data (chat JSONL, prompt/completion JSONL, Alpaca JSON/JSONL, question/answer JSONL)."""
+    """User training data (chat JSONL, prompt/completion JSONL, Alpaca JSON/JSONL, question/answer JSONL; for method dpo
+    a preference file: OpenAI's preference JSONL, prompt/chosen/rejected or chosen/rejected, safekeel.data.preference)."""
     output_dir: str
     model: str = DEFAULT_MODEL
     """Base model: a registered name or a local model folder."""
@@ -154,8 +188,12 @@ class JobSpec:
     """plain: the selected examples are replayed as a bare request and reply; match: rewritten into the user data's
     format (system prompt, template, persona, turns, length; safekeel.selectors.format_match), mode replay only.
     Recorded as plain for none and ptst, which replay nothing."""
+    method: MethodSpec = field(default_factory=MethodSpec)
+    """supervised (the default) or dpo (preference pairs; safety replay as refusal-vs-compliance pairs)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.method, dict):
+            self.method = MethodSpec(**self.method)
         if isinstance(self.sft, dict):
             self.sft = LoraSFTConfig(**self.sft)
         if isinstance(self.eval, dict):
@@ -181,6 +219,9 @@ class JobSpec:
             raise ValueError(f"replay format {self.replay_format!r} rewrites replayed examples: it needs mode 'replay', not {self.mode!r}")
         elif self.k < 1:
             raise ValueError(f"mode {self.mode!r} selects safety examples: k must be >= 1, got {self.k}")
+        if self.method.type == "dpo" and self.replay_format != "plain":
+            raise ValueError(f"replay format {self.replay_format!r} rewrites conversations: method 'dpo' replays safety pairs "
+                             "as they are (replay_format 'plain')")
         if self.gate.enabled and self.gate.harmful_set is None and self.eval is None:
             raise ValueError("the gate reuses the evaluation's replies when it has no prompt sets of its own: "
                              "enable the evaluation or give the gate harmful_set and overrefusal_set")

@@ -1,7 +1,8 @@
 """The FastAPI application: OpenAI-shaped routes, auth, errors, metrics; engines and workers wired in.
 
 `create_app(settings)` builds the app; the lifespan starts the serving engine for the first base
-model and (optionally) supervised worker processes that run fine-tuning jobs from the database.
+model and (optionally) the job executor: supervised worker processes that run fine-tuning jobs from the
+database, or with `SAFEKEEL_EXECUTOR=ray` the Ray executor (each job a Ray actor; `start_workers` jobs at once).
 """
 
 from __future__ import annotations
@@ -84,7 +85,13 @@ def create_app(settings: ServiceSettings | None = None, start_engine: bool = Tru
             app.state.monitors = await run_in_threadpool(MonitorRuntime, monitor_dir, resolve_model(settings.base_models[0]),
                                                          tuple(settings.monitor_deciders))
             log.info("monitors loaded from %s: %s", monitor_dir, sorted(app.state.monitors.monitors))
-        supervisor = WorkerSupervisor(settings, start_workers) if start_workers else None
+        supervisor = None
+        if start_workers and settings.executor == "ray":
+            from safekeel.service.ray_executor import RayExecutor  # deferred on purpose: ray is an optional extra
+
+            supervisor = RayExecutor(settings, slots=start_workers)
+        elif start_workers:
+            supervisor = WorkerSupervisor(settings, start_workers)
         if supervisor:
             supervisor.start()
         app.state.supervisor = supervisor

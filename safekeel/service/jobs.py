@@ -16,15 +16,20 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import ValidationError
+
 from safekeel.data.formats import DatasetError
+from safekeel.data.preference import PREFERENCE_FORMATS
 from safekeel.data.prompt_sets import is_known as is_named_prompt_set
-from safekeel.pipeline import AuditSpec, Cancelled, DataGateSpec, DataRejected, GateSpec, GuardSpec, JobSpec, PipelineResult, run_pipeline
+from safekeel.pipeline import (AuditSpec, Cancelled, DataGateSpec, DataRejected, GateSpec, GuardSpec, JobSpec, MethodSpec, PipelineResult,
+                               run_pipeline)
 from safekeel.provenance import write_json_atomic
 from safekeel.selectors import known_selectors
-from safekeel.service.protocol import APIError, CreateJobRequest, Hyperparameters, SafetyOptions
+from safekeel.service.protocol import APIError, CreateJobRequest, DpoOptions, Hyperparameters, SafetyOptions
 from safekeel.service.settings import ServiceSettings, Tenant
 from safekeel.service.store import Store, new_id, now
 from safekeel.training.config import LoraSFTConfig
+from safekeel.training.preference import DPO_LEARNING_RATE, PreferenceConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +47,36 @@ class JobFailed(Exception):
 
 
 def resolve_hyperparameters(request: CreateJobRequest) -> Hyperparameters:
+    """The job's hyperparameters: the top-level ones, else the method's (DpoOptions for method dpo)."""
+    method_type = (request.method or {}).get("type", "supervised")
+    if method_type not in ("supervised", "dpo"):
+        raise APIError(400, f"method type {method_type!r} is not supported (supported: supervised, dpo)", "invalid_method", "method.type")
     hyper = request.hyperparameters
+    if method_type == "dpo" and hyper is not None:
+        raise APIError(400, "a dpo job takes its hyperparameters in method.dpo.hyperparameters, not in the top-level "
+                            "hyperparameters", "invalid_hyperparameters", "hyperparameters")
     if hyper is None and request.method:
-        method_type = request.method.get("type", "supervised")
-        if method_type != "supervised":
-            raise APIError(400, f"method type {method_type!r} is not supported (supported: supervised)", "invalid_method", "method.type")
-        hyper = Hyperparameters(**(request.method.get(method_type) or {}).get("hyperparameters", {}) or {})
-    return hyper or Hyperparameters()
+        body = request.method.get(method_type) or {}
+        param = f"method.{method_type}.hyperparameters"
+        try:
+            hyper = (DpoOptions if method_type == "dpo" else Hyperparameters)(**(body.get("hyperparameters") or {}))
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise APIError(400, f"{param}.{where}: {first['msg']}", "invalid_hyperparameters", f"{param}.{where}") from None
+    return hyper or (DpoOptions() if method_type == "dpo" else Hyperparameters())
+
+
+def method_spec(hyper: Hyperparameters) -> MethodSpec:
+    """The pipeline's training method for these hyperparameters (a DpoOptions is a dpo job)."""
+    if not isinstance(hyper, DpoOptions):
+        return MethodSpec()
+    try:
+        return MethodSpec(type="dpo", dpo=PreferenceConfig(
+            loss_type=hyper.loss_type or "sigmoid", loss_weights=hyper.loss_weights,
+            beta=None if hyper.beta == "auto" else hyper.beta, label_smoothing=hyper.label_smoothing))
+    except ValueError as error:
+        raise APIError(400, f"method.dpo.hyperparameters: {error}", "invalid_hyperparameters", "method.dpo.hyperparameters")
 
 
 def build_job(request: CreateJobRequest, tenant: Tenant, store: Store, settings: ServiceSettings) -> dict:
@@ -70,6 +98,19 @@ def build_job(request: CreateJobRequest, tenant: Tenant, store: Store, settings:
             raise APIError(400, f"file {file_id!r} is a safety pool (request/refusal records), not training data: pass it as "
                                 "safety.pool", "invalid_training_file", param)
         files[param] = record
+    hyper = resolve_hyperparameters(request)
+    method = method_spec(hyper)
+    preference_file = files["training_file"].get("format") in PREFERENCE_FORMATS
+    if method.type == "dpo" and not preference_file:
+        raise APIError(400, f"file {request.training_file!r} holds {files['training_file'].get('format')} records; a dpo job trains on "
+                            "preference pairs (OpenAI's preference JSONL: input, preferred_output, non_preferred_output; or "
+                            "prompt/chosen/rejected)", "invalid_training_file", "training_file")
+    if method.type == "supervised" and preference_file:
+        raise APIError(400, f"file {request.training_file!r} holds preference pairs: create the job with method "
+                            "{\"type\": \"dpo\"}", "invalid_training_file", "training_file")
+    if method.type == "dpo" and "validation_file" in files:
+        raise APIError(400, "a validation_file is not supported for dpo jobs yet (the gate's utility loss reads "
+                            "conversations)", "invalid_validation_file", "validation_file")
     safety = request.safety or SafetyOptions()
     if safety.selector not in known_selectors():
         raise APIError(400, f"unknown selector {safety.selector!r} (known: {', '.join(known_selectors())})", "invalid_selector", "safety.selector")
@@ -90,7 +131,6 @@ def build_job(request: CreateJobRequest, tenant: Tenant, store: Store, settings:
                 raise APIError(404, f"safety.gate.{param} {value!r} is neither a named prompt set (`safekeel data status` lists "
                                     "them) nor one of your file ids", "file_not_found", f"safety.gate.{param}")
             prompt_sets[param] = str(blob_path(settings, record["sha256"]))
-    hyper = resolve_hyperparameters(request)
     resolved = {
         "n_epochs": int(DEFAULT_SFT.epochs) if hyper.n_epochs == "auto" else hyper.n_epochs,
         "batch_size": DEFAULT_SFT.batch_size if hyper.batch_size == "auto" else hyper.batch_size,
@@ -108,8 +148,9 @@ def build_job(request: CreateJobRequest, tenant: Tenant, store: Store, settings:
     suffix = request.suffix or ""
     fine_tuned_model = f"ft:{request.model}:{tenant.name}:{suffix}:{job_id[-8:]}"
     job_dir = settings.jobs_dir / job_id
+    base_rate = DPO_LEARNING_RATE if method.type == "dpo" else DEFAULT_SFT.learning_rate
     sft = LoraSFTConfig(epochs=resolved["n_epochs"], batch_size=resolved["batch_size"],
-                        learning_rate=DEFAULT_SFT.learning_rate * resolved["learning_rate_multiplier"],
+                        learning_rate=base_rate * resolved["learning_rate_multiplier"],
                         max_steps=hyper.max_steps or -1, seed=seed, bf16=resolved.get("bf16", DEFAULT_SFT.bf16))
     gate = safety.gate
     try:
@@ -117,7 +158,7 @@ def build_job(request: CreateJobRequest, tenant: Tenant, store: Store, settings:
             data=str(blob_path(settings, files["training_file"]["sha256"])), output_dir=str(job_dir / "output"),
             model=request.model, k=safety.k if safety.mode not in ("none", "ptst") else 0, selector=safety.selector,
             mode=safety.mode if safety.k > 0 or safety.mode == "ptst" else "none", pool=pool, seed=seed, sft=sft,
-            eval=None, checkpoint_steps=checkpoint_steps,
+            eval=None, checkpoint_steps=checkpoint_steps, replay_format=safety.replay_format,
             audit=safety.audit if isinstance(safety.audit, bool) else AuditSpec(enabled=True, **safety.audit.model_dump()),
             data_gate=DataGateSpec(**safety.data_gate.model_dump()),
             gate=GateSpec(enabled=gate.enabled, harmful_set=prompt_sets["harmful_set"], overrefusal_set=prompt_sets["overrefusal_set"],
@@ -125,11 +166,17 @@ def build_job(request: CreateJobRequest, tenant: Tenant, store: Store, settings:
                           alpha=gate.alpha, min_scored_fraction=gate.min_scored_fraction, max_new_tokens=gate.max_new_tokens,
                           names={"harmful_set": gate.harmful_set, "overrefusal_set": gate.overrefusal_set}),
             guard=GuardSpec(**safety.guard.model_dump()),
-            validation_data=str(blob_path(settings, files["validation_file"]["sha256"])) if "validation_file" in files else None)
+            validation_data=str(blob_path(settings, files["validation_file"]["sha256"])) if "validation_file" in files else None,
+            method=method)
     except ValueError as error:
         raise APIError(400, str(error), "invalid_safety_options", "safety")
     spec = {"job_id": job_id, "job_dir": str(job_dir), "fine_tuned_model": fine_tuned_model,
             "hyperparameters_resolved": resolved, "metadata": request.metadata, "pipeline": pipeline.to_dict()}
+    if method.type == "dpo":
+        objective = method.dpo.to_dict()
+        spec["method"] = {"type": "dpo", "dpo": {"hyperparameters": {**resolved, "beta": objective["beta"], "loss_type": objective["loss_type"],
+                                                                     "loss_weights": objective["loss_weights"],
+                                                                     "label_smoothing": objective["label_smoothing"]}}}
     store.add_job({"id": job_id, "tenant": tenant.name, "model": request.model,
                          "training_file": request.training_file, "validation_file": request.validation_file,
                          "suffix": request.suffix, "seed": seed, "hyperparameters": resolved,
@@ -182,9 +229,17 @@ def _event_for(kind: str, payload: dict) -> tuple[str, str, Any, str] | None:
         return "selection", (f"Selected {len(payload['ids'])} safety examples with '{payload['selector']}' "
                              f"from a pool of {payload['pool_size']}: {', '.join(payload['ids'])}"), payload, "info"
     if kind == "train_log" and "loss" in payload:
-        return "metrics", (f"Step {payload['step']}/{payload['max_steps']}: training loss={float(payload['loss']):.4f}"), {
-            "step": payload["step"], "total_steps": payload["max_steps"], "train_loss": float(payload["loss"]),
-            "learning_rate": float(payload.get("learning_rate", 0) or 0)}, "info"
+        data = {"step": payload["step"], "total_steps": payload["max_steps"], "train_loss": float(payload["loss"]),
+                "learning_rate": float(payload.get("learning_rate", 0) or 0)}
+        preference = {name.replace("rewards/", "reward_"): float(payload[name]) for name in ("rewards/accuracies", "rewards/margins")
+                      if name in payload}  # a dpo job's implicit-reward accuracy and margin on its training batches
+        return "metrics", (f"Step {payload['step']}/{payload['max_steps']}: training loss={float(payload['loss']):.4f}"
+                           + (f", reward margin={preference['reward_margins']:.4f}" if "reward_margins" in preference else "")), \
+            {**data, **preference}, "info"
+    if kind == "safety_pairs":
+        dropped = f" ({len(payload['dropped'])} dropped: the raw model refused or gave nothing)" if payload["dropped"] else ""
+        return "selection", (f"Safety preference pairs: {len(payload['pair_ids'])} refusals preferred over compliances written by "
+                             f"{payload['rejected_model']}{dropped}"), {k: v for k, v in payload.items() if k != "cache"}, "info"
     if kind == "checkpoint":
         return "message", f"Checkpoint saved at step {payload['step']}", payload, "info"
     if kind == "trained":

@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from openai.types import FileObject, Model
 from openai.types.chat import ChatCompletion
-from openai.types.fine_tuning import (FineTuningJob, FineTuningJobEvent, SupervisedHyperparameters, SupervisedMethod,
-                                      fine_tuning_job)
+from openai.types.fine_tuning import (DpoHyperparameters, DpoMethod, FineTuningJob, FineTuningJobEvent,
+                                      SupervisedHyperparameters, SupervisedMethod, fine_tuning_job)
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -119,6 +119,10 @@ class SafetyOptions(Strict):
     your data alone, served with safekeel's safety system prompt; none: no safety data."""
     pool: str = "authored"
     """Safety pool: 'authored' (shipped) or the id of a file you uploaded (safekeel pool schema or chat format)."""
+    replay_format: Literal["plain", "match"] = "plain"
+    """plain: the replayed examples as they are; match: rewritten into your training file's format (its system
+    prompt and persona, template, turns, length; safekeel.selectors.format_match), recorded in the selection. Mode
+    replay only."""
     audit: bool | AuditOptions = True
     """Audit the training file before training (true: the default options; false: no audit)."""
     data_gate: DataGateOptions = Field(default_factory=DataGateOptions)
@@ -154,6 +158,28 @@ class Hyperparameters(BaseModel):
         return value
 
 
+class DpoOptions(Hyperparameters):
+    """`method.dpo.hyperparameters` of a preference job: OpenAI's fields (beta, n_epochs, batch_size,
+    learning_rate_multiplier) and safekeel's (loss_type, loss_weights, label_smoothing, max_steps, checkpoint_steps,
+    bf16). What beta means depends on the objective (safekeel.training.preference); "auto" is the objective's default."""
+
+    beta: float | Literal["auto"] = "auto"
+    loss_type: str | list[str] | None = None
+    """safekeel extension: trl's preference loss, sigmoid (DPO, the default) | ipo | hinge | robust | ..., or a list of
+    them trained as a weighted sum (with loss_weights)."""
+    loss_weights: list[float] | None = None
+    """safekeel extension: one weight per loss_type."""
+    label_smoothing: float | None = Field(None, ge=0, lt=1)
+    """safekeel extension: robust's assumed label-flip rate (default 0.1), exo_pair's epsilon."""
+
+    @field_validator("beta")
+    @classmethod
+    def _positive_beta(cls, value: Any) -> Any:
+        if value != "auto" and not value > 0:
+            raise ValueError("must be > 0 or 'auto'")
+        return value
+
+
 class CreateJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
@@ -161,7 +187,8 @@ class CreateJobRequest(BaseModel):
     validation_file: str | None = None
     hyperparameters: Hyperparameters | None = None
     method: dict | None = None
-    """OpenAI's newer form: {"type": "supervised", "supervised": {"hyperparameters": {...}}}."""
+    """OpenAI's newer form: {"type": "supervised", "supervised": {"hyperparameters": {...}}} or {"type": "dpo", "dpo":
+    {"hyperparameters": {...}}} (DpoOptions; the training file then holds preference pairs)."""
     suffix: str | None = None
     seed: int | None = None
     safety: SafetyOptions | None = None
@@ -276,11 +303,25 @@ class JobSupervisedMethod(SupervisedMethod):
     hyperparameters: JobSupervisedHyperparameters | None = None  # type: ignore[assignment]
 
 
-class JobMethod(Open):
-    """OpenAI's `method` object; safekeel fine-tunes with the supervised method only."""
+class JobDpoHyperparameters(DpoHyperparameters):
+    max_steps: int | None = None
+    bf16: bool | None = None
+    loss_type: list[str] | None = None
+    """safekeel extension: the preference losses trained (trl's names), summed with loss_weights."""
+    loss_weights: list[float] | None = None
+    label_smoothing: float | None = None
 
-    type: Literal["supervised"]
-    supervised: JobSupervisedMethod
+
+class JobDpoMethod(DpoMethod):
+    hyperparameters: JobDpoHyperparameters | None = None  # type: ignore[assignment]
+
+
+class JobMethod(Open):
+    """OpenAI's `method` object: supervised, or dpo (preference pairs; the objective's resolved beta and losses)."""
+
+    type: Literal["supervised", "dpo"]
+    supervised: JobSupervisedMethod | None = None
+    dpo: JobDpoMethod | None = None
 
 
 class GateReport(Open):
@@ -429,7 +470,7 @@ def job_object(job: dict) -> dict:
         "result_files": [], "seed": job["seed"], "status": job["status"], "trained_tokens": job["trained_tokens"],
         "training_file": job["training_file"], "validation_file": job["validation_file"],
         "integrations": [], "suffix": job["suffix"], "estimated_finish": None, "metadata": job["spec"].get("metadata"),
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "method": job["spec"].get("method") or {"type": "supervised", "supervised": {"hyperparameters": hyper}},
         "safety": job["safety"], "result": summarize_result(job["result"]),
     }
 

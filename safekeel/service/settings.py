@@ -61,6 +61,35 @@ class ServiceSettings(BaseSettings):
     monitor_deciders: list[str] = Field(default_factory=lambda: ["harm_probe"])
     """The monitors whose threshold decides flag/block; the others are scored and exported only."""
     monitor_block_message: str = "I can't help with that request."
+    executor: str = "local"
+    """Who runs fine-tuning jobs: local (worker processes beside the server, `serve --workers N`) or ray (each job a
+    Ray actor on the cluster at `ray_address`; safekeel.service.ray_executor). The server stays the only writer of
+    its database either way."""
+    ray_address: str | None = None
+    """The Ray cluster to run jobs on (e.g. 10.0.0.5:6379 or ray://host:10001); None: Ray's own default (RAY_ADDRESS,
+    else a cluster started on this machine with `ray start`)."""
+    shared_dir: Path | None = None
+    """Where uploaded files, job folders (adapters, checkpoints) and the shared caches live: a path every Ray node and
+    the server mount at the same place (NFS, a cluster filesystem). Default: the service dir. The database stays in
+    the service dir (SQLite wants a local disk)."""
+    ray_job_cpus: float = 1.0
+    """CPUs each job asks of Ray (its torch threads: Ray sets OMP_NUM_THREADS to it)."""
+    ray_job_gpus: float = 0.0
+    ray_job_memory_gb: float | None = None
+    """Memory each job reserves on its node (Ray's logical `memory` resource); None: no reservation."""
+    ray_cancel_grace_seconds: float = 120.0
+    """A cancelled job's actor that has not stopped this long after the cancel (a stage that does not watch for
+    it) is killed."""
+    ray_env_vars: list[str] = Field(default_factory=lambda: [
+        "SAFEKEEL_HOME", "SAFEKEEL_SHARED_DATA", "SAFEKEEL_LOG", "HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM"])
+    """The server's environment variables (those set) that its jobs' Ray workers get too."""
+
+    @field_validator("executor")
+    @classmethod
+    def _known_executor(cls, value: str) -> str:
+        if value not in ("local", "ray"):
+            raise ValueError(f"unknown executor {value!r}: use local or ray")
+        return value
 
     @field_validator("monitor_policy")
     @classmethod
@@ -93,17 +122,27 @@ class ServiceSettings(BaseSettings):
         return self.root / "safekeel.db"
 
     @property
+    def files_root(self) -> Path:
+        """Uploaded files, job folders and shared caches: `shared_dir`, else the service dir."""
+        return self.shared_dir if self.shared_dir is not None else self.root
+
+    @property
     def selection_store(self) -> Path:
         """Selectors' k-independent results (e.g. the base model's loss on every pool example), shared by jobs."""
-        return self.root / "selection"
+        return self.files_root / "selection"
+
+    @property
+    def gate_baselines_dir(self) -> Path:
+        """The base model's gate replies, per model build and gate settings, shared by jobs."""
+        return self.files_root / "gate_baselines"
 
     @property
     def blobs_dir(self) -> Path:
-        return self.root / "blobs"
+        return self.files_root / "blobs"
 
     @property
     def jobs_dir(self) -> Path:
-        return self.root / "jobs"
+        return self.files_root / "jobs"
 
     def tenants_by_key(self) -> dict[str, Tenant]:
         keys: dict[str, Tenant] = {}

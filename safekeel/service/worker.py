@@ -10,8 +10,8 @@ the end of its current step and saves a checkpoint there, and the worker requeue
 counting the attempt (`Store.release_job`). A stage that does not watch for the stop (selection, the
 gate's evaluation) runs to its end first; a worker killed before it gets there counts as a crash.
 
-A cluster engine can replace this module: it only needs to claim jobs, call `execute_job`, and
-release the job if it stops while the job runs.
+The Ray executor (safekeel.service.ray_executor, `SAFEKEEL_EXECUTOR=ray`) replaces these processes: it claims
+jobs the same way and runs `execute_job` in a Ray actor; `recover_jobs` and `interrupt_job` serve both.
 """
 
 from __future__ import annotations
@@ -65,25 +65,34 @@ def recover_jobs(store: Store, settings: ServiceSettings) -> list[str]:
         if not (dead or stale):
             continue
         why = "its worker process is gone" if dead else f"no heartbeat for over {settings.worker_stale_seconds:.0f} s"
-        if store.cancel_requested(job["id"]):
-            if store.set_status(job["id"], "cancelled", expected=("running",)):
-                store.add_event(job["id"], f"Job cancelled ({why} after cancellation was requested)")
-                acted.append(job["id"])
-            continue
-        if job["attempts"] >= settings.max_job_attempts:
-            error = {"code": "worker_lost", "param": None,
-                     "message": f"The job was interrupted {job['attempts']} times ({why}); giving up"}
-            if store.set_status(job["id"], "failed", expected=("running",), error=error):
-                store.add_event(job["id"], f"Job failed: {error['message']}", level="error", type="error", data=error)
-                acted.append(job["id"])
-            continue
-        with store.connect(immediate=True) as db:
-            moved = db.execute("UPDATE jobs SET status='queued', worker=NULL WHERE id=? AND status='running' AND worker IS ?",
-                               (job["id"], job["worker"])).rowcount == 1
-        if moved:
-            store.add_event(job["id"], f"Job interrupted ({why}); requeued to resume from its last checkpoint", level="warn")
+        if interrupt_job(store, settings, job, why):
             acted.append(job["id"])
     return acted
+
+
+def interrupt_job(store: Store, settings: ServiceSettings, job: dict, why: str) -> str | None:
+    """A running job whose runner died (`why`): cancelled if a cancel was requested, failed with `worker_lost` after
+    `max_job_attempts`, else requeued to resume from its last checkpoint. The new status, or None if the job was
+    no longer running on `job["worker"]` (someone else acted first). Used by any executor."""
+    if store.cancel_requested(job["id"]):
+        if store.set_status(job["id"], "cancelled", expected=("running",)):
+            store.add_event(job["id"], f"Job cancelled ({why} after cancellation was requested)")
+            return "cancelled"
+        return None
+    if job["attempts"] >= settings.max_job_attempts:
+        error = {"code": "worker_lost", "param": None,
+                 "message": f"The job was interrupted {job['attempts']} times ({why}); giving up"}
+        if store.set_status(job["id"], "failed", expected=("running",), error=error):
+            store.add_event(job["id"], f"Job failed: {error['message']}", level="error", type="error", data=error)
+            return "failed"
+        return None
+    with store.connect(immediate=True) as db:
+        moved = db.execute("UPDATE jobs SET status='queued', worker=NULL WHERE id=? AND status='running' AND worker IS ?",
+                           (job["id"], job["worker"])).rowcount == 1
+    if moved:
+        store.add_event(job["id"], f"Job interrupted ({why}); requeued to resume from its last checkpoint", level="warn")
+        return "queued"
+    return None
 
 
 class Worker:

@@ -41,6 +41,31 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def training_hooks(should_stop: Callable[[], bool] | None, on_log: Callable[[dict], None] | None,
+                   on_checkpoint: Callable[[int, Path], None] | None, saving: bool):
+    """The trainer callback every safekeel training uses (SFT and preference): progress logs, checkpoint events, and a
+    stop at the end of a step when `should_stop()` (saving a checkpoint there when `saving`, so a stopped run resumes
+    from that step); the trainer's state gets `cancelled = True`."""
+    from transformers import TrainerCallback  # deferred on purpose: heavy
+
+    class Hooks(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if on_log and logs:
+                on_log({"step": state.global_step, "max_steps": state.max_steps, **logs})
+
+        def on_save(self, args, state, control, **kwargs):
+            if on_checkpoint:
+                on_checkpoint(state.global_step, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if should_stop and should_stop():
+                control.should_training_stop = True
+                control.should_save = saving  # checkpoint this step: a stopped run resumes from here, not an older save
+                state.cancelled = True
+
+    return Hooks()
+
+
 def train_lora(
     model,
     tokenizer,
@@ -63,7 +88,6 @@ def train_lora(
     checkpoint there resumes from the latest one instead of starting over."""
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     output_dir = Path(output_dir)
@@ -73,21 +97,6 @@ def train_lora(
     rows = [c.to_prompt_completion() for c in conversations]
     dataset = Dataset.from_list(rows)
     torch.manual_seed(config.seed)
-
-    class Hooks(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if on_log and logs:
-                on_log({"step": state.global_step, "max_steps": state.max_steps, **logs})
-
-        def on_save(self, args, state, control, **kwargs):
-            if on_checkpoint:
-                on_checkpoint(state.global_step, Path(args.output_dir) / f"checkpoint-{state.global_step}")
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if should_stop and should_stop():
-                control.should_training_stop = True
-                control.should_save = saving  # checkpoint this step: a stopped run resumes from here, not an older save
-                state.cancelled = True
 
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir / "trainer"
     saving = bool(checkpoint_steps) and checkpoint_steps > 0
@@ -131,7 +140,7 @@ def train_lora(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=None if full else lora_config(config),
-        callbacks=[Hooks()],
+        callbacks=[training_hooks(should_stop, on_log, on_checkpoint, saving)],
     )
     if resume_from is not None:
         log.info("resuming training from %s", resume_from)

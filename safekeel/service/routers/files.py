@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse
 from openai.types import FileDeleted
 
 from safekeel.data.formats import DatasetError, load_conversations
+from safekeel.data.preference import is_preference_file, load_preferences
 from safekeel.data.safety import is_pool_file, read_pool_file
 from safekeel.service.auth import current_tenant
 from safekeel.service.jobs import blob_path
@@ -34,9 +35,13 @@ POOL_FORMAT = "safety_pool"
 def validate_upload(path: Path, purpose: str) -> tuple[str, int]:
     """(format, number of examples) of an uploaded file; a DatasetError naming the line otherwise. A `fine-tune`
     file in safekeel's pool schema ({id, request, refusal[, category, style]} a line) is a safety pool, read by
-    the loader `load_pool` uses; any other is a dataset (chat, prompt/completion, Alpaca, question/answer)."""
+    the loader `load_pool` uses; one in a preference format (OpenAI's preference JSONL, prompt/chosen/rejected) holds
+    the pairs of a dpo job; any other is a dataset (chat, prompt/completion, Alpaca, question/answer)."""
     if purpose == "fine-tune" and is_pool_file(path):
         return POOL_FORMAT, len(read_pool_file(path))
+    if purpose == "fine-tune" and is_preference_file(path):
+        found = load_preferences(path, strict=True)
+        return found.format, len(found.pairs)
     loaded = load_conversations(path, strict=True, require_assistant=purpose == "fine-tune")
     return loaded.format, len(loaded.conversations)
 
@@ -75,7 +80,8 @@ async def upload_file(request: Request, file: UploadFile, purpose: str = Form(""
             file_format, n_examples = validate_upload(tmp, purpose)
         except DatasetError as error:
             message = str(error).replace(str(tmp), filename)
-            kind = "prompt" if purpose != "fine-tune" else "safety pool" if is_pool_file(tmp) else "training"
+            kind = "prompt" if purpose != "fine-tune" else "safety pool" if is_pool_file(tmp) else \
+                "preference" if is_preference_file(tmp) else "training"
             raise APIError(400, f"Invalid {kind} file: {message}", "invalid_file", "file") from None
         sha = digest.hexdigest()
         target = blob_path(settings, sha)
