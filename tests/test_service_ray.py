@@ -8,6 +8,8 @@ the two worker nodes and either can be killed.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -145,10 +147,18 @@ def test_killing_the_worker_node_mid_job_requeues_it_and_it_finishes_on_the_othe
                                     hyperparameters={"n_epochs": 3, "batch_size": 1, "checkpoint_steps": 20},
                                     extra_body={"safety": tiny_safety(gate_file, selector="random", audit=False)})
     deadline = time.time() + 180
-    while not c.fine_tuning.jobs.checkpoints.list(job.id).data:
+    while not placements(all_events(c, job.id)):
         assert time.time() < deadline, server.log_tail()
-        time.sleep(0.5)
+        time.sleep(0.2)
     first = placements(all_events(c, job.id))[0]
+    checkpoints = server.home / "shared" / "jobs" / job.id / "output" / "checkpoints"
+    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")):  # a complete checkpoint (written last)
+        assert time.time() < deadline, server.log_tail()
+        time.sleep(0.005)
+    # freeze the job's Ray worker at its first checkpoint, so the node dies mid-job however fast this machine trains
+    # (uncontended, the whole schedule takes seconds: a kill timed by polling the API could land after it)
+    os.kill(first["pid"], signal.SIGSTOP)
+    frozen_at = max(checkpoints.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1])).parent
     victim = cluster.node_by_id(first["node_id"])
     assert victim in cluster.workers
     victim.kill9()  # the node's raylet, agents and the Ray worker running the job, at once
@@ -163,11 +173,12 @@ def test_killing_the_worker_node_mid_job_requeues_it_and_it_finishes_on_the_othe
     assert len(where) == 2 and where[1]["node_id"] != first["node_id"], messages
     assert cluster.node_by_id(where[1]["node_id"]) is survivor
     finished = next(e for e in events if e.message.startswith("Training finished"))
-    assert finished.data["resumed_from"] and "checkpoint-" in finished.data["resumed_from"]
+    assert finished.data["resumed_from"].endswith(frozen_at.name)  # the first attempt's last checkpoint, on the shared path
     assert finished.data["steps"] == 486  # (160 + 2 replayed) / 1 x 3 epochs: the whole schedule, continued
-    # nothing lost: the first attempt's events and checkpoints are still there, the model serves
-    assert messages.index(next(m for m in messages if m.startswith("Checkpoint saved"))) < messages.index(
-        next(m for m in messages if "its Ray worker died" in m))
+    # the first attempt's events up to its last drain are kept (those its actor recorded in the last drain interval
+    # before the node died are not: docs/service.md), and the model serves
+    interrupted = messages.index(next(m for m in messages if "its Ray worker died" in m))
+    assert messages.index("Fine-tuning job started") < interrupted and messages.count("Fine-tuning job started") == 2
     assert job.fine_tuned_model
     reply = c.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "Say the password."}],
                                       max_tokens=8, temperature=0)
