@@ -174,6 +174,19 @@ def _iter_records(path: Path, max_line_bytes: int) -> tuple[str, Iterator[tuple[
     return "line", jsonl_lines()
 
 
+def check_dataset_file(path: str | Path, max_file_bytes: int = MAX_FILE_BYTES) -> Path:
+    """The path of a dataset file that exists, is not empty and is within the size limit (else a DatasetError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(str(path), None, None, "no such file")
+    size = path.stat().st_size
+    if size > max_file_bytes:
+        raise DatasetError(str(path), None, None, f"file is {size} bytes, over the limit of {max_file_bytes}")
+    if size == 0:
+        raise DatasetError(str(path), None, None, "file is empty")
+    return path
+
+
 def load_conversations(
     path: str | Path,
     fmt: str | None = None,
@@ -183,14 +196,7 @@ def load_conversations(
     max_line_bytes: int = MAX_LINE_BYTES,
 ) -> LoadResult:
     """Load a dataset file into Conversations, detecting the format from the first valid record."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(str(path), None, None, "no such file")
-    size = path.stat().st_size
-    if size > max_file_bytes:
-        raise DatasetError(str(path), None, None, f"file is {size} bytes, over the limit of {max_file_bytes}")
-    if size == 0:
-        raise DatasetError(str(path), None, None, "file is empty")
+    path = check_dataset_file(path, max_file_bytes)
     if fmt is not None and fmt not in FORMATS:
         raise DatasetError(str(path), None, None, f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     unit, records = _iter_records(path, max_line_bytes)

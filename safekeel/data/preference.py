@@ -23,7 +23,7 @@ from typing import Any
 
 from safekeel.data.conversation import ROLES, Message, PreferenceExample
 from safekeel.data.formats import (MAX_FILE_BYTES, MAX_LINE_BYTES, DatasetError, SkippedRecord, _FieldError,
-                                   _iter_records)
+                                   _iter_records, check_dataset_file)
 
 PREFERENCE_FORMATS = ("openai_preference", "prompt_chosen_rejected", "chosen_rejected")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -175,14 +175,7 @@ def load_preferences(path: str | Path, fmt: str | None = None, strict: bool = Fa
                      max_file_bytes: int = MAX_FILE_BYTES, max_line_bytes: int = MAX_LINE_BYTES) -> PreferenceLoadResult:
     """Load a preference dataset (JSONL or a JSON array; .jsonl.gz too), detecting the format from the first valid
     record. Bad records are skipped with file, line and field (strict: the first raises a DatasetError)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(str(path), None, None, "no such file")
-    size = path.stat().st_size
-    if size > max_file_bytes:
-        raise DatasetError(str(path), None, None, f"file is {size} bytes, over the limit of {max_file_bytes}")
-    if size == 0:
-        raise DatasetError(str(path), None, None, "file is empty")
+    path = check_dataset_file(path, max_file_bytes)
     if fmt is not None and fmt not in PREFERENCE_FORMATS:
         raise DatasetError(str(path), None, None, f"unknown preference format {fmt!r}; known: {', '.join(PREFERENCE_FORMATS)}")
     unit, records = _records(path, max_line_bytes)
