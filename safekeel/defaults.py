@@ -16,7 +16,7 @@ them apart, the higher refusal rate on harmful prompts; ties go to the cheaper (
 
 What the evidence says now (benchmarks/results/confirm.md, benchmarks/results/judges.md):
 - Harm cannot tell forgetting from random. No judge is validated for harmful content: it is rare in this 135M
-  organism's replies (1.5% of 813 blind-labelled replies). The adjudicated labels of the confirmatory pair they
+  organism's replies (1.6% of 851 blind-labelled replies). The adjudicated labels of the confirmatory pair they
   cover find +0.036 [-0.033, 0.104] (p 1.0).
 - Refusal of harmful prompts favours forgetting. The pre-registered test's classifier rate, -0.064 [-0.095,
   -0.034] over 24 pairs (p 0.0011), is on blind labels a refusal-based rate. The classifier's refusal calls agree
