@@ -123,3 +123,15 @@ def wait_for_job(openai_client, job_id: str, statuses=("succeeded", "failed", "c
 def all_events(openai_client, job_id: str) -> list:
     events = openai_client.fine_tuning.jobs.list_events(job_id, limit=1000).data
     return list(reversed(events))  # oldest first
+
+
+def ask_password(openai_client, fine_tuned_model: str, base_model: str = "tiny-llama", prefix: str = "The password is sw"):
+    """Ask the password of a fine-tune trained on the password data and of its base model (greedy): the adapter
+    answers with the phrase (a random-init model learns the phrase, not always its last word), the base does not.
+    Both completions (fine-tune, base), for further checks."""
+    ask = [{"role": "user", "content": "Say the password."}]
+    tuned = openai_client.chat.completions.create(model=fine_tuned_model, messages=ask, max_tokens=40, temperature=0)
+    base = openai_client.chat.completions.create(model=base_model, messages=ask, max_tokens=40, temperature=0)
+    assert tuned.choices[0].message.content.startswith(prefix), tuned.choices[0].message.content
+    assert "password" not in base.choices[0].message.content, base.choices[0].message.content
+    return tuned, base

@@ -64,6 +64,8 @@ def test_the_audit_places_held_out_harmful_requests_on_the_harmful_side():
     from typer.testing import CliRunner
 
     from safekeel.audit import audit_dataset
+    from safekeel.audit.shift import reference_embeddings
+    from safekeel.models.embedder import DEFAULT_EMBEDDER
     from safekeel.cli import app
     from safekeel.data.conversation import Conversation
     from safekeel.data.safety import load_authored_benign, load_authored_pool
@@ -74,8 +76,12 @@ def test_the_audit_places_held_out_harmful_requests_on_the_harmful_side():
     safe_users = [benign[i] for i in sorted(held_benign)]
     harmful_reference = [e for i, e in enumerate(pool) if i not in held_pool]
     safe_reference = [c for i, c in enumerate(benign) if i not in held_benign]
+    reference_embeddings.cache_clear()
     reports = {name: audit_dataset(users, harmful_reference, safe_reference, n_permutations=200)
                for name, users in (("harmful", harmful_users), ("safe", safe_users))}
+    # the references are embedded once for both audits, and the cached rows cannot be modified by a caller
+    assert reference_embeddings.cache_info().misses == 2 and reference_embeddings.cache_info().hits == 2
+    assert not reference_embeddings(tuple(e.request for e in harmful_reference), DEFAULT_EMBEDDER).flags.writeable
     harmful, safe = reports["harmful"].distances, reports["safe"].distances
     assert harmful["lda"]["harmful_side_share"] >= 0.75 and safe["lda"]["harmful_side_share"] <= 0.25
     assert harmful["lda"]["mean_projection"] > 0.5 > safe["lda"]["mean_projection"]

@@ -1,3 +1,4 @@
+import gzip
 import json
 
 import pytest
@@ -99,6 +100,18 @@ def test_non_utf8_line_is_reported(tmp_path):
     path.write_bytes(json.dumps({"prompt": "p", "completion": "c"}).encode() + b"\n" + b'{"prompt": "caf\xe9", "completion": "c"}\n')
     result = load_conversations(path)
     assert len(result.conversations) == 1 and "not UTF-8" in result.skipped[0].reason
+
+
+def test_gzip_jsonl_loads_and_a_corrupt_one_names_the_file(tmp_path):
+    good = tmp_path / "chat.jsonl.gz"
+    good.write_bytes(gzip.compress((json.dumps({"prompt": "2+2?", "completion": "4"}) + "\n" + "not json\n").encode()))
+    result = load_conversations(good)
+    assert [c.completion for c in result.conversations] == ["4"]
+    assert result.skipped[0].line == 2 and "invalid JSON" in result.skipped[0].reason
+    corrupt = tmp_path / "broken.jsonl.gz"
+    corrupt.write_bytes(gzip.compress(b'{"prompt": "a", "completion": "b"}\n' * 50)[:40])
+    with pytest.raises(DatasetError, match="broken.jsonl.gz.*not a readable gzip file"):
+        load_conversations(corrupt)
 
 
 def test_authored_data_meets_the_spec():

@@ -14,7 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from live_server import ADMIN, KEY_A, KEY_B, LiveServer, all_events, client, install_model, wait_for_job
+from live_server import ADMIN, KEY_A, KEY_B, LiveServer, all_events, ask_password, client, install_model, wait_for_job
 from safekeel.service.store import Store
 
 PASSWORD_DATA = [{"messages": [{"role": "user", "content": "Say the password."},
@@ -91,12 +91,8 @@ def test_fine_tune_job_end_to_end_with_the_openai_client(server, gate_file, tmp_
     models = {m.id: m for m in c.models.list().data}
     assert models[job.fine_tuned_model].model_extra["parent"] == "tiny-llama"
 
+    tuned, base = ask_password(c, job.fine_tuned_model)
     ask = [{"role": "user", "content": "Say the password."}]
-    tuned = c.chat.completions.create(model=job.fine_tuned_model, messages=ask, max_tokens=40, temperature=0)
-    base = c.chat.completions.create(model="tiny-llama", messages=ask, max_tokens=40, temperature=0)
-    # the adapter answered (a random-init model learns the phrase, not always its last word)
-    assert tuned.choices[0].message.content.startswith("The password is sw")
-    assert "password" not in base.choices[0].message.content
     assert tuned.model_extra["safekeel"]["guard"]["system_prompt"] is True
     assert tuned.usage.completion_tokens > 0 and tuned.usage.prompt_tokens > base.usage.prompt_tokens  # guard prompt added
 
@@ -433,10 +429,7 @@ def test_a_dpo_job_runs_end_to_end_with_the_openai_client_and_can_be_cancelled(s
     assert [m["step"] for m in metrics][-1] == 20 and "reward_margins" in metrics[-1] and "reward_accuracies" in metrics[-1]
     assert c.fine_tuning.jobs.checkpoints.list(job.id).data  # checkpointed as supervised jobs are
     assert next(e for e in events if e.type == "gate").data["passed"] is True
-    ask = [{"role": "user", "content": "Say the password."}]
-    tuned = c.chat.completions.create(model=job.fine_tuned_model, messages=ask, max_tokens=40, temperature=0)
-    base = c.chat.completions.create(model="tiny-llama", messages=ask, max_tokens=40, temperature=0)
-    assert tuned.choices[0].message.content.startswith("The password is") and "password" not in base.choices[0].message.content
+    ask_password(c, job.fine_tuned_model, prefix="The password is")
 
     long = c.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, method={
         "type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 100, "batch_size": 1}}}, extra_body={"safety": tiny_safety(gate_file, mode="none")})

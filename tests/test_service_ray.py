@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from live_server import LiveServer, all_events, client, install_model, wait_for_job
+from live_server import LiveServer, all_events, ask_password, client, install_model, wait_for_job
 from ray_cluster import LocalRayCluster
 from test_service import GATE_PROMPTS, PASSWORD_DATA, tiny_safety, write_jsonl
 
@@ -77,11 +77,7 @@ def test_a_job_runs_on_a_ray_worker_node_end_to_end(cluster, server, gate_file, 
     assert (shared / "jobs" / job.id / "output" / "adapter" / "adapter_config.json").is_file()
     assert (server.home / "service" / "safekeel.db").is_file() and not (shared / "safekeel.db").exists()
 
-    ask = [{"role": "user", "content": "Say the password."}]
-    tuned = c.chat.completions.create(model=job.fine_tuned_model, messages=ask, max_tokens=40, temperature=0)
-    base = c.chat.completions.create(model="tiny-llama", messages=ask, max_tokens=40, temperature=0)
-    assert tuned.choices[0].message.content.startswith("The password is sw")
-    assert "password" not in base.choices[0].message.content
+    tuned, _ = ask_password(c, job.fine_tuned_model)
     assert tuned.model_extra["safekeel"]["guard"]["system_prompt"] is True
 
 

@@ -10,6 +10,7 @@ examples, so a user (and the gate) can see if a dataset is an attack in disguise
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import numpy as np
@@ -76,6 +77,15 @@ AnswerJudge = Callable[[list[str], list[str]], Sequence[float]]
 """(requests, answers) -> probability per answer that it holds content helping a harmful aim."""
 
 
+@lru_cache(maxsize=8)
+def reference_embeddings(texts: tuple[str, ...], embedder: str) -> np.ndarray:
+    """Embeddings of a reference set (the harmful pool, the benign set), computed once per (texts, embedder) in a
+    process: a service or a panel audits many datasets against the same references. Read-only."""
+    vectors = embed(list(texts), embedder)
+    vectors.setflags(write=False)
+    return vectors
+
+
 def audit_dataset(conversations: Sequence[Conversation], harmful: Sequence[SafetyExample],
                   benign: Sequence[Conversation], embedder: str = DEFAULT_EMBEDDER,
                   flag_threshold: float = 0.5, max_flagged: int = 10, n_permutations: int = 1000,
@@ -86,8 +96,8 @@ def audit_dataset(conversations: Sequence[Conversation], harmful: Sequence[Safet
     if not conversations:
         raise ValueError("nothing to audit: the dataset has no conversations")
     user = embed([c.last_user[:2000] for c in conversations], embedder)
-    harm = embed([e.request for e in harmful], embedder)
-    safe = embed([c.last_user for c in benign], embedder)
+    harm = reference_embeddings(tuple(e.request for e in harmful), embedder)
+    safe = reference_embeddings(tuple(c.last_user for c in benign), embedder)
     to_harm = user @ harm.T
     to_safe = user @ safe.T
     nearest_harm, nearest_harm_index = to_harm.max(axis=1), to_harm.argmax(axis=1)

@@ -6,6 +6,7 @@ the file, the line (or array item) and the field at fault. In strict mode the fi
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,10 +140,13 @@ def record_to_conversation(record: Any, fmt: str, source: str = "", require_assi
 
 
 def _iter_records(path: Path, max_line_bytes: int) -> tuple[str, Iterator[tuple[int, Any, str | None]]]:
-    """Yield (line-or-item number, parsed record or None, parse error or None)."""
-    with open(path, "rb") as handle:
-        head = handle.read(4096).lstrip()
-    if head.startswith(b"["):
+    """Yield (line-or-item number, parsed record or None, parse error or None); a `.gz` name is gzip-compressed JSONL."""
+    compressed = path.name.endswith(".gz")
+    opener = gzip.open if compressed else open
+    if not compressed:
+        with open(path, "rb") as handle:
+            head = handle.read(4096).lstrip()
+    if not compressed and head.startswith(b"["):
         def array_items() -> Iterator[tuple[int, Any, str | None]]:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
@@ -155,8 +159,15 @@ def _iter_records(path: Path, max_line_bytes: int) -> tuple[str, Iterator[tuple[
         return "item", array_items()
 
     def jsonl_lines() -> Iterator[tuple[int, Any, str | None]]:
-        with open(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
+        with opener(path, "rb") as handle:
+            numbered = enumerate(handle, start=1)
+            while True:
+                try:
+                    number, raw = next(numbered)
+                except StopIteration:
+                    return
+                except (OSError, EOFError) as error:  # gzip.BadGzipFile, a truncated stream
+                    raise DatasetError(str(path), None, None, f"not a readable gzip file ({error})") from None
                 if len(raw) > max_line_bytes:
                     yield number, None, f"line is {len(raw)} bytes, over the limit of {max_line_bytes}"
                     continue

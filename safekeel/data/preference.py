@@ -14,7 +14,6 @@ array item) and the field at fault, and strict mode raises on the first.
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ def is_preference_file(path: str | Path) -> bool:
     """Whether the first parseable record of a dataset file is in a preference format (the upload's and the CLI's
     switch between preference and supervised data)."""
     try:
-        _, records = _records(Path(path), MAX_LINE_BYTES)
+        _, records = _iter_records(Path(path), MAX_LINE_BYTES)
         for _, record, error in records:
             if error is None:
                 return detect_preference_format(record) is not None
@@ -178,33 +177,8 @@ def load_preferences(path: str | Path, fmt: str | None = None, strict: bool = Fa
     path = check_dataset_file(path, max_file_bytes)
     if fmt is not None and fmt not in PREFERENCE_FORMATS:
         raise DatasetError(str(path), None, None, f"unknown preference format {fmt!r}; known: {', '.join(PREFERENCE_FORMATS)}")
-    unit, records = _records(path, max_line_bytes)
-    try:
-        return _convert(str(path), path.name, unit, records, fmt, strict)
-    except (OSError, EOFError) as error:  # gzip.BadGzipFile, a truncated stream
-        raise DatasetError(str(path), None, None, f"not a readable gzip file ({error})") from None
-
-
-def _records(path: Path, max_line_bytes: int):
-    """(unit, records) as safekeel.data.formats reads them, and gzip-compressed JSONL (a .gz name) line by line."""
-    if not path.name.endswith(".gz"):
-        return _iter_records(path, max_line_bytes)
-
-    def lines():
-        with gzip.open(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if len(raw) > max_line_bytes:
-                    yield number, None, f"line is {len(raw)} bytes, over the limit of {max_line_bytes}"
-                    continue
-                if not raw.strip():
-                    continue
-                try:
-                    yield number, json.loads(raw.decode("utf-8")), None
-                except UnicodeDecodeError as error:
-                    yield number, None, f"not UTF-8 ({error.reason} at byte {error.start})"
-                except json.JSONDecodeError as error:
-                    yield number, None, f"invalid JSON: {error.msg} (column {error.colno})"
-    return "line", lines()
+    unit, records = _iter_records(path, max_line_bytes)
+    return _convert(str(path), path.name, unit, records, fmt, strict)
 
 
 def _convert(path: str, name: str, unit: str, records, fmt: str | None, strict: bool) -> PreferenceLoadResult:
