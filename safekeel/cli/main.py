@@ -16,6 +16,7 @@ from safekeel.cli.common import fail as _fail, setup as _setup
 from safekeel.cli.data import data_app
 from safekeel.cli.monitor import monitor_app
 from safekeel.cli.preference import method_spec, safety_pairs_command
+from safekeel.cli.replica import replica_command
 from safekeel.defaults import DEFAULT_K, DEFAULT_MODE, DEFAULT_MODEL, DEFAULT_POOL, DEFAULT_SELECTOR
 from safekeel.eval.gate import DEFAULT_ALPHA, DEFAULT_MARGIN
 from safekeel.paths import REPO_ROOT
@@ -221,8 +222,13 @@ def finetune_command(
     gate_harmful_set: Optional[str] = typer.Option(None, help="The gate's own harmful prompts (default: the evaluation's, reusing its replies)."),
     gate_overrefusal_set: Optional[str] = typer.Option(None, help="The gate's own safe prompts (with --gate-harmful-set)."),
     guard_system_prompt: Optional[str] = typer.Option(None, help="Serve (and evaluate) with a safety system prompt: 'default' for safekeel's, or your own text."),
-    guard_demonstrations: str = typer.Option("none", help="Serve (and evaluate) with safety demonstrations: none | static | retrieved."),
-    guard_n_demonstrations: int = typer.Option(3, help="Demonstrations per request (static or retrieved)."),
+    guard_demonstrations: str = typer.Option("none", help="Serve (and evaluate) with safety demonstrations: none | static | retrieved | "
+                                                          "contrastive (each refusal beside a borderline-safe helpful answer; one cached prefix) | "
+                                                          "clustered (--guard-clusters cached prefixes, one per request by nearest cluster). "
+                                                          "Mode icl takes static (its default), contrastive or clustered."),
+    guard_n_demonstrations: int = typer.Option(3, help="Demonstrations per request (static, contrastive, retrieved; clustered: per prefix, k in mode icl)."),
+    guard_clusters: int = typer.Option(6, help="Clustered demonstrations: the number of prefixes (2-16)."),
+    guard_paired: bool = typer.Option(False, help="Clustered demonstrations: pair each refusal with a borderline-safe helpful answer."),
     method: str = typer.Option("supervised", help="supervised (LoRA SFT) | dpo (preference pairs in DATA, trl's DPOTrainer; "
                                                  "safety replay as refusal-vs-compliance pairs)."),
     loss_type: list[str] = typer.Option([], help="dpo objective, trl's names (repeat for a weighted sum): sigmoid (DPO) | ipo "
@@ -265,7 +271,7 @@ def finetune_command(
                        gate=GateSpec(enabled=gate, harmful_set=gate_harmful_set, overrefusal_set=gate_overrefusal_set,
                                      margin=gate_margin, alpha=gate_alpha, judges=tuple(judge), max_new_tokens=max_new_tokens),
                        guard=GuardSpec(system_prompt=system_prompt, demonstrations=guard_demonstrations,
-                                       n_demonstrations=guard_n_demonstrations))
+                                       n_demonstrations=guard_n_demonstrations, n_clusters=guard_clusters, paired=guard_paired))
         result = run_pipeline(spec, baseline_cache=safekeel_home() / "gate_baselines")
     except DataRejected as rejected:
         typer.secho(f"data gate REJECTED the dataset: {rejected.decision['reason']} (audit.json lists the flagged examples)",
@@ -290,7 +296,7 @@ def finetune_command(
         typer.echo(f"selected ({result.selection['selector']}, k={result.selection['k']}): {', '.join(result.selection['ids'])}")
     typer.echo(f"trained {result.provenance['train']['steps']} steps in {result.provenance['train']['seconds']} s")
     if result.guard.active:
-        typer.echo(f"guard: {json.dumps({k: v for k, v in result.guard.to_dict().items() if k != 'static_demonstrations'})}")
+        typer.echo(f"guard: {json.dumps({k: v for k, v in result.guard.to_dict().items() if k not in ('static_demonstrations', 'clusters')})}")
     if result.report:
         typer.echo(result.report.summary())
     if result.gate is not None:
@@ -477,6 +483,10 @@ def selectors_command() -> None:
         typer.echo(f"{name}: {doc}")
     typer.echo("\nwith any selector, --replay-format (finetune, select; safety.replay_format in the API): plain (the examples "
                "as they are) | match (rewritten into the user data's system prompt, persona, template, turns and length)")
+    from safekeel.guard import DEMONSTRATION_HELP
+
+    typer.echo("\nguard demonstrations (finetune --guard-demonstrations; safety.guard.demonstrations in the API; icl_guards in a "
+               "bench grid):\n" + "\n".join(f"  {name}: {text}" for name, text in DEMONSTRATION_HELP.items()))
 
 
 @app.command("build-judge")
@@ -566,6 +576,7 @@ def worker_command() -> None:
 
 app.add_typer(monitor_app, name="monitor")
 app.command("safety-pairs")(safety_pairs_command)
+app.command("replica")(replica_command)
 app.add_typer(data_app, name="data")
 
 

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from safekeel.data import prompt_sets, reference
 from safekeel.data.formats import load_conversations
-from safekeel.guard import Guard, assemble
+from safekeel.guard import PREFIX_MODES, Guard, assemble, per_request, per_request_guard
 from safekeel.eval.judges import get_judge
 from safekeel.eval.replies import read_replies
 from safekeel.eval.stats import Rate
@@ -53,8 +53,8 @@ class EvalSettings:
     demonstrations: list[dict] = field(default_factory=list)
     """In-context demonstrations [{request, refusal}] prepended as earlier turns (ICL guard)."""
     retrieval: dict | None = None
-    """A retrieving guard ({"pool", "n"}): each prompt gets the pool examples nearest to it as demonstrations,
-    as the served model does (safekeel.guard). Set by `guarded`, not by hand."""
+    """A retrieving guard ({"pool", "n"}; or a clustered guard's {"clustered": ...}): each prompt gets its own
+    demonstrations, as the served model does (safekeel.guard.per_request). Set by `guarded`, not by hand."""
     extra_harmful_sets: tuple[str, ...] = ()
     """More harmful prompt sets evaluated beside harmful_set (same judges; e.g. harmbench-standard), reported
     per set in EvalReport.harmful_extra; generated in the same batches as the main sets."""
@@ -167,8 +167,8 @@ def guarded(settings: EvalSettings, guard: Guard) -> EvalSettings:
     """The settings that ask every prompt through `guard`, exactly as the served model gets it (safekeel.guard):
     its system prompt before the settings' own, its static demonstrations, or its retrieval per prompt."""
     return replace(settings, system_prompt=guard.system_text(settings.system_prompt),
-                   demonstrations=list(guard.static_demonstrations) if guard.demonstrations == "static" else [],
-                   retrieval={"pool": guard.pool, "n": guard.n_demonstrations} if guard.demonstrations == "retrieved" else None)
+                   demonstrations=list(guard.static_demonstrations) if guard.demonstrations in PREFIX_MODES else [],
+                   retrieval=per_request(guard))
 
 
 def served_context(settings: EvalSettings) -> list[dict[str, str]]:
@@ -192,8 +192,7 @@ def build_chat(prompt: str, settings: EvalSettings) -> list[dict[str, str]]:
     sent = settings.prompt_template.format(prompt=prompt) if settings.prompt_template else prompt
     demonstrations = settings.demonstrations
     if settings.retrieval:
-        demonstrations = Guard(demonstrations="retrieved", pool=settings.retrieval["pool"],
-                               n_demonstrations=settings.retrieval["n"]).demonstrations_for(sent)
+        demonstrations = per_request_guard(settings.retrieval).demonstrations_for(sent)
     return assemble(settings.system_prompt, demonstrations, [{"role": "user", "content": sent}])
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from safekeel.monitors.capture import ActivationReader, model_fingerprint, render_requests
 from safekeel.monitors.probes import Probe
@@ -23,6 +24,8 @@ from safekeel.monitors.probes import Probe
 log = logging.getLogger(__name__)
 
 POLICIES = ("off", "log", "flag", "block")
+DECISIONS = ("pass", "logged", "flagged", "blocked")
+"""In increasing severity: a request's decision is the most severe of its deciders' and its concepts'."""
 
 
 @dataclass
@@ -32,13 +35,16 @@ class MonitorResult:
     flagged_by: list[str] = field(default_factory=list)
     """Deciding monitors whose score exceeded their threshold."""
     seconds: float = 0.0
+    concepts: dict[str, dict] = field(default_factory=dict)
+    """Concepts with their own policy: {concept: {"policy", "decision", "flagged_by"}} (see MonitorRuntime.decide)."""
 
     @property
     def flagged(self) -> bool:
         return bool(self.flagged_by)
 
     def to_dict(self, decision: str) -> dict:
-        return {"decision": decision, "flagged_by": self.flagged_by, "seconds": round(self.seconds, 4),
+        out = {"concepts": self.concepts} if self.concepts else {}
+        return {**out, "decision": decision, "flagged_by": self.flagged_by, "seconds": round(self.seconds, 4),
                 "scores": {k: round(v, 4) for k, v in self.scores.items()},
                 "thresholds": {k: (round(v, 4) if v is not None else None) for k, v in self.thresholds.items()}}
 
@@ -61,10 +67,20 @@ def load_monitors(folder: str | Path, expected_model: str | None = None) -> dict
     return monitors
 
 
-class MonitorRuntime:
-    """Loaded monitors plus the model copy that feeds them; `score` is thread-safe."""
+def concept_of(name: str, monitor) -> str:
+    """A monitor's concept: its metadata's `concept` (concept probes: toxicity, cyber_hazard, harm, ...), else its name."""
+    return (getattr(monitor, "metadata", None) or {}).get("concept") or name
 
-    def __init__(self, folder: str | Path, model_path: str | Path, deciders: tuple[str, ...] = ("harm_probe",)) -> None:
+
+class MonitorRuntime:
+    """Loaded monitors plus the model copy that feeds them; `score` is thread-safe.
+
+    `deciders` decide with the request's policy (the server default or the fine-tune's); each concept in
+    `concept_policies` ({concept: off|log|flag|block}) decides with its own policy, through its monitors
+    (those whose metadata names that concept, or whose folder has that name)."""
+
+    def __init__(self, folder: str | Path, model_path: str | Path, deciders: tuple[str, ...] = ("harm_probe",),
+                 concept_policies: Mapping[str, str] | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,6 +91,18 @@ class MonitorRuntime:
         if missing:
             raise ValueError(f"deciding monitor(s) {missing} not found in {self.folder} (it has {sorted(self.monitors)})")
         self.deciders = deciders
+        self.members: dict[str, list[str]] = {}
+        for name, monitor in self.monitors.items():
+            self.members.setdefault(concept_of(name, monitor), []).append(name)
+            if concept_of(name, monitor) != name:
+                self.members.setdefault(name, []).append(name)
+        self.concept_policies = dict(concept_policies or {})
+        for concept, policy in self.concept_policies.items():
+            if policy not in POLICIES:
+                raise ValueError(f"unknown monitor policy {policy!r} for concept {concept!r}; known: {POLICIES}")
+            if concept not in self.members:
+                raise ValueError(f"no monitor in {self.folder} reads concept {concept!r} (concepts and monitors there: "
+                                 f"{sorted(self.members)})")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
         self.reader = ActivationReader(self.model, self.tokenizer, sorted({m.config.hookpoint for m in self.monitors.values()}))
@@ -82,7 +110,8 @@ class MonitorRuntime:
 
     def describe(self) -> dict:
         return {"folder": str(self.folder), "model_fingerprint": self.fingerprint, "deciders": list(self.deciders),
-                "monitors": {name: {"hookpoint": m.config.hookpoint, "pooling": m.config.pooling,
+                "concept_policies": self.concept_policies,
+                "monitors": {name: {"hookpoint": m.config.hookpoint, "pooling": m.config.pooling, "concept": concept_of(name, m),
                                     "threshold": m.threshold} for name, m in self.monitors.items()}}
 
     def score(self, request_text: str) -> MonitorResult:
@@ -94,6 +123,32 @@ class MonitorRuntime:
         thresholds = {name: m.threshold for name, m in self.monitors.items()}
         flagged = [d for d in self.deciders if thresholds[d] is not None and scores[d] > thresholds[d]]
         return MonitorResult(scores, thresholds, flagged, time.perf_counter() - started)
+
+    def decide(self, policy: str, result: MonitorResult) -> str:
+        """The request's decision: the deciders under `policy`, each concept under its own policy (recorded in
+        `result.concepts`); the most severe wins."""
+        decision = decide(policy, result)
+        result.concepts = concept_decisions(self.concept_policies, self.members, result)
+        return most_severe([decision] + [c["decision"] for c in result.concepts.values()])
+
+
+def concept_decisions(concept_policies: Mapping[str, str], members: Mapping[str, list[str]], result: MonitorResult) -> dict[str, dict]:
+    """{concept: {"policy", "decision", "flagged_by"}} for every concept whose policy is not off."""
+    out = {}
+    for concept, policy in concept_policies.items():
+        if policy == "off":
+            continue
+        flagged = [n for n in members[concept] if result.thresholds.get(n) is not None and result.scores[n] > result.thresholds[n]]
+        out[concept] = {"policy": policy, "flagged_by": flagged,
+                        "decision": decide(policy, MonitorResult(result.scores, result.thresholds, flagged))}
+    return out
+
+
+def most_severe(decisions: list[str]) -> str:
+    unknown = [d for d in decisions if d not in DECISIONS]
+    if unknown:
+        raise ValueError(f"unknown monitor decision(s) {unknown}; known: {DECISIONS}")
+    return max(decisions, key=DECISIONS.index)
 
 
 def decide(policy: str, result: MonitorResult) -> str:

@@ -336,7 +336,7 @@ class _Pipeline:
                     base_provenance: dict | None) -> Guard:
         spec, options = self.spec, self.spec.guard
         static_pick = None
-        if options.demonstrations == "static" and not safety and spec.mode != "icl":
+        if options.demonstrations in ("static", "contrastive") and not safety and spec.mode != "icl":
             # no selection to take them from: choose them with the job's selector (it may look at the data and model)
             self.emit("message", {"text": f"Selecting {options.n_demonstrations} safety demonstrations with '{spec.selector}'"})
             static_pick = select_safety(data.conversations, spec.pool, options.n_demonstrations, spec.selector, spec.seed,
@@ -344,7 +344,8 @@ class _Pipeline:
                                         loaded_model=self.base())[1]
         guard = build_guard(spec.mode, selected=safety, secret=secret, system_prompt=options.system_prompt,
                             demonstrations=options.demonstrations, n_demonstrations=options.n_demonstrations,
-                            pool=spec.pool, static_pick=static_pick, monitor_policy=options.monitor_policy)
+                            pool=spec.pool, static_pick=static_pick, monitor_policy=options.monitor_policy,
+                            n_clusters=options.n_clusters, paired=options.paired, seed=spec.seed)
         write_json_atomic(self.out / "guard.json", guard.to_dict())
         self.emit("guard", guard.to_dict())
         return guard

@@ -14,7 +14,7 @@ from safekeel.audit.flags import DATA_GATE_ACTIONS
 from safekeel.defaults import DEFAULT_K, DEFAULT_MODE, DEFAULT_MODEL, DEFAULT_POOL, DEFAULT_SELECTOR
 from safekeel.eval.gate import DEFAULT_ALPHA, DEFAULT_MARGIN, DEFAULT_MIN_SCORED
 from safekeel.eval.harness import EvalSettings
-from safekeel.guard import DEMONSTRATION_MODES
+from safekeel.guard import DEFAULT_CLUSTERS, DEMONSTRATION_MODES, check_clusters
 from safekeel.selectors.format_match import REPLAY_FORMATS
 from safekeel.training.config import LoraSFTConfig
 from safekeel.training.mixing import MODES
@@ -113,13 +113,25 @@ class GuardSpec:
     system_prompt: bool | str = False
     """A safety system prompt at serving: True for safekeel's default, or your own text."""
     demonstrations: str = "none"
-    """none | static (the first n_demonstrations selected examples) | retrieved (nearest pool examples per request)."""
+    """none | static (the first n_demonstrations selected examples) | retrieved (nearest pool examples per request) |
+    contrastive (static, each refusal beside a borderline-safe helpful answer) | clustered (n_clusters cached prefixes,
+    one per k-means cluster of the pool, chosen per request by nearest centroid); safekeel.guard."""
     n_demonstrations: int = 3
     monitor_policy: str = "default"
+    n_clusters: int = DEFAULT_CLUSTERS
+    """Prefixes of clustered demonstrations (2-16)."""
+    paired: bool = False
+    """Clustered demonstrations: pair each refusal with a borderline-safe helpful answer (as contrastive)."""
 
     def __post_init__(self) -> None:
         if self.demonstrations not in DEMONSTRATION_MODES:
             raise ValueError(f"unknown guard demonstrations {self.demonstrations!r}; known: {', '.join(DEMONSTRATION_MODES)}")
+        if not isinstance(self.n_demonstrations, int) or self.n_demonstrations < 1:
+            raise ValueError(f"guard n_demonstrations must be a positive integer, got {self.n_demonstrations!r}")
+        check_clusters(self.n_clusters)
+        if self.paired and self.demonstrations != "clustered":
+            raise ValueError(f"guard option paired applies to clustered demonstrations, not {self.demonstrations!r} "
+                             "(contrastive demonstrations are always paired)")
 
 
 METHODS = ("supervised", "dpo")

@@ -22,6 +22,7 @@ from safekeel.models.registry import resolve_model
 from safekeel.monitors.runtime import MonitorRuntime
 from safekeel.service.metrics import ServiceMetrics
 from safekeel.service.protocol import APIError
+from safekeel.service.replicas import ReplicaPool
 from safekeel.service.routers import completions, files, fine_tuning, models, ops
 from safekeel.service.settings import ServiceSettings
 from safekeel.service.store import Store
@@ -75,15 +76,18 @@ def create_app(settings: ServiceSettings | None = None, start_engine: bool = Tru
         app.state.engine = None
         if start_engine:
             model_path = str(resolve_model(settings.base_models[0]))
-            engine = create_engine(settings.engine, model_path, settings)
-            log.info("starting %s engine for %s", settings.engine, settings.base_models[0])
+            if settings.replicas:  # generations go to the serving replicas, routed by adapter
+                engine = ReplicaPool(model_path, settings, metrics)
+            else:
+                engine = create_engine(settings.engine, model_path, settings)
+            log.info("starting %s engine for %s", engine.name, settings.base_models[0])
             await engine.start()
             app.state.engine = engine
         app.state.monitors = None
         monitor_dir = settings.resolved_monitor_dir()
         if start_engine and monitor_dir is not None and settings.monitor_policy != "off":
             app.state.monitors = await run_in_threadpool(MonitorRuntime, monitor_dir, resolve_model(settings.base_models[0]),
-                                                         tuple(settings.monitor_deciders))
+                                                         tuple(settings.monitor_deciders), settings.monitor_concept_policies)
             log.info("monitors loaded from %s: %s", monitor_dir, sorted(app.state.monitors.monitors))
         supervisor = None
         if start_workers and settings.executor == "ray":

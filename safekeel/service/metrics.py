@@ -41,6 +41,24 @@ class JobCollector:
                                         buckets=buckets, sum_value=float(sum(values)))
 
 
+class ReplicaCollector:
+    """Serving replicas' state at scrape time (safekeel.service.replicas.ReplicaPool): up, load, adapters held."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+
+    def collect(self):
+        up = GaugeMetricFamily("safekeel_replica_up", "Serving replica reachable (1) or not (0)", labels=["replica"])
+        load = GaugeMetricFamily("safekeel_replica_in_flight", "Requests this API process has in flight on a serving replica",
+                                 labels=["replica"])
+        adapters = GaugeMetricFamily("safekeel_replica_adapters", "LoRA adapters loaded on a serving replica", labels=["replica"])
+        for replica in self.pool.replicas:
+            up.add_metric([replica.url], int(replica.up))
+            load.add_metric([replica.url], replica.in_flight)
+            adapters.add_metric([replica.url], len(replica.adapters))
+        yield from (up, load, adapters)
+
+
 class ServiceMetrics:
     def __init__(self, store) -> None:
         self.registry = CollectorRegistry()
@@ -59,9 +77,19 @@ class ServiceMetrics:
                                         ["monitor", "model"], buckets=SCORE_BUCKETS, registry=self.registry)
         self.monitor_decisions = Counter("safekeel_monitor_decisions_total", "Monitor policy decisions on chat requests",
                                          ["model", "decision"], registry=self.registry)
+        self.monitor_concept_decisions = Counter("safekeel_monitor_concept_decisions_total",
+                                                 "Per-concept monitor decisions on chat requests (concepts with their own policy)",
+                                                 ["concept", "model", "decision"], registry=self.registry)
         self.monitor_latency = Histogram("safekeel_monitor_duration_seconds", "Time to score one request with all monitors",
                                          buckets=MONITOR_BUCKETS, registry=self.registry)
+        self.replica_routed = Counter("safekeel_replica_routed_total", "Generations routed to a serving replica: outcome hit "
+                                      "(it held the adapter), miss (it loads it) or base", ["replica", "outcome"], registry=self.registry)
+        self.replica_errors = Counter("safekeel_replica_errors_total", "Serving replicas found unreachable (by a request or the probe)",
+                                      ["replica"], registry=self.registry)
         self.registry.register(JobCollector(store))
+
+    def watch_replicas(self, pool) -> None:
+        self.registry.register(ReplicaCollector(pool))
 
     @staticmethod
     def model_label(model_id: str, base_models: list[str]) -> str:

@@ -70,10 +70,16 @@ class GateOptions(Strict):
 
 
 class GuardOptions(Strict):
-    demonstrations: Literal["none", "static", "retrieved"] = "none"
+    demonstrations: Literal["none", "static", "retrieved", "contrastive", "clustered"] = "none"
     """In-context safety demonstrations at serving time: the job's selected examples (static, a shared
-    prefix vLLM caches) or the nearest pool examples to each request (retrieved, faiss)."""
+    prefix vLLM caches), the same with each refusal beside a borderline-safe helpful answer (contrastive), one of
+    n_clusters cached prefixes chosen per request by nearest cluster centroid (clustered), or the nearest pool
+    examples to each request (retrieved, faiss). Mode icl takes static (its default), contrastive or clustered."""
     n_demonstrations: int = Field(3, ge=1, le=20)
+    n_clusters: int = Field(6, ge=2, le=16)
+    """Clustered: the number of prefixes."""
+    paired: bool = False
+    """Clustered: each refusal beside a borderline-safe helpful answer."""
     system_prompt: bool | str = False
     """A safety system prompt at serving time (PTST): True for safekeel's default, or your own text."""
     monitor_policy: Literal["default", "off", "log", "flag", "block"] = "default"
@@ -395,9 +401,11 @@ class JobCheckpointList(Open):
 class ModelGuard(Open):
     """The test-time guard a fine-tuned model is served with (the system prompt's text is not shown)."""
 
-    demonstrations: Literal["none", "static", "retrieved"] | None = None
+    demonstrations: Literal["none", "static", "retrieved", "contrastive", "clustered"] | None = None
     n_demonstrations: int | None = None
     system_prompt: bool = False
+    cluster_set: str | None = None
+    """Clustered demonstrations: the hash of the served centroids and prefixes (safekeel.guard.cluster_set_hash)."""
 
 
 class ServedModel(Model):
@@ -432,6 +440,8 @@ class MonitorRecord(Open):
     seconds: float | None = None
     scores: dict[str, float] = {}
     thresholds: dict[str, float | None] = {}
+    concepts: dict[str, dict] = {}
+    """Concepts with their own policy (server setting monitor_concept_policies): {concept: {policy, decision, flagged_by}}."""
 
 
 class SafekeelRecord(Open):
@@ -452,6 +462,8 @@ class Health(Open):
     """Live worker processes started by this server."""
     jobs: dict[str, int]
     """Fine-tuning jobs by status."""
+    replicas: list[dict] | None = None
+    """Serving replicas (SAFEKEEL_REPLICAS): url, up, in_flight, adapters, error."""
 
 
 def file_object(record: dict) -> dict:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from safekeel.defaults import DEFAULT_MODEL
 from safekeel.monitors.runtime import POLICIES
@@ -60,6 +61,11 @@ class ServiceSettings(BaseSettings):
     returned and the engine is not called). A fine-tune's job can set its own (safety.monitor.policy)."""
     monitor_deciders: list[str] = Field(default_factory=lambda: ["harm_probe"])
     """The monitors whose threshold decides flag/block; the others are scored and exported only."""
+    monitor_concept_policies: dict[str, str] = Field(default_factory=dict)
+    """Per-concept policies ({"toxicity": "log", "cyber_hazard": "flag"}; env: JSON): each concept's monitors (concept
+    probes name their concept; other monitors are their own concept) decide with that policy whatever the request's
+    policy, unless the request's policy is off; a request gets the most severe decision. Concepts not listed only
+    decide when they are deciders."""
     monitor_block_message: str = "I can't help with that request."
     executor: str = "local"
     """Who runs fine-tuning jobs: local (worker processes beside the server, `serve --workers N`) or ray (each job a
@@ -83,6 +89,31 @@ class ServiceSettings(BaseSettings):
     ray_env_vars: list[str] = Field(default_factory=lambda: [
         "SAFEKEEL_HOME", "SAFEKEEL_SHARED_DATA", "SAFEKEEL_LOG", "HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM"])
     """The server's environment variables (those set) that its jobs' Ray workers get too."""
+    replicas: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Serving replicas: base URLs of `safekeel replica` processes or vLLM OpenAI servers with runtime LoRA loading,
+    comma-separated (SAFEKEEL_REPLICAS=http://r1:8001,http://r2:8001). Set: the API routes generations to them by
+    adapter (safekeel.service.replicas) and loads no engine of its own; empty: one engine in the API process."""
+    replica_batch_limit: int = Field(32, ge=1)
+    """Requests in flight on one replica beyond which a request for an adapter it holds goes elsewhere (set it to the
+    engine's batch size, vLLM's max_num_seqs; the capacity model's bounded affinity)."""
+    replica_probe_seconds: float = Field(5.0, gt=0)
+    """How often every replica's health and adapters are checked (a replica marked down comes back this way)."""
+    replica_timeout_seconds: float = 600.0
+    replica_api_key: str | None = None
+    """A bearer key the replicas require on /v1 (theirs: the same variable, or vLLM's --api-key). None: no key."""
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replica_urls(cls, value):
+        items = [part.strip() for part in value.split(",")] if isinstance(value, str) else list(value or [])
+        urls = []
+        for item in filter(None, items):
+            if not item.startswith(("http://", "https://")) or len(item.split("://", 1)[1].strip("/")) == 0:
+                raise ValueError(f"SAFEKEEL_REPLICAS entry {item!r} is not an http(s) URL such as http://10.0.0.7:8001")
+            urls.append(item.rstrip("/"))
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"SAFEKEEL_REPLICAS lists a replica twice: {', '.join(urls)}")
+        return urls
 
     @field_validator("executor")
     @classmethod
@@ -96,6 +127,14 @@ class ServiceSettings(BaseSettings):
     def _known_policy(cls, value: str) -> str:
         if value not in POLICIES:
             raise ValueError(f"unknown monitor policy {value!r}: use one of {', '.join(POLICIES)}")
+        return value
+
+    @field_validator("monitor_concept_policies")
+    @classmethod
+    def _known_concept_policies(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = {concept: policy for concept, policy in value.items() if policy not in POLICIES}
+        if bad:
+            raise ValueError(f"unknown monitor policy for concept(s) {bad}: use one of {', '.join(POLICIES)}")
         return value
 
     def resolved_monitor_dir(self) -> Path | None:

@@ -17,7 +17,6 @@ from fastapi.responses import StreamingResponse
 from openai.types import Completion
 
 from safekeel.models.engines import Adapter, GenerationChunk, GenerationParams
-from safekeel.monitors.runtime import decide
 from safekeel.service.auth import current_tenant
 from safekeel.guard import GuardAction, apply_guard
 from safekeel.service.protocol import (ERRORS, APIError, ChatCompletionRequest, CompletionRequest, GuardedChatCompletion, SamplingFields,
@@ -131,8 +130,10 @@ async def _monitor(request: Request, model_id: str, guard: dict | None, messages
     label = metrics.model_label(model_id, settings.base_models)
     for name, score in result.scores.items():
         metrics.monitor_scores.labels(name, label).observe(score)
-    decision = decide(policy, result)
+    decision = runtime.decide(policy, result)
     metrics.monitor_decisions.labels(label, decision).inc()
+    for concept, record in result.concepts.items():
+        metrics.monitor_concept_decisions.labels(concept, label, record["decision"]).inc()
     metrics.monitor_latency.observe(result.seconds)
     return {"policy": policy, **result.to_dict(decision)}
 
@@ -217,7 +218,8 @@ async def completions(request: Request, body: CompletionRequest, tenant: Tenant 
                        "guarded_model", "model")
     if request.app.state.monitors is not None:
         policy = (guard or {}).get("monitor_policy", "default")
-        if (request.app.state.settings.monitor_policy if policy == "default" else policy) == "block":
+        effective = request.app.state.settings.monitor_policy if policy == "default" else policy
+        if effective == "block" or (effective != "off" and "block" in request.app.state.monitors.concept_policies.values()):
             raise APIError(400, f"Model {body.model!r} is served with monitor policy 'block', which scores chat messages: "
                                 "use /v1/chat/completions", "monitored_model", "model")
     if isinstance(body.prompt, list):

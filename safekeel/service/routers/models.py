@@ -21,7 +21,8 @@ def _all(request: Request, tenant: Tenant) -> list[dict]:
         models.append(model_object(record["id"], record["tenant"], record["created_at"], record["parent"],
                                    served=record["parent"] == served, fine_tuning_job=record["job_id"],
                                    guard={k: record["guard"].get(k) for k in ("demonstrations", "n_demonstrations")}
-                                   | {"system_prompt": bool(record["guard"].get("system_prompt"))}))
+                                   | {"system_prompt": bool(record["guard"].get("system_prompt"))}
+                                   | ({"cluster_set": record["guard"]["cluster_set"]} if record["guard"].get("cluster_set") else {})))
     return models
 
 

@@ -15,10 +15,13 @@ router = APIRouter(tags=["ops"])
 async def healthz(request: Request):
     engine = request.app.state.engine
     supervisor = request.app.state.supervisor
-    return {"status": "ok", "engine": engine.name if engine else None,
-            "served_model": request.app.state.settings.base_models[0] if engine else None,
-            "workers": supervisor.alive() if supervisor else 0,
-            "jobs": request.app.state.store.count_jobs_by_status()}
+    health = {"status": "ok", "engine": engine.name if engine else None,
+              "served_model": request.app.state.settings.base_models[0] if engine else None,
+              "workers": supervisor.alive() if supervisor else 0,
+              "jobs": request.app.state.store.count_jobs_by_status()}
+    if hasattr(engine, "replicas"):
+        health["replicas"] = engine.status()
+    return health
 
 
 @router.get("/metrics", response_class=PlainTextResponse,
