@@ -22,6 +22,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process_group(process: subprocess.Popen | None) -> None:
+    """SIGTERM a server's process group (it started in its own session), SIGKILL after 60 s."""
+    if process and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+
+
 def install_model(home: Path, name: str, folder: Path) -> None:
     target = home / "models" / name
     if not target.exists():
@@ -89,13 +100,7 @@ class LiveServer:
             self.process.wait(30)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(30)
+        stop_process_group(self.process)
 
     def __enter__(self) -> "LiveServer":
         return self.start()

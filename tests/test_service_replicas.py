@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from live_server import KEY_A, LiveServer, client, free_port, install_model
+from live_server import KEY_A, LiveServer, client, free_port, install_model, stop_process_group
 from safekeel.service.store import Store
 
 MODEL = "tiny-llama"
@@ -76,13 +75,7 @@ class ReplicaProcess:
                 for target in ("base", "adapter")}
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(30)
+        stop_process_group(self.process)
 
 
 def make_adapter(model_dir: Path, folder: Path, seed: int) -> Path:
