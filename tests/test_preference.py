@@ -216,7 +216,8 @@ def test_the_preference_grid_expands_and_the_runner_executes_a_run_with_held_out
 
     preset = load_grid("preference")
     configs = expand(preset)
-    assert len(configs) == 2 + 2 * 4 * 3 * 3 and {c["model"] for c in configs} == {"smollm2-135m-instruct", "smollm2-135m-safe"}
+    assert len(configs) == 3 + 3 * 4 * 3 * 3 * 2  # 3 backbones x 4 objectives x 3 replays x 3 seeds x 2 datasets
+    assert {c["model"] for c in configs} == {"smollm2-135m-instruct", "smollm2-135m-safe", "smollm2-135m-safe-full"}
     assert {c["method"]["loss_type"][0] for c in configs if c["kind"] == "finetune"} == {"sigmoid", "ipo", "hinge", "robust"}
     assert {c["method"]["beta"] for c in configs if c["kind"] == "finetune" and c["method"]["loss_type"] == ["hinge"]} == {1.0}
 

@@ -55,6 +55,8 @@ from typing import Callable
 
 import yaml
 
+from safekeel.bench.preference_protocol import GRID_HELD_OUT, GRID_TRAIN, PREFERENCE_DATA, shared_hyperparameters
+from safekeel.data.benign_preference import GSM8K_PREFERENCE, HELD_OUT as GSM8K_PREF_HELD_OUT, TRAIN as GSM8K_PREF_TRAIN
 from safekeel.eval.harness import EvalSettings
 from safekeel.guard import DEFAULT_CLUSTERS, check_clusters
 from safekeel.provenance import sha256_json
@@ -108,8 +110,13 @@ class DatasetSpec:
     replay_formats: list[str] | None = None
     """The replay formats crossed with the selectors on this dataset (None: the grid's `replay_formats`), e.g. only
     'plain' on a dataset with no format of its own to match. Grid structure, not part of a run's configuration."""
+    preference_eval: dict | None = None
+    """This dataset's held-out preference pairs ({path, skip, n}, as GridSpec.preference_eval), in place of the grid's;
+    it enters a run's configuration as its `preference_eval`, not as part of the dataset."""
 
     def __post_init__(self) -> None:
+        if self.preference_eval is not None and not ({"path", "n"} <= set(self.preference_eval) <= {"path", "skip", "n"}):
+            raise ValueError(f"dataset {self.name!r}: preference_eval {self.preference_eval} needs path and n (and optionally skip)")
         if self.replay_formats is not None:
             _check_formats(self.replay_formats, f"dataset {self.name!r}")
         if self.eval is not None:
@@ -128,7 +135,7 @@ class DatasetSpec:
         data = asdict(self)
         if data["eval"] is None:
             del data["eval"]
-        del data["replay_formats"]
+        del data["replay_formats"], data["preference_eval"]
         return data
 
 
@@ -176,6 +183,9 @@ class GridSpec:
     preference_eval: dict | None = None
     """Held-out preference pairs for preference accuracy and reward margin (runner): {path, skip, n}: the n pairs after
     the first `skip` of a preference file. In a run's configuration only when set."""
+    hyperparameters_source: dict | None = None
+    """Where the datasets' shared lr and batch size come from (the preference grid: the committed search result or the
+    fallback, safekeel.bench.preference_protocol); recorded in every preference run's configuration when set."""
     icl_guards: list | None = None
     """The guard demonstrations crossed with mode icl (safekeel.guard): 'static' (the k selected examples, what icl
     always served), 'contrastive' (each refusal beside a borderline-safe helpful answer), 'clustered', or a mapping of
@@ -379,33 +389,35 @@ def selection_v2_grid(k_values: list[int] | None = None, name: str = "selection_
     )
 
 
-PREFERENCE_DATA = "preference/hh_rlhf_harmless_base_test.jsonl.gz"
-"""Anthropic hh-rlhf harmless-base pairs (the test split, 2,312 pairs of which 2,303 parse; ../shared/data)."""
-PREFERENCE_SFT = {"learning_rate": 5e-5, "epochs": 1.0, "batch_size": 4, "max_length": 512}
-"""One learning rate and batch size for every backbone and objective (issue 32's protocol: to be chosen once by a small
-search on a dev split on one backbone, then held fixed; these are the preference jobs' defaults until then).
-max_length 512: hh-rlhf prompts are multi-turn, and a pair whose prompt alone fills max_length is dropped by trl."""
 PREFERENCE_OBJECTIVES = ("sigmoid", "ipo", "hinge", "robust")
-PREFERENCE_BACKBONES = ["smollm2-135m-instruct", "smollm2-135m-safe"]
-"""The raw model and the LoRA-aligned organism; any local model folder can join (issue 32 item 4 adds more)."""
+PREFERENCE_BACKBONES = ["smollm2-135m-instruct", "smollm2-135m-safe", "smollm2-135m-safe-full"]
+"""The raw model, the LoRA-aligned organism and the full-fine-tuned one (organism v9, trained on first use: ~18 min);
+any local model folder can join."""
 
 
 def preference_grid() -> GridSpec:
     """Issue 32's grid (not run yet): objectives (DPO, IPO, hinge, robust, each at its paper's beta, recorded resolved
-    in the run configuration) x backbones x {no replay, random k=10, the default selector k=10} on the first 200
-    hh-rlhf harmless pairs, 3 seeds; held-out preference accuracy and reward margin on 200 later pairs; harmful rate
-    under the content and classifier judges, over-refusal on XSTest test. Safety replay is pairs: the authored pool's
-    refusal chosen over the raw model's greedy compliance (safekeel.training.safety_pairs). 2 aligned evaluations +
-    72 fine-tunes."""
+    in the run configuration) x backbones x {no replay, random k=10, the default selector k=10} x two preference sets:
+    the first 200 hh-rlhf harmless pairs (held out: 2000-2199) and the first 200 pairs of the benign GSM8K preference
+    set (safekeel.data.benign_preference; held out: 400-599), 3 seeds; held-out preference accuracy and reward margin;
+    harmful rate under the content and classifier judges, over-refusal on XSTest test. One lr and batch size for all
+    (safekeel.bench.preference_protocol: the committed search's, else the fallback; `hyperparameters_source`). Safety
+    replay is pairs: the authored pool's refusal chosen over the raw model's greedy compliance
+    (safekeel.training.safety_pairs). 3 aligned evaluations + 216 fine-tunes."""
     from safekeel.defaults import DEFAULT_SELECTOR
     from safekeel.training.preference import PreferenceConfig
 
+    sft, source = shared_hyperparameters()
+    held = {"path": PREFERENCE_DATA, "skip": GRID_HELD_OUT[0], "n": GRID_HELD_OUT[1]}
     return GridSpec(
-        name="preference", output="preference_bench",
-        datasets=[DatasetSpec("hh_harmless", PREFERENCE_DATA, max_examples=200, sft=dict(PREFERENCE_SFT))],
+        name="preference", output="preference_bench", hyperparameters_source=source,
+        # the training splits are the first pairs of each file (max_examples): GRID_TRAIN and GSM8K_PREF_TRAIN start at 0
+        datasets=[DatasetSpec("hh_harmless", PREFERENCE_DATA, max_examples=GRID_TRAIN[1], sft=dict(sft)),
+                  DatasetSpec("gsm8k_pref", GSM8K_PREFERENCE, max_examples=GSM8K_PREF_TRAIN[1], sft=dict(sft),
+                              preference_eval={"path": GSM8K_PREFERENCE, "skip": GSM8K_PREF_HELD_OUT[0], "n": GSM8K_PREF_HELD_OUT[1]})],
         k_values=[10], pools=["authored"], selectors=[REFERENCE_SELECTOR, DEFAULT_SELECTOR], modes=["replay"], seeds=[0, 1, 2],
         backbones=list(PREFERENCE_BACKBONES), methods=[PreferenceConfig(loss).to_dict() for loss in PREFERENCE_OBJECTIVES],
-        preference_eval={"path": PREFERENCE_DATA, "skip": 2000, "n": 200}, model=PREFERENCE_BACKBONES[0],
+        preference_eval=held, model=PREFERENCE_BACKBONES[0],
         eval=EvalSettings(harmful_set="advbench-test", overrefusal_set="xstest-test", max_new_tokens=48,
                           judges=("content", "classifier", "keyword"), utility="gsm8k", n_utility_loss=25,
                           n_utility_accuracy=0, engine="vllm"))
@@ -472,8 +484,11 @@ def run_config(grid: GridSpec, dataset: DatasetSpec, mode: str, seed: int, selec
               "k": k if selecting else 0, "seed": seed, "eval": _eval_config(grid, dataset)}
     if method is not None:
         config["method"] = {"type": "dpo", **method}
-        if grid.preference_eval is not None:
-            config["preference_eval"] = dict(grid.preference_eval)
+        held = dataset.preference_eval or grid.preference_eval
+        if held is not None:
+            config["preference_eval"] = dict(held)
+        if grid.hyperparameters_source is not None:
+            config["hyperparameters_source"] = dict(grid.hyperparameters_source)
     if replay_format != "plain":
         if mode != "replay":
             raise ValueError(f"replay format {replay_format!r} needs mode 'replay', not {mode!r}")

@@ -1,7 +1,7 @@
 """The preference grid's run table (safekeel.bench.grids.preference_grid): one row per run, written after each run in
 place of the selector benchmark's summary, whose cells do not tell backbones and objectives apart.
 
-<results>/<output stem>.json holds {"grid", "command", "runs"}: per run its backbone, objective (loss types, beta),
+<results>/<output stem>.json holds {"grid", "command", "runs"}: per run its backbone, dataset, objective (loss types, beta),
 replay (none, or the selector with k), seed, lr, batch_size, harmful and over-refusal rates under every judge of the
 evaluation (the first is `judge`), and the held-out preference accuracy and reward margin. The across-backbone spread
 and the replay differences (issue 32's `spread` and `replay`) are computed from these rows by the analysis.
@@ -30,7 +30,7 @@ def run_row(record: dict) -> dict:
         objective = PreferenceConfig(**{k: v for k, v in method.items() if k != "type"}) if method else None
         sft = LoraSFTConfig(**config["dataset"].get("sft", {}))  # what the runner trained with
         held = record.get("preference_eval") or {}
-        row.update(objective=objective.label if objective else "supervised", beta=objective.beta if objective else None,
+        row.update(dataset=config["dataset"]["name"], objective=objective.label if objective else "supervised", beta=objective.beta if objective else None,
                    replay="none" if config["mode"] == "none" else config["selector"], k=config["k"], seed=config["seed"],
                    lr=sft.learning_rate, batch_size=sft.batch_size,
                    preference_accuracy=held.get("accuracy"), reward_margin=held.get("reward_margin"),

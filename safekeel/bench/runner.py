@@ -29,6 +29,7 @@ from safekeel.bench.git_tools import BatchCommitter, git_commit, runs_message, u
 from safekeel.bench.grids import REFERENCE_SELECTOR, DatasetSpec, GridSpec, expand, run_id
 from safekeel.bench.preference_report import write_preference_outputs
 from safekeel.bench.report import write_outputs
+from safekeel.data.benign_preference import derived_dataset
 from safekeel.data.reference import shared_dataset
 from safekeel.eval.harness import EvalSettings, evaluate, is_named_prompt_set
 from safekeel.eval.replies import read_replies, replies_path, write_replies
@@ -41,10 +42,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_data_path(path: str) -> str:
-    """An existing path as is; otherwise a file under ../shared/data."""
+    """An existing path as is; a derived dataset's name (safekeel.data.benign_preference: built on first use);
+    otherwise a file under ../shared/data."""
     if Path(path).is_file():
         return str(path)
-    return shared_dataset(path)
+    derived = derived_dataset(path)
+    return str(derived) if derived is not None else shared_dataset(path)
 
 
 def prepare_dataset(path: str, template: dict | None, cache_dir: Path) -> str:

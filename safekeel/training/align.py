@@ -4,6 +4,11 @@ model learns the line instead of refusing everything), merged into a plain model
 
 The trained adapter (fp16, < 10 MB) is committed under safekeel/training/assets/smollm2-135m-safe, so
 a new user merges it in seconds; `safekeel align-base --rebuild` retrains it from the seed.
+
+A second, differently made organism, `smollm2-135m-safe-full` (candidate v9 of benchmarks/results/organism.md):
+every weight trained (full fine-tuning, lr 5e-5) on the same recipe with 75% of the refusals, the share chosen on
+the dev splits. Its result is a whole model (517 MB in fp32), never committed: it is trained on first use (about
+18 min on 2 CPU cores; `safekeel align-base --variant full`) and cached under $SAFEKEEL_HOME/models.
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ import logging
 import random
 import shutil
 import time
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 from safekeel.data.conversation import Conversation, SafetyExample
 from safekeel.data.safety import load_authored_benign, load_authored_pool
-from safekeel.models.registry import cached_model_dir, register_model, resolve_model
+from safekeel.models.registry import cached_model_dir, load_model_and_tokenizer, register_model, resolve_model
 from safekeel.provenance import library_versions, sha256_file, sha256_json, write_json_atomic
 from safekeel.training.config import AlignConfig
+from safekeel.training.sft import train_lora
 from safekeel.defaults import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -28,6 +35,9 @@ log = logging.getLogger(__name__)
 BASE = "smollm2-135m-instruct"
 ALIGNED = DEFAULT_MODEL
 COMMITTED_ADAPTER = DEFAULT_MODEL
+FULL_ALIGNED = "smollm2-135m-safe-full"
+VARIANTS = {"lora": ALIGNED, "full": FULL_ALIGNED}
+"""`safekeel align-base --variant`: the registered organism each variant builds."""
 
 
 def committed_adapter_dir() -> Path | None:
@@ -62,7 +72,6 @@ def alignment_data(config: AlignConfig) -> list[Conversation]:
 def train_aligned_adapter(output_dir: Path, config: AlignConfig | None = None, show_progress: bool = True) -> dict:
     """Train the alignment adapter from the base model; returns its provenance."""
     from safekeel.models.registry import load_model_and_tokenizer
-    from safekeel.training.sft import train_lora
 
     config = config or AlignConfig()
     model, tokenizer = load_model_and_tokenizer(BASE)
@@ -146,13 +155,70 @@ def _build_registered(target: Path) -> None:
     build_aligned(target)
 
 
-def align_base(rebuild: bool = False, config: AlignConfig | None = None, show_progress: bool = True) -> Path:
-    """`safekeel align-base`: build (or rebuild) the aligned organism into the model cache."""
-    from safekeel.models.registry import _build_into, known_models
+def full_align_config(seed: int = 0) -> AlignConfig:
+    """Candidate v9's recipe (benchmarks/archive/organism_full.py --refusal-fraction 0.75): v3's data, order, epoch,
+    batch and bf16 autocast, with 75% of the refusals, every weight trained at lr 5e-5 (LoRA's 2e-4 is too high
+    for every weight)."""
+    return replace(AlignConfig(), learning_rate=5e-5, refusal_fraction=0.75, seed=seed)
 
-    target = cached_model_dir(ALIGNED)
-    entry = known_models()[ALIGNED]
-    if rebuild or config is not None:
+
+def build_aligned_full(target: Path, config: AlignConfig | None = None, base: str = BASE, show_progress: bool = True,
+                       should_stop=None) -> dict:
+    """Train the full-fine-tuned organism into `target` (a temporary folder of the registry's build: a stopped or
+    interrupted build leaves nothing that looks complete) and write its provenance last. `base` and `config` are
+    for tests (a tiny model, a few steps); `should_stop` is the trainer's stop hook (TrainingCancelled)."""
+    config = config or full_align_config()
+    started = time.time()
+    model, tokenizer = load_model_and_tokenizer(base)
+    data = alignment_data(config)
+    log.info("training %s: every weight of %s on %d examples (about 18 min on 2 CPU cores)", FULL_ALIGNED, base, len(data))
+    result = train_lora(model, tokenizer, data, config, target, should_stop=should_stop, show_progress=show_progress, full=True)
+    shutil.rmtree(target / "trainer", ignore_errors=True)
+    provenance = {
+        "name": FULL_ALIGNED,
+        "how": "trained now: full fine-tuning (every weight), organism candidate v9 of benchmarks/results/organism.md",
+        "base_model": base,
+        "base_weights_sha256": sha256_file(Path(resolve_model(base)) / "model.safetensors"),
+        "recipe": "full SFT on a stratified share of the authored safety pool (refusals) + authored benign data "
+                  "(borderline x repeats), safekeel.training.align.full_align_config",
+        "config": config.to_dict(), "full": True,
+        "n_examples": len(data),
+        "refusal_ids": sorted(e.id for e in alignment_refusals(config)),
+        "data_sha256": sha256_json([c.to_messages() for c in data]),
+        "steps": result.steps, "train_seconds": result.seconds, "train_loss": result.train_loss,
+        "weights_sha256": sha256_file(target / "model.safetensors"),
+        "measured": "benchmarks/results/organism.md, v9: dev harmful 3/52, over-refusal 20/127; test 7/156, 27/123",
+        "seconds": round(time.time() - started, 1),
+        "versions": library_versions(),
+    }
+    write_json_atomic(target / "provenance.json", provenance)
+    return provenance
+
+
+@register_model(FULL_ALIGNED, "SmolLM2-135M-Instruct aligned by full fine-tuning (organism v9: 75% of the refusals), "
+                              "trained on first use (~18 min on 2 CPU cores, 517 MB)")
+def _build_registered_full(target: Path) -> None:
+    build_aligned_full(target)
+
+
+def align_base(rebuild: bool = False, config: AlignConfig | None = None, show_progress: bool = True,
+               variant: str = "lora", base: str = BASE) -> Path:
+    """`safekeel align-base`: build (or rebuild) an aligned organism into the model cache. Variant `lora` (the
+    default organism) merges the committed adapter unless rebuild or config; variant `full` trains the
+    full-fine-tuned organism unless it is built already (rebuild: train it again). `base`: tests only."""
+    from safekeel.models.registry import _build_into, is_built, known_models
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown organism variant {variant!r}; known: {', '.join(VARIANTS)}")
+    target = cached_model_dir(VARIANTS[variant])
+    entry = known_models()[VARIANTS[variant]]
+    if variant == "full":
+        if is_built(FULL_ALIGNED) and not rebuild and config is None:
+            return target
+        if config is not None or base != BASE or not show_progress:
+            entry = type(entry)(entry.name, entry.description,
+                                lambda t: build_aligned_full(t, config, base=base, show_progress=show_progress))
+    elif rebuild or config is not None:
         entry = type(entry)(entry.name, entry.description, lambda t: build_aligned(t, rebuild=True, config=config, show_progress=show_progress))
     _build_into(entry, target)
     return target
