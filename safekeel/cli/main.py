@@ -544,7 +544,8 @@ def serve_command(
         resolve_model(settings.base_models[0])
     except ModelNotFoundError as error:
         _fail(str(error))
-    typer.echo(f"safekeel serving {settings.base_models[0]} with {settings.engine} on http://{host}:{port}/v1 "
+    engine = f"{len(settings.replicas)} replica(s)" if settings.replicas else settings.engine
+    typer.echo(f"safekeel serving {settings.base_models[0]} with {engine} on http://{host}:{port}/v1 "
                f"(state in {settings.root}, {workers} worker(s))")
     uvicorn.run(create_app(settings, start_engine=True, start_workers=workers), host=host, port=port, log_level="info")
 
