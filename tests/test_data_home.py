@@ -170,8 +170,16 @@ def test_the_manifest_matches_the_shared_data_and_covers_every_file_the_code_rea
     from safekeel.eval.judges.content_build import public_rows
 
     assert len(load_pool("safety_tuned_llamas")) == 2483 and public_rows()
+    from safekeel.bench.preference_protocol import PREFERENCE_DATA
+    from safekeel.data.probing import PROBING_FILES, load_probing
+
+    for name in PROBING_FILES:
+        assert load_probing(name).texts, name
     for relative in ("benign/gsm8k_random100.jsonl", "benign/samsum_train1000.json", "benign/samsum_test200.json",
-                     "attacks/pure_bad_10.jsonl", "attacks/identity_shift_aoa.jsonl"):
+                     "attacks/pure_bad_10.jsonl", "attacks/identity_shift_aoa.jsonl", PREFERENCE_DATA,
+                     "benign/sqlgen_train1000.json", "benign/sqlgen_test200.json", "benign/alpaca_safety_related_only.json",
+                     "benign/dolly_safety_related_only.jsonl", "benign/alpaca_bottom100_by_harm_similarity.json",
+                     "benign/alpaca_seed_tasks.jsonl", "attacks/pure_bad_100_plus_11_refusals.jsonl"):
         assert Path(reference.shared_dataset(relative)).is_file()
 
 
