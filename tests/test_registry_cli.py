@@ -121,10 +121,8 @@ def test_select_command_names_what_is_wrong(tmp_path):
     assert result.exit_code == 2 and "line 1" in result.output and "invalid JSON" in result.output
 
 
-def test_select_command_runs_the_default_model_aware_selector_and_reuses_its_store_across_k(tiny_model_dir, tmp_path):
+def test_select_command_runs_a_model_aware_selector_and_reuses_its_store_across_k(tiny_model_dir, tmp_path):
     import shutil
-
-    from safekeel.selectors import DEFAULT_SELECTOR
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
@@ -133,13 +131,13 @@ def test_select_command_runs_the_default_model_aware_selector_and_reuses_its_sto
     records = {}
     for k in (6, 3):
         result = CliRunner().invoke(app, ["select", str(data), "--model", str(model), "--k", str(k), "--seed", "2",
-                                          "--store", str(store), "--out", str(tmp_path / f"k{k}.json")])
+                                          "--selector", "forgetting", "--store", str(store), "--out", str(tmp_path / f"k{k}.json")])
         assert result.exit_code == 0, result.output
         records[k] = json.loads((tmp_path / f"k{k}.json").read_text())
         if k == 6:
             stored = sorted(p.name for p in store.glob("*.npz"))
             assert stored, "the model-aware selector kept nothing"
-    assert records[6]["selector"] == DEFAULT_SELECTOR == "forgetting"
+    assert records[6]["selector"] == "forgetting"
     assert sorted(p.name for p in store.glob("*.npz")) == stored  # k=3 read what k=6 computed
     assert records[3]["details"]["stored_results_reused"] and not records[6]["details"]["stored_results_reused"]
     assert records[3]["ids"] == records[6]["ids"][:3]  # the same ranking, cut at k

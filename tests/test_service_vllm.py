@@ -39,7 +39,7 @@ def test_vllm_serves_a_gated_fine_tune_through_the_openai_client(real_home, tmp_
             return c.fine_tuning.jobs.create(
                 model="smollm2-135m-safe", training_file=uploaded.id, suffix="canary", seed=0,
                 hyperparameters={"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 5},
-                extra_body={"safety": {"k": 2, "gate": {**gate, "max_harmful_increase": margin}}})
+                extra_body={"safety": {"k": 2, "selector": "forgetting", "gate": {**gate, "max_harmful_increase": margin}}})
 
         # a wide margin: this job must deploy (the gate still evaluates and reports)
         job = wait_for_job(c, create(1.0).id, timeout=1200)

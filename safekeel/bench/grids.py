@@ -65,6 +65,9 @@ from safekeel.selectors.format_match import REPLAY_FORMATS
 from safekeel.training.mixing import MODES, SELECTING_MODES
 
 REFERENCE_SELECTOR = "random"
+BEST_SELECTOR = "forgetting"
+"""The selector that beat random in the pre-registered test (classifier rate; benchmarks/results/confirm.md): the
+'best selector' arm of grids that compare against random (not the product default, safekeel.defaults)."""
 SAMSUM_TEMPLATE = {"prompt": "Summarize this dialog:\n{dialogue}", "completion": "{summary}"}
 """SAMSum records (id, dialogue, summary) as prompt/completion, with BackdoorAlign's instruction."""
 BENIGN_SFT = {"learning_rate": 2e-4, "epochs": 3.0, "batch_size": 4, "max_length": 256, "bf16": True}
@@ -397,14 +400,13 @@ any local model folder can join."""
 
 def preference_grid() -> GridSpec:
     """Issue 32's grid (not run yet): objectives (DPO, IPO, hinge, robust, each at its paper's beta, recorded resolved
-    in the run configuration) x backbones x {no replay, random k=10, the default selector k=10} x two preference sets:
+    in the run configuration) x backbones x {no replay, random k=10, forgetting k=10 (BEST_SELECTOR)} x two preference sets:
     the first 200 hh-rlhf harmless pairs (held out: 2000-2199) and the first 200 pairs of the benign GSM8K preference
     set (safekeel.data.benign_preference; held out: 400-599), 3 seeds; held-out preference accuracy and reward margin;
     harmful rate under the content and classifier judges, over-refusal on XSTest test. One lr and batch size for all
     (safekeel.bench.preference_protocol: the committed search's, else the fallback; `hyperparameters_source`). Safety
     replay is pairs: the authored pool's refusal chosen over the raw model's greedy compliance
     (safekeel.training.safety_pairs). 3 aligned evaluations + 216 fine-tunes."""
-    from safekeel.defaults import DEFAULT_SELECTOR
     from safekeel.training.preference import PreferenceConfig
 
     sft, source = shared_hyperparameters()
@@ -415,7 +417,7 @@ def preference_grid() -> GridSpec:
         datasets=[DatasetSpec("hh_harmless", PREFERENCE_DATA, max_examples=GRID_TRAIN[1], sft=dict(sft)),
                   DatasetSpec("gsm8k_pref", GSM8K_PREFERENCE, max_examples=GSM8K_PREF_TRAIN[1], sft=dict(sft),
                               preference_eval={"path": GSM8K_PREFERENCE, "skip": GSM8K_PREF_HELD_OUT[0], "n": GSM8K_PREF_HELD_OUT[1]})],
-        k_values=[10], pools=["authored"], selectors=[REFERENCE_SELECTOR, DEFAULT_SELECTOR], modes=["replay"], seeds=[0, 1, 2],
+        k_values=[10], pools=["authored"], selectors=[REFERENCE_SELECTOR, BEST_SELECTOR], modes=["replay"], seeds=[0, 1, 2],
         backbones=list(PREFERENCE_BACKBONES), methods=[PreferenceConfig(loss).to_dict() for loss in PREFERENCE_OBJECTIVES],
         preference_eval=held, model=PREFERENCE_BACKBONES[0],
         eval=EvalSettings(harmful_set="advbench-test", overrefusal_set="xstest-test", max_new_tokens=48,

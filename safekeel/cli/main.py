@@ -187,7 +187,7 @@ def finetune_command(
     out: Path = typer.Option(Path("runs/finetune"), help="Output folder (adapter, provenance, audit, guard, eval, gate)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Base model: registered name or local model folder."),
     k: int = typer.Option(DEFAULT_K, help="Number of safety examples to select."),
-    selector: str = typer.Option(DEFAULT_SELECTOR, help="Selector name (see `safekeel selectors`); the default beat random in a pre-registered test (benchmarks/results/confirm.md); random is faster."),
+    selector: str = typer.Option(DEFAULT_SELECTOR, help="Selector name (see `safekeel selectors`); why random is the default: safekeel.defaults.DEFAULT_SELECTOR."),
     mode: str = typer.Option(DEFAULT_MODE, help="replay (mix the k examples into training) | backdoor (the same, with a secret system prompt that the evaluation and serving also use, BackdoorAlign) | icl (train on the data alone; the k examples are in-context demonstrations at evaluation and serving) | ptst (train on the data alone, evaluate and serve with a safety system prompt; no selection, k recorded as 0) | none."),
     pool: str = typer.Option(DEFAULT_POOL, help="Safety pool: 'authored', 'safety_tuned_llamas' (../shared/data) or a file."),
     replay_format: str = typer.Option("plain", help="plain | match: rewrite the replayed examples into your data's format (its system prompt, persona, template, turns, length; recorded in selection.json). Mode replay only."),

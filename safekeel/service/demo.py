@@ -76,7 +76,7 @@ def run_demo(data: Path = SAMPLE, k: int = 10, epochs: int = 2, engine: str = "v
             gate["n_harmful"] = n_harmful
         job = client.fine_tuning.jobs.create(model=DEFAULT_MODEL, training_file=uploaded.id, suffix="demo", seed=0,
                                              hyperparameters={"n_epochs": epochs},
-                                             extra_body={"safety": {"k": k, "mode": "replay", "gate": gate}})  # the default selector
+                                             extra_body={"safety": {"k": k, "mode": "replay", "gate": gate}})  # the default selector (safekeel.defaults)
         echo(f"[demo] fine-tuning job {job.id} created; following its events")
         seen: set[str] = set()
         while True:

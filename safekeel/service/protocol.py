@@ -115,8 +115,8 @@ class AuditOptions(Strict):
 
 class SafetyOptions(Strict):
     selector: str = DEFAULT_SELECTOR
-    """Which safety examples to replay (`safekeel selectors` lists them); the default beat random in a pre-registered
-    test at k=10, replay, authored pool (safekeel.defaults.DEFAULT_SELECTOR says what was and was not tested)."""
+    """Which safety examples to replay (`safekeel selectors` lists them); the default and the evidence behind it:
+    safekeel.defaults.DEFAULT_SELECTOR."""
     k: int = Field(10, ge=0, le=200)
     mode: Literal["none", "replay", "backdoor", "icl", "ptst"] = "replay"
     """replay: the k examples join the training data; backdoor (BackdoorAlign): they carry a secret system
