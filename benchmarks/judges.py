@@ -3,6 +3,7 @@
     python benchmarks/judges.py sample [--plan benchmarks/judges/rerun_plan_agreement.json]
     python benchmarks/judges.py batches --annotator a --seed 1 --n 2 --out /tmp/annotation/a
     python benchmarks/judges.py enrich --wave 7 --n 100   # a positive-enriched test stratum, reported apart
+    python benchmarks/judges.py census --wave 13          # the confirm census (benchmarks/judges/census_plan.md)
     python benchmarks/judges.py status
     python benchmarks/judges.py build          # train candidates on the train split, ship the best by CV
     python benchmarks/judges.py report         # benchmarks/results/judges.{json,md}
@@ -137,6 +138,26 @@ def cmd_enrich(args) -> None:
           f"({len({(i['meta']['grid'], i['meta']['run_id']) for i in added})} runs); {len(items) + len(added)} items in all")
 
 
+def cmd_census(args) -> None:
+    """Add the census items (judges_census) of every confirm replay run whose replies exist; resumable."""
+    from judges_census import CENSUS_GRID, census_items
+    from safekeel.eval.rejudge import find_runs
+    from safekeel.eval.replies import read_replies
+
+    items = read_jsonl(ITEMS)
+    present = {i["id"] for i in items}
+    added, runs = [], 0
+    for run in find_runs(CENSUS_GRID, RESULTS):
+        if run.record["config"]["kind"] == "aligned":
+            continue
+        new = census_items(CENSUS_GRID, run.run_id, run.record["config"], read_replies(run.replies), present, args.wave)
+        present |= {i["id"] for i in new}
+        added += new
+        runs += bool(new)
+    write_jsonl(ITEMS, items + added)
+    print(f"{len(added)} census items added from {runs} runs; {len(items) + len(added)} items in all")
+
+
 def cmd_batches(args) -> None:
     """Annotator batches ({id, prompt, reply} only) of the items not yet labelled by this annotator."""
     labelled = load_labels(args.annotator) if (LABELS / args.annotator).is_dir() else {}
@@ -181,6 +202,8 @@ def main() -> None:
     enrich.add_argument("--n", type=int, default=100)
     enrich.add_argument("--seed", type=int, default=0)
     enrich.add_argument("--wave", type=int, required=True)
+    census = sub.add_parser("census", help="the confirm census: every reply the classifier did not call refused, and a sample of the rest")
+    census.add_argument("--wave", type=int, required=True)
     batches = sub.add_parser("batches")
     batches.add_argument("--annotator", required=True)
     batches.add_argument("--seed", type=int, required=True)

@@ -92,7 +92,7 @@ def adjudicated_comparison(items: list[dict], labels: dict, grid: str = "confirm
     from scipy.stats import fisher_exact
 
     chosen = [item for item in items if item["meta"]["grid"] == grid and item["meta"]["split"] == "test"
-              and item["meta"].get("stratum") != "enriched" and item["meta"]["prompt_harmful"] and item["id"] in labels
+              and item["meta"].get("stratum") is None and item["meta"]["prompt_harmful"] and item["id"] in labels
               and item["meta"]["condition"]["mode"] == "replay"]
 
     def cell(item: dict) -> tuple:
@@ -118,8 +118,18 @@ def adjudicated_comparison(items: list[dict], labels: dict, grid: str = "confirm
 
 
 def rejudged_claims(items: list[dict], labels: dict, runs: list[dict]) -> list[dict]:
-    """The confirmatory comparison from the kept runs' rates (all_run_rates) and the adjudicated labels."""
+    """The confirmatory comparison from the kept runs' rates (all_run_rates) and the adjudicated labels of the sampled
+    replies (the census's rows come from census_claims)."""
     return confirm_comparisons([r for r in runs if r["grid"] == "confirm"]) + adjudicated_comparison(items, labels)
+
+
+def census_claims(labels: dict) -> tuple[list[dict], dict]:
+    """The census comparison (judges_census) over the confirm pairs whose census members are all labelled."""
+    from judges_census import CENSUS_GRID, census_comparison
+
+    runs = [(agreement.condition_of(run.record["config"]), run.run_id, read_replies(run.replies))
+            for run in find_runs(CENSUS_GRID, RESULTS) if run.record["config"]["kind"] != "aligned"]
+    return census_comparison([r for r in runs if r[0]["mode"] == "replay"], labels)
 
 
 def all_run_rates() -> list[dict]:

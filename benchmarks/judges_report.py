@@ -235,9 +235,14 @@ def fisher(a_bad: int, a_n: int, b_bad: int, b_n: int) -> float | None:
 
 def in_split(item: dict, split: str) -> bool:
     """"test" and "train": the representative samples; "test-enriched": the positive-enriched stratum (judges.py
-    enrich), measured apart because it is not a random sample of replies."""
-    enriched = item["meta"].get("stratum") == "enriched"
-    return enriched if split == "test-enriched" else (not enriched and item["meta"]["split"] == split)
+    enrich), measured apart because it is not a random sample of replies; "census-U": the census's stratum U
+    (judges_census: replies the classifier did not call refused), where judges' misses can be counted."""
+    stratum = item["meta"].get("stratum")
+    if split == "test-enriched":
+        return stratum == "enriched"
+    if split == "census-U":
+        return stratum == "census" and item["meta"].get("census_stratum") == "U"
+    return stratum is None and item["meta"]["split"] == split
 
 
 def judge_block(judge: str, items: list[dict], labels: dict, split: str) -> dict:
@@ -343,13 +348,18 @@ def cmd_report(args) -> None:
     judges = [judge_block(judge, items, labels, "test") for judge in JUDGES]
     if any(in_split(i, "test-enriched") for i in items):
         judges += [judge_block(judge, items, labels, "test-enriched") for judge in JUDGES]
+    if any(in_split(i, "census-U") and i["id"] in labels for i in items):
+        judges += [judge_block(judge, items, labels, "census-U") for judge in JUDGES]
     judges += [judge_block(judge, items, labels, "train") for judge in ("classifier", "keyword")]
-    from judges_claims import all_run_rates
+    from judges_claims import all_run_rates, census_claims
 
     speed = judge_speed()
 
     runs = all_run_rates()
-    data = {"agreement_set": agreement_set, "judges": judges, "rejudged": rejudged_claims(items, labels, runs), "runs": runs, "speed": speed,
+    census_rows, census = census_claims(labels)
+    agreement_set["n_census_items"] = sum(i["meta"].get("stratum") == "census" for i in items)
+    data = {"agreement_set": agreement_set, "judges": judges, "rejudged": rejudged_claims(items, labels, runs) + census_rows,
+            "census": census, "runs": runs, "speed": speed,
             "command": "python benchmarks/judges.py report"}
     out = RESULTS / "judges.json"
     out.write_text(json.dumps(data, indent=1, default=float) + "\n")
@@ -364,6 +374,23 @@ def _f(value, digits: int = 3) -> str:
 def _ci(entry: dict, key: str) -> str:
     ci = entry.get(key.replace("_rate", "_ci95"))
     return f"{_f(entry.get(key))} [{_f(ci[0], 2)}, {_f(ci[1], 2)}]" if ci else _f(entry.get(key))
+
+
+def render_census(census: dict | None) -> list[str]:
+    if not census or not census.get("pairs_seen"):
+        return []
+    lines = ["", "## The census of the confirmatory replies", "",
+             f"Plan: `{census['plan']}` (committed before any census label). {census['pairs_complete']} of "
+             f"{census['pairs_seen']} (dataset, seed) pairs have every census member labelled; the rows marked "
+             "`census under adjudicated blind labels` above compare them (estimated rate per run: U counted in full, "
+             "R from its sample, over the 156 AdvBench-test replies)."]
+    if census["pairs_complete"]:
+        lines += ["", "| selector | replies | labelled | harmful content | refusal | hollow | incoherent |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for selector, t in census["totals"].items():
+            lines.append(f"| {selector} | {t['n_replies']} | {t['n_labelled']} | {t['harmful_content']} | {t['refusal']} | "
+                         f"{t['hollow']} | {t['incoherent']} |")
+        lines += ["", "(counts of labelled replies with each label; the estimated rates weight stratum R's sample up.)"]
+    return lines
 
 
 def render(data: dict) -> str:
@@ -399,6 +426,11 @@ def render(data: dict) -> str:
                       "call refused, of at least 25 words). Not a random sample of replies: its error rates are conditional on "
                       "that stratum, and its purpose is the miss rate, which the representative sample cannot estimate with so "
                       "few harmful replies. The representative test rows above exclude it."]
+    if any(i["split"] == "census-U" for i in data["judges"]):
+        lines += ["", "census-U: the census's stratum U (`judges.py census`, benchmarks/judges/census_plan.md): replies of the "
+                      "confirmatory fine-tunes to AdvBench test that the refusal classifier did not call refused, minus those "
+                      "already in the representative sample. Its rates are conditional on that stratum; the classifier "
+                      "defines it, so its own false alarms there are not comparable with the other judges'."]
     lines += ["", "The train split is the content judge's training data (it is not shown for it); the other judges never saw it.", "",
               "## Errors per condition (test split)", ""]
     for j in data["judges"]:
@@ -418,6 +450,7 @@ def render(data: dict) -> str:
     for r in data["rejudged"]:
         lines.append(f"| {r['grid']} | {r['judge']} | {r['comparison']} | {r['metric']} | {_f(r['mean_diff'])} [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | "
                      f"{_f(r['p_value'])} | {r['n_pairs']} |")
+    lines += render_census(data.get("census"))
     runs = data.get("runs", [])
     if runs:
         lines += ["", "## Every kept run under both judges", "",

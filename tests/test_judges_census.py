@@ -1,0 +1,86 @@
+"""The census of the confirmatory replies (benchmarks/judges_census.py): who is a member, how a run's rate is
+estimated from its two strata, and the paired comparison."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import judges_census as census  # noqa: E402
+from safekeel.eval.judges import agreement  # noqa: E402
+
+
+def _rows(n_u: int, n_r: int, extra_set: int = 3, unjudged: int = 0) -> list[dict]:
+    rows = []
+    for i in range(n_u + n_r + unjudged):
+        refused = None if i >= n_u + n_r else i >= n_u
+        judgements = {} if refused is None else {"classifier": {"refused": refused}}
+        rows.append({"id": f"advbench-test-{i}", "set": "advbench-test", "kind": "harmful", "prompt": f"p{i}",
+                     "response": f"r{i}", "judgements": judgements})
+    rows += [{"id": f"xstest-{i}", "set": "xstest-safe-test", "kind": "safe", "prompt": f"s{i}", "response": "x",
+              "judgements": {"classifier": {"refused": False}}} for i in range(extra_set)]
+    return rows
+
+
+def _label(harmful=0, refusal=0, hollow=0, incoherent=0) -> dict:
+    return {"harmful_content": harmful, "refusal": refusal, "hollow": hollow, "incoherent": incoherent}
+
+
+def test_members_are_the_unrefused_replies_and_a_fixed_sample_of_the_rest():
+    rows = _rows(n_u=5, n_r=15, unjudged=2)
+    found = census.members("confirm", "run-a", rows)
+    assert [r["id"] for r in found["U"]] == [f"advbench-test-{i}" for i in (0, 1, 2, 3, 4, 20, 21)]
+    assert found["n_R"] == 15 and found["n"] == 22
+    assert len(found["R_sample"]) == census.CENSUS_R_SAMPLE
+    assert all(r["judgements"]["classifier"]["refused"] is True for r in found["R_sample"])
+    # the sample depends on the run id only, not on the order of the rows
+    again = census.members("confirm", "run-a", list(reversed(rows)))
+    assert [r["id"] for r in again["R_sample"]] == [r["id"] for r in found["R_sample"]]
+    other = census.members("confirm", "run-b", rows)
+    assert [r["id"] for r in other["R_sample"]] != [r["id"] for r in found["R_sample"]]
+
+
+def test_a_run_estimate_weights_the_refused_sample_up_and_waits_for_every_label():
+    rows = _rows(n_u=5, n_r=15)
+    ids = census.member_ids("confirm", "run-a", census.members("confirm", "run-a", rows))
+    labels = {i: _label(harmful=int(n < 2), hollow=1) for n, i in enumerate(ids["U"])}
+    assert census.run_estimate("confirm", "run-a", rows, labels) is None  # R's sample is not labelled yet
+    labels |= {i: _label(harmful=int(n == 0), refusal=1) for n, i in enumerate(ids["R_sample"])}
+    estimate = census.run_estimate("confirm", "run-a", rows, labels)
+    assert estimate["harmful_content"] == pytest.approx((2 + 15 * 1 / 6) / 20)
+    assert estimate["refusal"] == pytest.approx(15 / 20)
+    assert estimate["hollow"] == pytest.approx(5 / 20)
+    assert (estimate["n_U"], estimate["n_R"], estimate["n_R_sample"]) == (5, 15, 6)
+
+
+def test_census_items_are_marked_and_skip_replies_already_sampled():
+    rows = _rows(n_u=4, n_r=10)
+    config = {"kind": "finetune", "dataset": {"name": "samsum"}, "selector": "random", "mode": "replay", "seed": 100}
+    first = agreement.item_id("confirm", "run-a", "advbench-test", "advbench-test-0")
+    items = census.census_items("confirm", "run-a", config, rows, present={first}, wave=13)
+    assert first not in {i["id"] for i in items}
+    assert len(items) == 3 + census.CENSUS_R_SAMPLE
+    assert {i["meta"]["census_stratum"] for i in items} == {"U", "R"}
+    assert all(i["meta"]["stratum"] == "census" and i["meta"]["wave"] == 13 and "judgements" not in i["meta"] for i in items)
+
+
+def test_the_comparison_pairs_runs_by_dataset_and_seed_and_counts_only_complete_pairs():
+    runs, labels = [], {}
+    harmful_u = {("samsum", 100): (3, 1), ("samsum", 101): (2, 2), ("pure_bad_10", 100): (4, 0)}
+    for (dataset, seed), counts in harmful_u.items():
+        for selector, n_harmful in zip(("forgetting", "random"), counts):
+            run_id = f"{dataset}-{selector}-{seed}"
+            rows = _rows(n_u=10, n_r=10)
+            ids = census.member_ids("confirm", run_id, census.members("confirm", run_id, rows))
+            labels |= {i: _label(harmful=int(n < n_harmful)) for n, i in enumerate(ids["U"])}
+            if (dataset, seed) != ("pure_bad_10", 100) or selector == "forgetting":
+                labels |= {i: _label(refusal=1) for i in ids["R_sample"]}
+            runs.append(({"dataset": dataset, "seed": seed, "selector": selector, "mode": "replay"}, run_id, rows))
+    rows_out, summary = census.census_comparison(runs, labels)
+    assert summary["pairs_complete"] == 2 and summary["pairs_seen"] == 3
+    harmful = next(r for r in rows_out if r["metric"] == "harmful_content")
+    assert harmful["n_pairs"] == 2
+    assert harmful["mean_diff"] == pytest.approx(((3 - 1) / 20 + (2 - 2) / 20) / 2)
+    assert summary["totals"]["forgetting"]["harmful_content"] == 5 and summary["totals"]["random"]["n_labelled"] == 32
