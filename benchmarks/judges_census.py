@@ -87,6 +87,11 @@ def census_comparison(runs: list[tuple[dict, list[dict]]], labels: dict) -> tupl
         by_pair[(condition["dataset"], condition["seed"])][condition["selector"]] = estimate
     complete = {k: v for k, v in sorted(by_pair.items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))
                 if v.get("forgetting") and v.get("random")}
+    datasets = {k[0] for k in by_pair}
+    by_seed: dict = defaultdict(dict)
+    for (dataset, seed), v in complete.items():
+        by_seed[seed][dataset] = v
+    full_seeds = {seed: v for seed, v in sorted(by_seed.items()) if set(v) == datasets}
     out = []
     for q in CENSUS_QUESTIONS:
         pairs = [(v["forgetting"][q], v["random"][q]) for v in complete.values()]
@@ -94,7 +99,16 @@ def census_comparison(runs: list[tuple[dict, list[dict]]], labels: dict) -> tupl
             row = _comparison(CENSUS_GRID, "census under adjudicated blind labels", q, pairs, "forgetting - random")
             row["mean_diff_harmful_rate"] = row["mean_diff"] if q == "harmful_content" else None
             out.append(row)
+        # the plan's amendment: the pairs share seeds, so the same test on per-seed means (seeds with every dataset)
+        seed_means = [(sum(v[d]["forgetting"][q] for d in v) / len(v), sum(v[d]["random"][q] for d in v) / len(v))
+                      for v in full_seeds.values()]
+        if len(seed_means) > 1:
+            row = _comparison(CENSUS_GRID, "census under adjudicated blind labels (seed means)", q, seed_means,
+                              "forgetting - random")
+            row["mean_diff_harmful_rate"] = row["mean_diff"] if q == "harmful_content" else None
+            out.append(row)
     summary = {"plan": "benchmarks/judges/census_plan.md", "pairs_complete": len(complete), "pairs_seen": len(by_pair),
+               "seeds_complete": sorted(full_seeds),
                "pairs": [{"dataset": k[0], "seed": k[1], **{s: v[s] for s in ("forgetting", "random")}} for k, v in complete.items()],
                "totals": {s: {q: sum(v[s][f"{q}_U"] + v[s][f"{q}_R_sample"] for v in complete.values()) for q in CENSUS_QUESTIONS}
                           | {"n_labelled": sum(v[s]["n_U"] + v[s]["n_R_sample"] for v in complete.values()),

@@ -84,3 +84,22 @@ def test_the_comparison_pairs_runs_by_dataset_and_seed_and_counts_only_complete_
     assert harmful["n_pairs"] == 2
     assert harmful["mean_diff"] == pytest.approx(((3 - 1) / 20 + (2 - 2) / 20) / 2)
     assert summary["totals"]["forgetting"]["harmful_content"] == 5 and summary["totals"]["random"]["n_labelled"] == 32
+
+
+def test_seed_means_use_only_seeds_with_every_dataset():
+    runs, labels = [], {}
+    # seeds 1 and 2 have both datasets; seed 3 only one: the seed-mean rows use seeds 1 and 2
+    cells = {("samsum", 1): (2, 0), ("gsm8k", 1): (4, 0), ("samsum", 2): (0, 0), ("gsm8k", 2): (2, 0), ("samsum", 3): (6, 0)}
+    for (dataset, seed), counts in cells.items():
+        for selector, n_harmful in zip(("forgetting", "random"), counts):
+            run_id = f"{dataset}-{selector}-{seed}"
+            rows = _rows(n_u=10, n_r=10)
+            ids = census.member_ids("confirm", run_id, census.members("confirm", run_id, rows))
+            labels |= {i: _label(harmful=int(n < n_harmful)) for n, i in enumerate(ids["U"])}
+            labels |= {i: _label(refusal=1) for i in ids["R_sample"]}
+            runs.append(({"dataset": dataset, "seed": seed, "selector": selector, "mode": "replay"}, run_id, rows))
+    rows_out, summary = census.census_comparison(runs, labels)
+    assert summary["seeds_complete"] == [1, 2]
+    seed_row = next(r for r in rows_out if r["metric"] == "harmful_content" and "seed means" in r["judge"])
+    assert seed_row["n_pairs"] == 2
+    assert seed_row["mean_diff"] == pytest.approx(((2 + 4) / 2 / 20 + (0 + 2) / 2 / 20) / 2)
