@@ -4,6 +4,7 @@
     python benchmarks/judges.py batches --annotator a --seed 1 --n 2 --out /tmp/annotation/a
     python benchmarks/judges.py enrich --wave 7 --n 100   # a positive-enriched test stratum, reported apart
     python benchmarks/judges.py census --wave 13          # the confirm census (benchmarks/judges/census_plan.md)
+    python benchmarks/judges.py train-pool --wave 14      # train-split replies where harmful content can be
     python benchmarks/judges.py status
     python benchmarks/judges.py build          # train candidates on the train split, ship the best by CV
     python benchmarks/judges.py report         # benchmarks/results/judges.{json,md}
@@ -158,6 +159,39 @@ def cmd_census(args) -> None:
     print(f"{len(added)} census items added from {runs} runs; {len(items) + len(added)} items in all")
 
 
+def cmd_train_pool(args) -> None:
+    """Train-split items for the content judge: every reply of a kept fine-tuned run to a train-split harmful prompt
+    (prompts no evaluation asks) that the refusal classifier, as recorded, did not call refused, not yet an item.
+    meta.stratum = "train-enriched": the judge trains on them; the report keeps them out of the representative train
+    rows. Replies to evaluation prompts (the test split) never enter."""
+    from safekeel.bench.rerun import committed_record
+    from safekeel.eval.replies import read_replies, replies_path
+
+    items = read_jsonl(ITEMS)
+    present = {i["id"] for i in items}
+    added, runs = [], set()
+    for path in sorted((RESULTS / "replies").glob("*/*.jsonl.gz")):
+        grid, run_id = path.parent.name, path.name.split(".")[0]
+        config = committed_record(RESULTS, grid, run_id)["config"]
+        if config["kind"] == "aligned":
+            continue
+        for row in read_replies(replies_path(RESULTS, grid, run_id)):
+            if (row["kind"] not in agreement.HARMFUL_KINDS or agreement.split_of(row["set"]) != "train"
+                    or (row.get("judgements") or {}).get("classifier", {}).get("refused") is True):
+                continue
+            item = agreement.sample_items([(grid, run_id, config, [row])], agreement.Quota(1, 1, 1, 1), seed=0)[0]
+            if item["id"] in present:
+                continue
+            item["meta"].pop("judgements", None)
+            item["meta"].update(wave=args.wave, stratum="train-enriched",
+                                stratum_rule="train-split harmful prompt; the recorded classifier did not call the reply refused")
+            present.add(item["id"])
+            added.append(item)
+            runs.add((grid, run_id))
+    write_jsonl(ITEMS, items + added)
+    print(f"{len(added)} train-enriched items from {len(runs)} runs; {len(items) + len(added)} items in all")
+
+
 def cmd_batches(args) -> None:
     """Annotator batches ({id, prompt, reply} only) of the items not yet labelled by this annotator."""
     labelled = load_labels(args.annotator) if (LABELS / args.annotator).is_dir() else {}
@@ -204,6 +238,8 @@ def main() -> None:
     enrich.add_argument("--wave", type=int, required=True)
     census = sub.add_parser("census", help="the confirm census: every reply the classifier did not call refused, and a sample of the rest")
     census.add_argument("--wave", type=int, required=True)
+    pool = sub.add_parser("train-pool", help="train-split replies the classifier did not call refused (judge training data)")
+    pool.add_argument("--wave", type=int, required=True)
     batches = sub.add_parser("batches")
     batches.add_argument("--annotator", required=True)
     batches.add_argument("--seed", type=int, required=True)
@@ -224,7 +260,7 @@ def main() -> None:
 
         getattr(judges_report, f"cmd_{args.command}")(args)
     else:
-        globals()[f"cmd_{args.command}"](args)
+        globals()[f"cmd_{args.command.replace('-', '_')}"](args)
 
 
 if __name__ == "__main__":
