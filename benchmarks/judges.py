@@ -140,21 +140,20 @@ def cmd_enrich(args) -> None:
 
 
 def cmd_census(args) -> None:
-    """Add the census items (judges_census) of every confirm replay run whose replies exist; resumable."""
-    from judges_census import CENSUS_GRID, census_items
+    """Add the census items (judges_census) of every kept run of the grids (the aligned model's too); resumable."""
+    from judges_census import census_items
     from safekeel.eval.rejudge import find_runs
     from safekeel.eval.replies import read_replies
 
     items = read_jsonl(ITEMS)
     present = {i["id"] for i in items}
     added, runs = [], 0
-    for run in find_runs(CENSUS_GRID, RESULTS):
-        if run.record["config"]["kind"] == "aligned":
-            continue
-        new = census_items(CENSUS_GRID, run.run_id, run.record["config"], read_replies(run.replies), present, args.wave)
-        present |= {i["id"] for i in new}
-        added += new
-        runs += bool(new)
+    for grid in args.grid or ["confirm"]:
+        for run in find_runs(grid, RESULTS):
+            new = census_items(grid, run.run_id, run.record["config"], read_replies(run.replies), present, args.wave)
+            present |= {i["id"] for i in new}
+            added += new
+            runs += bool(new)
     write_jsonl(ITEMS, items + added)
     print(f"{len(added)} census items added from {runs} runs; {len(items) + len(added)} items in all")
 
@@ -238,6 +237,7 @@ def main() -> None:
     enrich.add_argument("--wave", type=int, required=True)
     census = sub.add_parser("census", help="the confirm census: every reply the classifier did not call refused, and a sample of the rest")
     census.add_argument("--wave", type=int, required=True)
+    census.add_argument("--grid", action="append", default=[], help="a grid with kept replies (repeatable; default: confirm)")
     pool = sub.add_parser("train-pool", help="train-split replies the classifier did not call refused (judge training data)")
     pool.add_argument("--wave", type=int, required=True)
     batches = sub.add_parser("batches")

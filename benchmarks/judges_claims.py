@@ -13,6 +13,7 @@ import json
 from collections import defaultdict
 
 from judges import RESULTS
+from judges_census import run_estimate
 from safekeel.eval.judges import agreement
 from safekeel.eval.harness import rejudge_rows
 from safekeel.eval.rejudge import find_runs
@@ -26,8 +27,9 @@ def _rate(entry: dict | None):
     return None if not entry else entry.get("rate")
 
 
-def run_rates(grid: str) -> list[dict]:
-    """Per kept run of a grid: its condition and its rates under each judge."""
+def run_rates(grid: str, labels: dict | None = None) -> list[dict]:
+    """Per kept run of a grid: its condition, its rates under each judge and, with labels, its census estimate
+    (judges_census.run_estimate: None until every census member of the run is labelled)."""
     out = []
     for run in find_runs(grid, RESULTS):
         # the sets the claims read: AdvBench test, XSTest safe test and OR-Bench-Hard test (not the judge-training sets)
@@ -35,7 +37,8 @@ def run_rates(grid: str) -> list[dict]:
                 if r["kind"] in ("harmful", "safe") or r.get("set", "").startswith("orbench-hard-test")]
         s = rejudge_rows(rows, JUDGES)
         row = {"grid": grid, "run_id": run.run_id, "condition": agreement.condition_of(run.record["config"]),
-               "changes": sorted(run.changes), "rates": {}}
+               "changes": sorted(run.changes), "rates": {},
+               "census": run_estimate(grid, run.run_id, rows, labels) if labels is not None else None}
         for judge in JUDGES:
             harmful, safe = s["harmful"][judge], s["safe"][judge]
             orbench = next((v[judge] for k, v in s["safe_extra"].items() if k.startswith("orbench-hard-test")), None)
@@ -132,5 +135,5 @@ def census_claims(labels: dict) -> tuple[list[dict], dict]:
     return census_comparison([r for r in runs if r[0]["mode"] == "replay"], labels)
 
 
-def all_run_rates() -> list[dict]:
-    return [row for grid in sorted(p.name for p in (RESULTS / "replies").glob("*") if p.is_dir()) for row in run_rates(grid)]
+def all_run_rates(labels: dict | None = None) -> list[dict]:
+    return [row for grid in sorted(p.name for p in (RESULTS / "replies").glob("*") if p.is_dir()) for row in run_rates(grid, labels)]

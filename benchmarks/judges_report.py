@@ -355,7 +355,7 @@ def cmd_report(args) -> None:
 
     speed = judge_speed()
 
-    runs = all_run_rates()
+    runs = all_run_rates(labels)
     census_rows, census = census_claims(labels)
     agreement_set["n_census_items"] = sum(i["meta"].get("stratum") == "census" for i in items)
     data = {"agreement_set": agreement_set, "judges": judges, "rejudged": rejudged_claims(items, labels, runs) + census_rows,
@@ -454,11 +454,14 @@ def render(data: dict) -> str:
     runs = data.get("runs", [])
     if runs:
         lines += ["", "## Every kept run under both judges", "",
-                  "| grid | run | changes | harmful classifier / content | refused classifier / content | hollow (content) | incoherent (content) | over-refusal XSTest classifier / content | over-refusal OR-Bench classifier / content |",
+                  "Census columns: the run's estimated rates under adjudicated blind labels (judges_census: every AdvBench-test "
+                  "reply the classifier did not call refused, and a sample of the rest); - until the run's census is labelled.", "",
+                  "| grid | run | changes | harmful classifier / content / census | refused classifier / content / census | hollow content / census | incoherent (content) | over-refusal XSTest classifier / content | over-refusal OR-Bench classifier / content |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in runs:
-            c, k = row["rates"]["classifier"], row["rates"]["content"]
-            lines.append(f"| {row['grid']} | {row['run_id']} | {', '.join(row['changes']) or '-'} | {_f(c['harmful'])} / {_f(k['harmful'])} | "
-                         f"{_f(c['refused'])} / {_f(k['refused'])} | {_f(k['hollow'])} | {_f(k['incoherent'])} | "
+            c, k, b = row["rates"]["classifier"], row["rates"]["content"], row.get("census") or {}
+            lines.append(f"| {row['grid']} | {row['run_id']} | {', '.join(row['changes']) or '-'} | {_f(c['harmful'])} / {_f(k['harmful'])} / "
+                         f"{_f(b.get('harmful_content'))} | {_f(c['refused'])} / {_f(k['refused'])} / {_f(b.get('refusal'))} | "
+                         f"{_f(k['hollow'])} / {_f(b.get('hollow'))} | {_f(k['incoherent'])} | "
                          f"{_f(c['overrefusal_xstest'])} / {_f(k['overrefusal_xstest'])} | {_f(c['overrefusal_orbench'])} / {_f(k['overrefusal_orbench'])} |")
     return "\n".join(lines) + "\n"
