@@ -66,39 +66,37 @@ def test_census_items_are_marked_and_skip_replies_already_sampled():
     assert all(i["meta"]["stratum"] == "census" and i["meta"]["wave"] == 13 and "judgements" not in i["meta"] for i in items)
 
 
-def test_the_comparison_pairs_runs_by_dataset_and_seed_and_counts_only_complete_pairs():
+def _paired_runs(cells: dict, unlabelled_r: tuple = ()) -> tuple[list, dict]:
+    """Runs of forgetting and random per (dataset, seed) cell, 10 U and 10 R replies each; cells give the harmful
+    count in U per selector. R's sample is labelled except for the (dataset, seed, selector) in unlabelled_r."""
     runs, labels = [], {}
-    harmful_u = {("samsum", 100): (3, 1), ("samsum", 101): (2, 2), ("pure_bad_10", 100): (4, 0)}
-    for (dataset, seed), counts in harmful_u.items():
-        for selector, n_harmful in zip(("forgetting", "random"), counts):
-            run_id = f"{dataset}-{selector}-{seed}"
-            rows = _rows(n_u=10, n_r=10)
-            ids = census.member_ids("confirm", run_id, census.members("confirm", run_id, rows))
-            labels |= {i: _label(harmful=int(n < n_harmful)) for n, i in enumerate(ids["U"])}
-            if (dataset, seed) != ("pure_bad_10", 100) or selector == "forgetting":
-                labels |= {i: _label(refusal=1) for i in ids["R_sample"]}
-            runs.append(({"dataset": dataset, "seed": seed, "selector": selector, "mode": "replay"}, run_id, rows))
-    rows_out, summary = census.census_comparison(runs, labels)
-    assert summary["pairs_complete"] == 2 and summary["pairs_seen"] == 3
-    harmful = next(r for r in rows_out if r["metric"] == "harmful_content")
-    assert harmful["n_pairs"] == 2
-    assert harmful["mean_diff"] == pytest.approx(((3 - 1) / 20 + (2 - 2) / 20) / 2)
-    assert summary["totals"]["forgetting"]["harmful_content"] == 5 and summary["totals"]["random"]["n_labelled"] == 32
-
-
-def test_seed_means_use_only_seeds_with_every_dataset():
-    runs, labels = [], {}
-    # seeds 1 and 2 have both datasets; seed 3 only one: the seed-mean rows use seeds 1 and 2
-    cells = {("samsum", 1): (2, 0), ("gsm8k", 1): (4, 0), ("samsum", 2): (0, 0), ("gsm8k", 2): (2, 0), ("samsum", 3): (6, 0)}
     for (dataset, seed), counts in cells.items():
         for selector, n_harmful in zip(("forgetting", "random"), counts):
             run_id = f"{dataset}-{selector}-{seed}"
             rows = _rows(n_u=10, n_r=10)
             ids = census.member_ids("confirm", run_id, census.members("confirm", run_id, rows))
             labels |= {i: _label(harmful=int(n < n_harmful)) for n, i in enumerate(ids["U"])}
-            labels |= {i: _label(refusal=1) for i in ids["R_sample"]}
+            if (dataset, seed, selector) not in unlabelled_r:
+                labels |= {i: _label(refusal=1) for i in ids["R_sample"]}
             runs.append(({"dataset": dataset, "seed": seed, "selector": selector, "mode": "replay"}, run_id, rows))
+    return runs, labels
+
+
+def test_the_comparison_pairs_runs_by_dataset_and_seed_and_counts_only_complete_pairs():
+    cells = {("samsum", 100): (3, 1), ("samsum", 101): (2, 2), ("pure_bad_10", 100): (4, 0)}
+    runs, labels = _paired_runs(cells, unlabelled_r=(("pure_bad_10", 100, "random"),))
     rows_out, summary = census.census_comparison(runs, labels)
+    assert summary["pairs_complete"] == 2 and summary["pairs_seen"] == 3
+    harmful = next(r for r in rows_out if r["metric"] == "harmful_content" and "seed means" not in r["judge"])
+    assert harmful["n_pairs"] == 2
+    assert harmful["mean_diff"] == pytest.approx(((3 - 1) / 20 + (2 - 2) / 20) / 2)
+    assert summary["totals"]["forgetting"]["harmful_content"] == 5 and summary["totals"]["random"]["n_labelled"] == 32
+
+
+def test_seed_means_use_only_seeds_with_every_dataset():
+    # seeds 1 and 2 have both datasets; seed 3 only one: the seed-mean rows use seeds 1 and 2
+    cells = {("samsum", 1): (2, 0), ("gsm8k", 1): (4, 0), ("samsum", 2): (0, 0), ("gsm8k", 2): (2, 0), ("samsum", 3): (6, 0)}
+    rows_out, summary = census.census_comparison(*_paired_runs(cells))
     assert summary["seeds_complete"] == [1, 2]
     seed_row = next(r for r in rows_out if r["metric"] == "harmful_content" and "seed means" in r["judge"])
     assert seed_row["n_pairs"] == 2
