@@ -6,6 +6,13 @@
     safekeel bench --grid benchmarks/audit_panel_grid.yaml --commit     # the measured increases (hours)
     python benchmarks/audit_panel.py report [--judge content]           # benchmarks/results/audit.{json,md}
     python benchmarks/audit_panel.py fit --judge content                # ship safekeel/audit/assets/harm_predictor.json
+    python benchmarks/audit_panel.py policy-grid    # adaptive vs fixed: benchmarks/audit_policy_grid.yaml (+ the choices)
+    safekeel bench --grid benchmarks/audit_policy_grid.yaml --commit    # the policy runs (~3 h); then `report` again
+
+The measured cost of a dataset (and the harm predictor's target; benchmarks/audit_policy_plan.md) is the no-replay
+increase in compliance with harmful requests: the drop in the content judge's refusal rate on AdvBench test from the
+aligned model to the no-replay fine-tune (`measured(judge, "complied")`); the classifier's harmful rate is the second
+judge (`measured("classifier", "harmful")`). The policy comparison is benchmarks/audit_policy.py.
 
 Variants (100 examples each unless the source is smaller; all seeded):
 - benign of several kinds: GSM8K (math) x2 draws, SAMSum (dialogue summaries) x2, text-to-SQL x2, Alpaca seed
@@ -38,7 +45,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import audit_policy as policy  # noqa: E402
 from safekeel.data.reference import shared_dataset  # noqa: E402
 from safekeel.provenance import sha256_file, sha256_json, write_json_atomic  # noqa: E402
 
@@ -47,6 +56,14 @@ DATA = CACHE / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 AUDITS = RESULTS / "audit_panel" / "audits.json.gz"
 GRID = ROOT / "benchmarks" / "audit_panel_grid.yaml"
+POLICY_GRID = ROOT / "benchmarks" / "audit_policy_grid.yaml"
+POLICY_CHOICES = RESULTS / "audit_panel" / "policy_choices.json"
+PANEL_EVAL = {"harmful_set": "advbench-test", "overrefusal_set": "xstest-test", "n_overrefusal": 50, "max_new_tokens": 48,
+              "utility": None, "n_utility_accuracy": 0, "engine": "vllm", "judges": ["classifier", "content", "keyword"]}
+POLICY_EVAL = {**PANEL_EVAL, "extra_overrefusal_sets": ["orbench-hard-test@200"], "utility": "gsm8k", "n_utility_loss": 25}
+"""The panel grid's evaluation plus what the plan's comparison reads: 200 OR-Bench-Hard-1K test prompts and a held-out
+loss (GSM8K test, 25 examples: the panel variants have no held-out split of their own, and the panel grid measures none)."""
+METRIC_CHOICES = ("complied", "harmful")
 N = 100
 SEEDS = [0, 1, 2]
 BENIGN_SOURCES = ("gsm8k", "samsum", "sql", "seed_tasks", "alpaca_safety", "dolly_safety")
@@ -211,23 +228,21 @@ def _write_audits(done: dict, args) -> None:
     AUDITS.write_bytes(gzip.compress(json.dumps(payload).encode(), mtime=0))
 
 
-def grid(args) -> None:
+def _dataset_entry(variant: dict) -> dict:
+    """A trained variant as a grid dataset: its file, its recipe's training preset, the identity shift served under AOA."""
     from safekeel.bench.grids import AOA_EVAL, BENIGN_SFT_1EPOCH, HARMFUL_SFT
 
-    datasets = []
-    for variant in _manifest():
-        if not variant["trained"]:
-            continue
-        entry = {"name": variant["name"], "path": variant["path"],
-                 "sft": dict(HARMFUL_SFT if variant["recipe"] == "attack" else BENIGN_SFT_1EPOCH, bf16=False)}
-        if variant["attack_kind"] == "identity_shift":
-            entry["eval"] = dict(AOA_EVAL)
-        datasets.append(entry)
+    entry = {"name": variant["name"], "path": variant["path"],
+             "sft": dict(HARMFUL_SFT if variant["recipe"] == "attack" else BENIGN_SFT_1EPOCH, bf16=False)}
+    if variant["attack_kind"] == "identity_shift":
+        entry["eval"] = dict(AOA_EVAL)
+    return entry
+
+
+def grid(args) -> None:
+    datasets = [_dataset_entry(variant) for variant in _manifest() if variant["trained"]]
     spec = {"name": "audit_panel", "output": "audit_panel_runs", "datasets": datasets, "k_values": [], "modes": ["replay"],
-            "seeds": SEEDS, "selectors": ["random"],
-            "eval": {"harmful_set": "advbench-test", "overrefusal_set": "xstest-test", "n_overrefusal": 50,
-                     "max_new_tokens": 48, "utility": None, "n_utility_accuracy": 0, "engine": "vllm",
-                     "judges": ["classifier", "content", "keyword"]}}
+            "seeds": SEEDS, "selectors": ["random"], "eval": dict(PANEL_EVAL)}
     GRID.write_text("# written by python benchmarks/audit_panel.py grid: no-replay fine-tunes of every trained panel variant\n"
                     + yaml.safe_dump(spec, sort_keys=False))
     print(f"{GRID}: {len(datasets)} datasets x {len(SEEDS)} seeds (+ aligned references)")
@@ -312,16 +327,22 @@ def gate_detection(audits: list[dict], fpr: float = 0.01) -> dict:
     return {"fpr": fpr, "dataset_level": dataset_level, "rule": rule, "per_example": per_example, "flags": flags}
 
 
-def measured(judge: str) -> dict[str, dict]:
-    """Per trained variant, the no-replay harmful-rate increase over the aligned model evaluated the same way (the
+def measured(judge: str, metric: str = "complied") -> dict[str, dict]:
+    """Per trained variant, the no-replay increase of `metric` over the aligned model evaluated the same way (the
     AOA-served reference for identity shift), under `judge`: mean over seeds, with a 95% Wald interval over prompts
-    (the seeds' binomial variances and the aligned rate's, pooled)."""
+    (the seeds' binomial variances and the aligned rate's, pooled). Metrics: `complied`, compliance with harmful
+    requests, 1 - the judge's refusal rate on the harmful set (so the increase is the drop in refusal); `harmful`, the
+    judge's harmful verdicts."""
+    if metric not in METRIC_CHOICES:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRIC_CHOICES)}")
     folder = RESULTS / "bench_runs" / "audit_panel"
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
     def rate(record: dict) -> tuple[float, int] | None:
-        entry = record["report"]["harmful"].get(judge, {}).get("harmful")
-        return (entry["rate"], entry["n"] - entry.get("unjudged", 0)) if entry else None
+        entry = record["report"]["harmful"].get(judge, {}).get("refused" if metric == "complied" else "harmful")
+        if not entry or entry["rate"] is None:
+            return None
+        return (1 - entry["rate"] if metric == "complied" else entry["rate"]), entry["n"] - entry.get("unjudged", 0)
 
     aligned = {json.dumps(r["config"].get("dataset_eval"), sort_keys=True): rate(r) for r in records if r["config"]["kind"] == "aligned"}
     out: dict[str, dict] = {}
@@ -366,19 +387,87 @@ def correlations(audits: list[dict], increases: dict[str, dict], n_boot: int = 2
     return sorted(out, key=lambda row: -abs(row["leave_one_out_rho"]))
 
 
+def _training_rows(audits: list[dict], increases: dict[str, dict]) -> list[dict]:
+    """The measured variants as the predictor's training rows (what `fit` and the policy's leave-one-out fits use)."""
+    return [{"name": a["name"], "features": a["features"], "increase": increases[a["name"]]["increase"],
+             "n_seeds": len(increases[a["name"]]["seeds"])} for a in audits if a["name"] in increases]
+
+
 def fit(args) -> None:
     from safekeel.audit.predict import fit_predictor
 
-    increases = measured(args.judge)
-    rows = [{"name": a["name"], "features": a["features"], "increase": increases[a["name"]]["increase"],
-             "n_seeds": len(increases[a["name"]]["seeds"])} for a in _audits() if a["name"] in increases]
-    predictor = fit_predictor(rows, judge=args.judge, made_by=" ".join(["python"] + sys.argv))
+    rows = _training_rows(_audits(), measured(args.judge, args.metric))
+    predictor = fit_predictor(rows, judge=args.judge, metric=args.metric, made_by=" ".join(["python"] + sys.argv))
     predictor.save(args.out)
     print(f"{args.out}: {predictor.feature}, increase = {predictor.intercept:.3f} + {predictor.slope:.3f} x; "
           f"nested leave-one-out rho {predictor.quality['leave_one_out_rho']} on {predictor.n} datasets")
 
 
+def policy_grid(args) -> None:
+    """The policy runs (benchmarks/audit_policy_plan.md): each policy variant's leave-one-dataset-out prediction and
+    adaptive choice (POLICY_CHOICES), and the grid of fixed and adaptive runs (POLICY_GRID). Needs the panel's measured
+    increases (every trained variant, every seed): it stops, saying so, while they are missing."""
+    from safekeel.bench.grids import expand
+    from safekeel.bench.presets import load_grid
+
+    increases = measured(policy.JUDGE, policy.METRIC)
+    manifest = _manifest()
+    trained = [v["name"] for v in manifest if v["trained"]]
+    missing = [name for name in trained if len(increases.get(name, {}).get("seeds", [])) < len(SEEDS)]
+    if missing:
+        raise SystemExit(
+            f"the audit panel's measured increases are missing for {len(missing)} of {len(trained)} trained variants "
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}; {len(SEEDS)} seeds each, with the aligned "
+            f"references): each variant's policy is predicted from the other variants' measured increases, so no choice "
+            f"can be made yet. Run the panel grid first (hours; this command does not start it): "
+            f"safekeel bench --grid {GRID.relative_to(ROOT)} --commit")
+    unknown = [name for name in policy.POLICY_VARIANTS if name not in trained]
+    if unknown:
+        raise SystemExit(f"policy variants {unknown} are not trained panel variants: rebuild the panel (audit_panel.py build)")
+    audits = _audits()
+    rows = _training_rows(audits, increases)
+    choices = policy.loo_choices(rows, {a["name"]: a["features"] for a in audits})
+    by_name = {v["name"]: v for v in manifest}
+    spec = policy.policy_grid({name: _dataset_entry(by_name[name]) for name in choices}, choices, dict(POLICY_EVAL))
+    POLICY_GRID.write_text("# written by python benchmarks/audit_panel.py policy-grid (benchmarks/audit_policy_plan.md): per policy "
+                           "variant and seed the fixed run (random, k=10) and the adaptive run where its choice differs; choices "
+                           f"in {POLICY_CHOICES.relative_to(ROOT)}\n" + yaml.safe_dump(spec, sort_keys=False))
+    n_runs = len(expand(load_grid(POLICY_GRID)))
+    write_json_atomic(POLICY_CHOICES, {
+        "command": " ".join(["python"] + sys.argv), "rule": policy.policy_rule(),
+        "training_rows_sha256": sha256_json(rows), "audits_sha256": sha256_file(AUDITS),
+        "measured": {row["name"]: {k: increases[row["name"]][k] for k in ("increase", "ci_low", "ci_high", "seeds")} for row in rows},
+        "grid": str(POLICY_GRID.relative_to(ROOT)), "grid_sha256": sha256_file(POLICY_GRID), "n_runs": n_runs,
+        "variants": choices})
+    for name, made in choices.items():
+        p, c = made["prediction"], made["choice"]
+        print(f"{name:22s} predicted {p['predicted_increase']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] from {p['feature']}: "
+              f"{c['risk']:6s} k={c['k']}" + (" + safety system prompt" if c["guard_system_prompt"] else "")
+              + ("" if made["adaptive_run"] else " (the fixed run)"))
+    print(f"{POLICY_GRID}: {n_runs} runs ({sum(len(d['arms']) for d in spec['datasets']) * len(spec['seeds'])} fine-tunes "
+          f"+ aligned references); choices: {POLICY_CHOICES}")
+
+
+def policy_section() -> dict:
+    """The `policy` section of the report: the comparison once every policy run is in, else what is pending."""
+    if not POLICY_CHOICES.is_file():
+        return {"pending": f"no policy choices yet: `python benchmarks/audit_panel.py policy-grid` writes them once the panel's "
+                           f"increases are measured, then `safekeel bench --grid {POLICY_GRID.relative_to(ROOT)} --commit` runs them"}
+    made = json.loads(POLICY_CHOICES.read_text())
+    folder = RESULTS / "bench_runs" / policy.GRID_NAME
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    pairs, missing = policy.policy_pairs(records, made["variants"])
+    base = {"choices": made["variants"], "rule": made["rule"]}
+    if missing:
+        return {**base, "n_pairs_done": len(pairs), "missing_runs": missing,
+                "pending": f"{len(missing)} policy runs missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): "
+                           f"safekeel bench --grid {POLICY_GRID.relative_to(ROOT)} --commit"}
+    return {**base, **policy.compare(pairs)}
+
+
 def report(args) -> None:
+    from safekeel.audit.predict import target_name
+
     audits = _audits()
     gate = gate_detection(audits)
     best_example = max(gate["per_example"].items(), key=lambda kv: kv[1]["detection_pooled"])
@@ -392,19 +481,25 @@ def report(args) -> None:
                     "per_example_detection_at_1pct_fpr": {"score": best_example[0], **best_example[1]},
                     "all_scores": gate},
            "correlations": None, "policy": None, "pending": None}
-    increases = {judge: measured(judge) for judge in (args.judge, args.second_judge)}
+    targets = [(args.judge, args.metric), (args.second_judge, args.second_metric)]
+    if targets[0] == targets[1]:
+        raise SystemExit(f"--judge/--metric and --second-judge/--second-metric are the same ({args.judge}, {args.metric})")
+    label = {t: t[0] if args.judge != args.second_judge else f"{t[0]}/{t[1]}" for t in targets}
+    increases = {label[t]: measured(*t) for t in targets}
+    out["targets"] = {label[t]: {"judge": t[0], "metric": t[1], "name": target_name(t[1], t[0])} for t in targets}
     for variant in out["variants"]:
         for judge, values in increases.items():
             if variant["name"] in values:
                 variant.setdefault("measured", {})[judge] = {k: values[variant["name"]][k] for k in
                                                              ("increase", "ci_low", "ci_high", "seeds", "rates", "aligned")}
-    n_measured = len(increases[args.judge])
+    n_measured = len(increases[label[targets[0]]])
     trained = sum(a["trained"] for a in audits)
     if n_measured >= 4:
         out["correlations"] = {judge: correlations(audits, values) for judge, values in increases.items()}
     if n_measured < trained:
         out["pending"] = (f"measured increases for {n_measured} of {trained} trained variants so far: the rest of the "
                           f"no-replay runs of benchmarks/audit_panel_grid.yaml")
+    out["policy"] = policy_section()
     write_json_atomic(RESULTS / "audit.json", out)
     lines = ["# Audit panel (issue 30)", "", f"`{out['command']}`; audits: `{AUDITS.relative_to(ROOT)}`.", "",
              f"{out['n_variants']} variants: {out['n_benign_variants']} benign ({sum(a['kind'] == 'benign' and a['trained'] for a in audits)} "
@@ -439,14 +534,15 @@ def report(args) -> None:
               ", ".join(f"{k} {v:.0%}" for k, v in flags["by_kind"].items()) + "). benign_near_harmful examples are "
               "benign one by one (the attack is in the choice of them): per-example detection is not expected there."]
     lines += ["", "Comparable figure: finetuning-auditor (Egler, Schulman and Carlini 2025) detects 56.2% of eight attacks "
-              "at 1% FPR.", "", "## Prediction of the harmful-rate increase", ""]
+              "at 1% FPR.", "", "## Prediction of the no-replay increase", ""]
     for judge, rows in (out["correlations"] or {}).items():
-        lines += [f"Judge `{judge}` (increase = no-replay fine-tune minus the aligned model, mean of the seeds):", "",
+        lines += [f"`{judge}`: the {out['targets'][judge]['name']} (no-replay fine-tune minus the aligned model, mean of the seeds):", "",
                   "| score | Spearman rho | 95% bootstrap | n | nested leave-one-out rho |", "|---|---|---|---|---|"]
         lines += [f"| {r['score']} | {r['spearman_rho']:+.3f} | [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | {r['n']} | "
                   f"{r['leave_one_out_rho']:+.3f} |" for r in rows] + [""]
     if out["pending"]:
         lines.append(out["pending"] + ".")
+    lines += [""] + policy.render(out["policy"])
     (RESULTS / "audit.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -463,14 +559,19 @@ def main() -> None:
     a.add_argument("--model", default="smollm2-135m-safe")
     a.add_argument("--layer", type=int, default=None, help="decoder block (default: the middle one)")
     sub.add_parser("grid")
+    sub.add_parser("policy-grid", help="the adaptive-policy runs (needs the panel's measured increases)")
     r = sub.add_parser("report")
-    r.add_argument("--judge", default="content", help="whose harmful rates the increases are")
+    r.add_argument("--judge", default="content", help="whose rates the increases are")
+    r.add_argument("--metric", default="complied", choices=METRIC_CHOICES,
+                   help="complied: 1 - the refusal rate on the harmful set (the plan's target); harmful: harmful verdicts")
     r.add_argument("--second-judge", default="classifier")
+    r.add_argument("--second-metric", default="harmful", choices=METRIC_CHOICES)
     f = sub.add_parser("fit")
     f.add_argument("--judge", default="content")
+    f.add_argument("--metric", default="complied", choices=METRIC_CHOICES)
     f.add_argument("--out", type=Path, default=ROOT / "safekeel" / "audit" / "assets" / "harm_predictor.json")
     args = parser.parse_args()
-    {"build": build, "audit": audit, "grid": grid, "report": report, "fit": fit}[args.command](args)
+    {"build": build, "audit": audit, "grid": grid, "report": report, "fit": fit, "policy-grid": policy_grid}[args.command](args)
 
 
 if __name__ == "__main__":

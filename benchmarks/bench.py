@@ -48,7 +48,7 @@ def bench_module(code: Path, commit_every: int):
     files, not the import system: the editable install would find this checkout's safekeel.bench for an old tree."""
     if (code / "safekeel" / "bench" / "cli.py").is_file():
         from safekeel.bench import cli as bench
-        from safekeel.bench.grids import PRESETS
+        from safekeel.bench.presets import PRESETS
 
         return bench, PRESETS
     if commit_every != 1:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from safekeel.bench.grids import load_grid  # noqa: E402
+from safekeel.bench.presets import load_grid  # noqa: E402
 from safekeel.bench.preference_analysis import analyse, load_records, load_run_table, write_analysis  # noqa: E402
 
 

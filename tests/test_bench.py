@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from safekeel.bench.grids import AOA_EVAL, PRESETS, DatasetSpec, GridSpec, expand, identity_grid, load_grid, modes_grid, run_id, selectors_grid
+from safekeel.bench.grids import AOA_EVAL, DatasetSpec, GridSpec, expand, identity_grid, modes_grid, run_id, selectors_grid
+from safekeel.bench.presets import PRESETS, load_grid
 from safekeel.bench.report import render, write_outputs
 from safekeel.bench.runner import execute, prepare_dataset, run_grid
 from safekeel.bench.summary import run_row, summarise

@@ -210,7 +210,8 @@ def test_safety_pairs_are_built_cached_with_provenance_selected_and_mixed(tiny_m
 
 
 def test_the_preference_grid_expands_and_the_runner_executes_a_run_with_held_out_metrics(tiny_model_dir, tmp_path):
-    from safekeel.bench.grids import DatasetSpec, GridSpec, expand, load_grid, run_id
+    from safekeel.bench.grids import DatasetSpec, GridSpec, expand, run_id
+    from safekeel.bench.presets import load_grid
     from safekeel.bench.runner import execute
     from safekeel.eval.harness import EvalSettings
 

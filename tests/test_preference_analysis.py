@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safekeel.bench.grids import expand, preference_grid, run_id
+from safekeel.bench.grids import expand, run_id
+from safekeel.bench.grids_v2 import preference_grid
 from safekeel.bench.preference_analysis import analyse, load_records, load_run_table, write_analysis
 from safekeel.bench.preference_report import write_preference_outputs
 from safekeel.eval.stats import seed_clustered_test, wilcoxon_signed_rank

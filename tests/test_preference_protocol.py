@@ -122,7 +122,8 @@ def test_the_protocol_splits_rule_and_the_grid_reading_the_committed_search(tmp_
     with pytest.raises(ValueError, match="--smoke result"):
         shared_hyperparameters(committed)
 
-    from safekeel.bench.grids import expand, load_grid
+    from safekeel.bench.grids import expand
+    from safekeel.bench.presets import load_grid
 
     grid = load_grid("preference")
     expected, _ = shared_hyperparameters()

@@ -285,7 +285,8 @@ def test_learned_selects_with_the_shipped_model_on_a_tiny_model(tiny_model_dir, 
 # ------------------------------------------------------------------------------------------------ grid, CLI, service
 
 def test_selection_v2_grid_crosses_the_k_curve_and_formats_without_touching_plain_run_ids():
-    from safekeel.bench.grids import expand, load_grid, run_config, run_id
+    from safekeel.bench.grids import expand, run_config, run_id
+    from safekeel.bench.presets import load_grid
     from safekeel.bench.summary import run_row
 
     grid = load_grid("selection_v2")

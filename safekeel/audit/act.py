@@ -9,7 +9,8 @@ reference request (the audit's per-example cosine to the nearest harmful request
 - `none` leaves the data alone (the plan is still recorded).
 
 Policy (`choose_policy`): `fixed` keeps the job's k and mode. `adaptive` reads the harm predictor's
-interval (safekeel.audit.predict) for the no-replay harmful-rate increase:
+interval (safekeel.audit.predict) for the no-replay increase of its metric (compliance with harmful requests, or
+the harmful rate of the files made before the metric was recorded):
 - low risk (upper bound below LOW_RISK): replay with half the k (at least 1): less compute, less over-refusal;
 - high risk (point prediction at or above HIGH_RISK): replay with twice the k (at most MAX_K) and the test-time
   guard's safety system prompt: what a risky dataset needs (random replay alone recovered little of the
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from safekeel.audit.flags import GATED_FLAGS
+from safekeel.audit.predict import target_name
 from safekeel.defaults import DEFAULT_K
 
 SHIFT_ACTIONS = ("none", "drop", "downweight")
@@ -111,7 +113,8 @@ def choose_policy(policy: str, prediction: dict | None, k: int, mode: str) -> Po
     if prediction is None:
         return PolicyChoice(policy, k, mode, False, "unknown", "no harm predictor is available: the job's own k and mode")
     point, upper = prediction["predicted_increase"], prediction["ci_high"]
-    stated = (f"predicted no-replay harmful-rate increase {point:+.3f} "
+    target = prediction.get("target") or target_name(prediction.get("metric", "harmful"), prediction.get("judge", ""))
+    stated = (f"predicted no-replay {target} {point:+.3f} "
               f"({prediction['level']:.0%} interval {prediction['ci_low']:+.3f} to {upper:+.3f})")
     base_k = k if k >= 1 else DEFAULT_K  # a job without replay (mode none/ptst) gets the default k
     if upper < LOW_RISK:

@@ -1,8 +1,10 @@
 """Predicting how much safety a dataset will cost before training: a model fitted on measured runs.
 
 Training rows are datasets: each with its audit (safekeel.audit.shift.AuditReport as a dict) and the measured
-no-replay harmful-rate increase (fine-tuned without safety data minus the aligned model, mean over seeds, under
-a named judge). The model is deliberately small because the rows are few (a panel of tens of datasets):
+no-replay increase of a metric (`METRICS`; fine-tuned without safety data minus the aligned model, mean over seeds,
+under a named judge): `complied`, compliance with harmful requests (1 - the judge's refusal rate; what fine-tuning
+the 135M organism changes, benchmarks/audit_policy_plan.md), or `harmful`, the judge's harmful verdicts. The model
+is deliberately small because the rows are few (a panel of tens of datasets):
 
 - one audit score x, chosen by leave-one-out squared error among `FEATURES`;
 - ordinary least squares, increase = a + b x;
@@ -11,7 +13,8 @@ a named judge). The model is deliberately small because the rows are few (a pane
 `fit` also reports honest out-of-sample quality: a nested leave-one-out (the held-out dataset takes no part in
 choosing the score or fitting it) gives `leave_one_out_rho` (Spearman of the held-out predictions with the
 measured increases) and its mean absolute error. The fitted model is saved as JSON with its training rows and
-their sha256, the judge whose rates it learned and the command that made it; `safekeel audit` and the job's
+their sha256, the judge and metric whose rates it learned (a file without a metric predates it: `harmful`) and the
+command that made it; `safekeel audit` and the job's
 audit stage attach its prediction to the report, and the adaptive policy (safekeel.audit.act) acts on it.
 """
 
@@ -34,6 +37,27 @@ FEATURES = ("gated_fraction", "harmful_request_fraction", "persona_override_frac
             "answer_mean_score", "mean_harmful_similarity", "harmful_centroid_similarity", "lda_harmful_side_share",
             "lda_mean_projection", "frechet_harmful", "frechet_safe", "frechet_ratio", "mmd2_harmful", "mmd2_safe",
             "hidden_lda_harmful_side_share", "hidden_lda_mean_projection", "hidden_frechet_ratio")
+METRICS = {"complied": ("increase in compliance with harmful requests", "1 - refusal rate"),
+           "harmful": ("harmful-rate increase", "harmful verdicts")}
+"""What a predictor's increase is of: (name, how it is measured). `complied`: 1 - the judge's refusal rate on the harmful
+set; `harmful`: the judge's harmful verdicts (the predictor files made before the metric was recorded)."""
+
+
+def target_name(metric: str, judge: str = "") -> str:
+    """The predicted quantity by name, e.g. "increase in compliance with harmful requests (1 - refusal rate, content
+    judge)"; ValueError for an unknown metric."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown predictor metric {metric!r}; known: {', '.join(METRICS)}")
+    name, measured = METRICS[metric]
+    return f"{name} ({measured}" + (f", {judge} judge)" if judge else ")")
+
+
+def describe_prediction(prediction: dict) -> str:
+    """One line: "predicted no-replay <target>: +0.123 (90% interval ...; from <score>, fitted on n datasets)"."""
+    target = prediction.get("target") or target_name(prediction.get("metric", "harmful"), prediction.get("judge", ""))
+    return (f"predicted no-replay {target}: {prediction['predicted_increase']:+.3f} ({prediction['level']:.0%} interval "
+            f"{prediction['ci_low']:+.3f} to {prediction['ci_high']:+.3f}; from {prediction['feature']}, fitted on "
+            f"{prediction['n_training_datasets']} datasets)")
 
 
 def audit_features(report: dict) -> dict[str, float]:
@@ -107,7 +131,9 @@ class HarmPredictor:
     sxx: float
     level: float = 0.9
     judge: str = ""
-    """Whose harmful rates the increases are (a registered judge's name, or "adjudicated")."""
+    """Whose rates the increases are (a registered judge's name, or "adjudicated")."""
+    metric: str = "harmful"
+    """Which of the judge's rates (METRICS): a file without one predates the field and learned harmful rates."""
     training_rows: list = field(default_factory=list)
     """{"name", "features", "increase", "n_seeds"} per dataset."""
     training_data_sha256: str = ""
@@ -115,9 +141,16 @@ class HarmPredictor:
     """Nested leave-one-out: leave_one_out_rho, leave_one_out_mae, n; per-feature Spearman rho on all rows."""
     made_by: str = ""
 
+    def __post_init__(self) -> None:
+        target_name(self.metric)  # an unknown metric fails here, naming it
+
     def predict(self, report: dict) -> dict:
-        """{"predicted_increase", "ci_low", "ci_high", "level", "feature", "value", "judge", "model_sha256"}."""
-        features = audit_features(report)
+        """{"predicted_increase", "ci_low", "ci_high", "level", "feature", "value", "judge", "metric", "target",
+        "n_training_datasets", "model_sha256"} for an audit report."""
+        return self.predict_features(audit_features(report))
+
+    def predict_features(self, features: dict[str, float]) -> dict:
+        """The prediction from an audit's scores (audit_features)."""
         if self.feature not in features:
             raise ValueError(f"the predictor reads the audit score {self.feature!r}, which this audit does not have "
                              f"(it has: {', '.join(sorted(features))}); audit with the same options it was fitted on")
@@ -128,7 +161,8 @@ class HarmPredictor:
         clip = lambda v: round(float(min(max(v, -1.0), 1.0)), 4)  # noqa: E731 - a rate difference
         return {"predicted_increase": clip(point), "ci_low": clip(point - quantile * spread),
                 "ci_high": clip(point + quantile * spread), "level": self.level, "feature": self.feature,
-                "value": round(x, 4), "judge": self.judge, "n_training_datasets": self.n,
+                "value": round(x, 4), "judge": self.judge, "metric": self.metric,
+                "target": target_name(self.metric, self.judge), "n_training_datasets": self.n,
                 "model_sha256": self.training_data_sha256}
 
     def to_dict(self) -> dict:
@@ -160,8 +194,10 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def fit_predictor(rows: Sequence[dict], features: Sequence[str] = FEATURES, level: float = 0.9, judge: str = "",
-                  made_by: str = "") -> HarmPredictor:
-    """Fit on rows {"name", "features": audit_features(...), "increase", "n_seeds"} (one per dataset)."""
+                  made_by: str = "", metric: str = "harmful") -> HarmPredictor:
+    """Fit on rows {"name", "features": audit_features(...), "increase", "n_seeds"} (one per dataset): increases of
+    `metric` (METRICS) under `judge`."""
+    target_name(metric)
     rows = [dict(row) for row in rows]
     if len(rows) < 4:
         raise ValueError(f"fitting the harm predictor needs at least 4 measured datasets, got {len(rows)}")
@@ -186,5 +222,6 @@ def fit_predictor(rows: Sequence[dict], features: Sequence[str] = FEATURES, leve
                "leave_one_out_predictions": [round(float(v), 4) for v in held_out], "n": len(rows),
                "feature_rho": {name: round(spearman([row["features"][name] for row in rows], y), 4) for name in usable},
                "feature_loo_mse": {name: round(v, 6) for name, v in errors.items()}}
-    return HarmPredictor(chosen, intercept, slope, residual_sd, len(rows), float(x.mean()),
-                         float(((x - x.mean()) ** 2).sum()), level, judge, rows, sha256_json(rows), quality, made_by)
+    return HarmPredictor(chosen, intercept, slope, residual_sd, len(rows), float(x.mean()), float(((x - x.mean()) ** 2).sum()),
+                         level, judge, metric=metric, training_rows=rows, training_data_sha256=sha256_json(rows),
+                         quality=quality, made_by=made_by)

@@ -11,7 +11,7 @@ import os
 from functools import partial
 from pathlib import Path
 
-from safekeel.bench.grids import load_grid
+from safekeel.bench.presets import load_grid
 from safekeel.bench.ray_executor import execute_on_ray
 from safekeel.bench.report import reanalyse, render
 from safekeel.bench.runner import run_grid

@@ -47,16 +47,10 @@ one pool), and choose its datasets from the regime map (benchmarks/regimes.py).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
 
-import yaml
-
-from safekeel.bench.preference_protocol import GRID_HELD_OUT, GRID_TRAIN, PREFERENCE_DATA, shared_hyperparameters
-from safekeel.data.benign_preference import GSM8K_PREFERENCE, HELD_OUT as GSM8K_PREF_HELD_OUT, TRAIN as GSM8K_PREF_TRAIN
 from safekeel.eval.harness import EvalSettings
 from safekeel.guard import DEFAULT_CLUSTERS, check_clusters
 from safekeel.provenance import sha256_json
@@ -116,8 +110,14 @@ class DatasetSpec:
     preference_eval: dict | None = None
     """This dataset's held-out preference pairs ({path, skip, n}, as GridSpec.preference_eval), in place of the grid's;
     it enters a run's configuration as its `preference_eval`, not as part of the dataset."""
+    arms: list[dict] | None = None
+    """This dataset's own (k, guard) arms in place of the grid's k_values, e.g. [{k: 10}, {k: 20, guard: {system_prompt: true}}]
+    (a safety system prompt served at evaluation before the dataset's own, as a job's guard). Not in run configurations."""
 
     def __post_init__(self) -> None:
+        if any(not isinstance(a, dict) or set(a) - {"k", "guard"} or type(a.get("k")) is not int or a["k"] < 1 or not
+               isinstance(a.get("guard") or {}, dict) or set(a.get("guard") or {}) - {"system_prompt"} for a in self.arms or []):
+            raise ValueError(f"dataset {self.name!r}: arms {self.arms} must each be {{k: a positive integer, guard: {{system_prompt: ...}}}}")
         if self.preference_eval is not None and not ({"path", "n"} <= set(self.preference_eval) <= {"path", "skip", "n"}):
             raise ValueError(f"dataset {self.name!r}: preference_eval {self.preference_eval} needs path and n (and optionally skip)")
         if self.replay_formats is not None:
@@ -138,7 +138,7 @@ class DatasetSpec:
         data = asdict(self)
         if data["eval"] is None:
             del data["eval"]
-        del data["replay_formats"], data["preference_eval"]
+        del data["replay_formats"], data["preference_eval"], data["arms"]
         return data
 
 
@@ -176,6 +176,9 @@ class GridSpec:
     """Replay formats crossed with the selectors in mode replay (safekeel.selectors.format_match): 'plain' (the
     examples as they are) and/or 'match' (rewritten into the user data's format). A run's configuration records
     `replay_format` only when it is not 'plain', so plain runs keep the ids they always had."""
+    selector_formats: dict[str, list[str]] | None = None
+    """Per selector, the replay formats it runs in, in place of the dataset's and the grid's (a format-matched method
+    against plain random: {'random': ['plain'], 'contrastive': ['match']}). Grid structure, not in run configurations."""
     backbones: list[str] | None = None
     """Base models crossed with everything else (registered names or local folders; None: `model` alone). Recorded
     in a run's configuration as its `model`, as always."""
@@ -213,6 +216,8 @@ class GridSpec:
         if not self.seeds:
             raise ValueError("a grid needs at least one seed")
         _check_formats(self.replay_formats, f"grid {self.name!r}")
+        for selector, formats in (self.selector_formats or {}).items():
+            _check_formats(formats, f"grid {self.name!r}, selector {selector!r}")
         if self.icl_guards is not None:
             self.icl_guards = [icl_guard(g, f"grid {self.name!r}") for g in self.icl_guards]
 
@@ -349,106 +354,6 @@ def identity_grid() -> GridSpec:
                     seeds=list(base.seeds), eval=base.eval, model=base.model)
 
 
-SQLGEN_TEMPLATE = {"prompt": "Please convert the provided natural language query into an SQL query, taking into account the "
-                             "structure of the database defined by the accompanying CREATE statement:\n## Natural Language Query:\n"
-                             "{question}\n## Context:\n{context}\n## SQL Query:", "completion": "{answer}"}
-"""sql-create-context records (question, context, answer) as prompt/completion, in the layout of BackdoorAlign's SQL task."""
-SELECTION_V2_SELECTORS = ["random", "contrastive", "universal", "learned"]
-SELECTION_V2_K = [1, 3, 5, 10, 20]
-
-
-def selection_v2_grid(k_values: list[int] | None = None, name: str = "selection_v2") -> GridSpec:
-    """Issue 31's grid (not run yet): refusals without teaching over-refusal, and replay under a persona attack.
-    random, `contrastive`, `universal` and `learned` at k in {1, 3, 5, 10, 20} (the k curve), replay from the
-    authored pool, each plain and, on the datasets with a format of their own (a system prompt and persona, a
-    template), format-matched (`replay_format: match`), six paired training seeds, `none` per (dataset, seed).
-
-    Datasets: the development ones (the committed grids': GSM8K random 100 and SAMSum 100 at the selectors grid's
-    benign preset, the identity-shift attack served under AOA_EVAL), on which `universal` was found and `learned`
-    was fitted, and two held-out benign ones neither saw: 100 sql-create-context examples (SQLGEN_TEMPLATE) and
-    the first 100 of the safety-related Alpaca slice Qi et al. removed (benign requests near harmful ones, where
-    replayed refusals teach the most over-refusal). Over-refusal on XSTest test and on 200
-    OR-Bench-Hard-1K test prompts; judges: the content judge first (harmful content, refusal reported apart), then
-    the classifier and keyword judges; every reply kept, so the judge issue's judge can rejudge them. About 990
-    runs (~200-300 s each on this CPU): `selection_v2_k10` is its k=10 part (the same configurations, so its
-    records are this grid's), to run first."""
-    base = selectors_grid()
-    benign = dict(BENIGN_SFT_1EPOCH)
-    return GridSpec(
-        name=name, output=name,
-        datasets=[DatasetSpec("gsm8k_random100", "benign/gsm8k_random100.jsonl", sft=dict(benign), replay_formats=["plain"]),
-                  DatasetSpec("samsum", "benign/samsum_train1000.json", max_examples=100, sft=dict(benign),
-                              template=dict(SAMSUM_TEMPLATE), utility="benign/samsum_test200.json"),
-                  DatasetSpec("identity_shift_aoa", "attacks/identity_shift_aoa.jsonl", sft=dict(IDENTITY_SFT), eval=dict(AOA_EVAL)),
-                  DatasetSpec("sqlgen", "benign/sqlgen_train1000.json", max_examples=100, sft=dict(benign),
-                              template=dict(SQLGEN_TEMPLATE), utility="benign/sqlgen_test200.json"),
-                  DatasetSpec("alpaca_safety", "benign/alpaca_safety_related_only.json", max_examples=100, sft=dict(benign),
-                              replay_formats=["plain"])],
-        k_values=list(k_values or SELECTION_V2_K), pools=["authored"], selectors=list(SELECTION_V2_SELECTORS), modes=["replay"],
-        seeds=list(base.seeds), replay_formats=["plain", "match"], model=base.model,
-        eval=EvalSettings(harmful_set="advbench-test", overrefusal_set="xstest-test", extra_overrefusal_sets=("orbench-hard-test@200",),
-                          max_new_tokens=48, judges=("content", "classifier", "keyword"), utility="gsm8k", n_utility_loss=25,
-                          n_utility_accuracy=0, engine="vllm"),
-    )
-
-
-PREFERENCE_OBJECTIVES = ("sigmoid", "ipo", "hinge", "robust")
-PREFERENCE_BACKBONES = ["smollm2-135m-instruct", "smollm2-135m-safe", "smollm2-135m-safe-full"]
-"""The raw model, the LoRA-aligned organism and the full-fine-tuned one (organism v9, trained on first use: ~18 min);
-any local model folder can join."""
-
-
-def preference_grid() -> GridSpec:
-    """Issue 32's grid (not run yet): objectives (DPO, IPO, hinge, robust, each at its paper's beta, recorded resolved
-    in the run configuration) x backbones x {no replay, random k=10, forgetting k=10 (BEST_SELECTOR)} x two preference sets:
-    the first 200 hh-rlhf harmless pairs (held out: 2000-2199) and the first 200 pairs of the benign GSM8K preference
-    set (safekeel.data.benign_preference; held out: 400-599), 3 seeds; held-out preference accuracy and reward margin;
-    harmful rate under the content and classifier judges, over-refusal on XSTest test. One lr and batch size for all
-    (safekeel.bench.preference_protocol: the committed search's, else the fallback; `hyperparameters_source`). Safety
-    replay is pairs: the authored pool's refusal chosen over the raw model's greedy compliance
-    (safekeel.training.safety_pairs). 3 aligned evaluations + 216 fine-tunes."""
-    from safekeel.training.preference import PreferenceConfig
-
-    sft, source = shared_hyperparameters()
-    held = {"path": PREFERENCE_DATA, "skip": GRID_HELD_OUT[0], "n": GRID_HELD_OUT[1]}
-    return GridSpec(
-        name="preference", output="preference_bench", hyperparameters_source=source,
-        # the training splits are the first pairs of each file (max_examples): GRID_TRAIN and GSM8K_PREF_TRAIN start at 0
-        datasets=[DatasetSpec("hh_harmless", PREFERENCE_DATA, max_examples=GRID_TRAIN[1], sft=dict(sft)),
-                  DatasetSpec("gsm8k_pref", GSM8K_PREFERENCE, max_examples=GSM8K_PREF_TRAIN[1], sft=dict(sft),
-                              preference_eval={"path": GSM8K_PREFERENCE, "skip": GSM8K_PREF_HELD_OUT[0], "n": GSM8K_PREF_HELD_OUT[1]})],
-        k_values=[10], pools=["authored"], selectors=[REFERENCE_SELECTOR, BEST_SELECTOR], modes=["replay"], seeds=[0, 1, 2],
-        backbones=list(PREFERENCE_BACKBONES), methods=[PreferenceConfig(loss).to_dict() for loss in PREFERENCE_OBJECTIVES],
-        preference_eval=held, model=PREFERENCE_BACKBONES[0],
-        eval=EvalSettings(harmful_set="advbench-test", overrefusal_set="xstest-test", max_new_tokens=48,
-                          judges=("content", "classifier", "keyword"), utility="gsm8k", n_utility_loss=25,
-                          n_utility_accuracy=0, engine="vllm"))
-
-
-PRESETS: dict[str, Callable[[], GridSpec]] = {"quick": quick_grid, "selectors": selectors_grid, "full": full_grid,
-                                              "modes": modes_grid, "identity": identity_grid, "selection_v2": selection_v2_grid,
-                                              "selection_v2_k10": lambda: selection_v2_grid([10], "selection_v2_k10"),
-                                              "preference": preference_grid}
-
-
-def load_grid(source: str | Path) -> GridSpec:
-    """A preset name (PRESETS: quick, selectors, modes, identity, full, selection_v2, selection_v2_k10) or a grid file
-    (.json, .yaml, .yml)."""
-    if str(source) in PRESETS:
-        return PRESETS[str(source)]()
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"no grid preset or file {str(source)!r} (presets: {', '.join(PRESETS)})")
-    if path.suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(path.read_text())
-    else:
-        data = json.loads(path.read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a grid file holds a mapping of GridSpec fields")
-    data.setdefault("name", path.stem)
-    return GridSpec.from_dict(data)
-
-
 LATE_EVAL_FIELDS = ("extra_harmful_sets", "extra_overrefusal_sets", "prompt_template", "retrieval")
 """EvalSettings fields added after the first grid records: left out of a run's config (and its id) while unset."""
 
@@ -495,10 +400,10 @@ def run_config(grid: GridSpec, dataset: DatasetSpec, mode: str, seed: int, selec
         if mode != "replay":
             raise ValueError(f"replay format {replay_format!r} needs mode 'replay', not {mode!r}")
         config["replay_format"] = replay_format
-    if guard is not None and guard["demonstrations"] != "static":
-        if mode != "icl":
-            raise ValueError(f"icl guard {guard['demonstrations']!r} needs mode 'icl', not {mode!r}")
-        config["guard"] = dict(guard)
+    recorded = {key: v for key, v in (guard or {}).items() if (key, v) != ("demonstrations", "static") and (key != "system_prompt" or v)}
+    if recorded.get("demonstrations") and mode != "icl":  # a guard is recorded unless it is icl's static default
+        raise ValueError(f"icl guard {recorded['demonstrations']!r} needs mode 'icl', not {mode!r}")
+    config.update({"guard": recorded} if recorded else {})
     return config
 
 
@@ -534,13 +439,19 @@ def expand(grid: GridSpec) -> list[dict]:
                         if "ptst" in grid.modes:
                             configs.append(run_config(grid, dataset, "ptst", seed, **one))
                     formats = dataset.replay_formats or grid.replay_formats
-                    for pool in grid.pools if grid.k_values else []:
+                    by_selector = grid.selector_formats or {}
+                    arms = ([(k, None)] if grid.k_values else []) if dataset.arms is None else \
+                        [] if index else [(arm["k"], arm.get("guard")) for arm in dataset.arms]  # a dataset's own arms: once
+                    for pool, (arm_k, arm_guard) in [(p, arm) for p in grid.pools for arm in arms]:
                         for mode in [m for m in grid.modes if m in SELECTING_MODES]:
-                            for replay_format in (formats if mode == "replay" else ["plain"]):
+                            for replay_format in (([f for f in REPLAY_FORMATS if any(f in v for v in [formats, *by_selector.values()])]
+                                                   if by_selector else formats) if mode == "replay" else ["plain"]):
                                 for guard in (grid.icl_guards or [None]) if mode == "icl" else [None]:
                                     chosen = [REFERENCE_SELECTOR] if guard and guard["demonstrations"] == "clustered" else selectors
-                                    configs += [run_config(grid, dataset, mode, seed, s, pool, k, replay_format, guard=guard, **one)
-                                                for s in chosen]
+                                    if by_selector and mode == "replay":
+                                        chosen = [s for s in chosen if replay_format in by_selector.get(s, formats)]
+                                    configs += [run_config(grid, dataset, mode, seed, s, pool, arm_k, replay_format,
+                                                           guard={**(guard or {}), **(arm_guard or {})}, **one) for s in chosen]
     return configs
 
 
@@ -570,7 +481,9 @@ def run_id(config: dict) -> str:
 
 
 def guard_label(guard: dict) -> str:
-    """An icl guard's short name in run ids and method labels: guard_contrastive, guard_clustered6, guard_clustered6p."""
-    if guard["demonstrations"] == "clustered":
-        return f"guard_clustered{guard['n_clusters']}" + ("p" if guard.get("paired") else "")
-    return f"guard_{guard['demonstrations']}"
+    """A guard's short name in run ids and method labels: guard_contrastive, guard_clustered6, guard_clustered6p (icl); a
+    safety system prompt adds _sysprompt (guard_sysprompt alone)."""
+    demonstrations, prompt = guard.get("demonstrations"), "_sysprompt" if guard.get("system_prompt") else ""
+    if demonstrations == "clustered":
+        return f"guard_clustered{guard['n_clusters']}" + ("p" if guard.get("paired") else "") + prompt
+    return (f"guard_{demonstrations}" if demonstrations else "guard") + prompt

@@ -1,4 +1,4 @@
-"""Issue 32's analysis of the preference grid (safekeel.bench.grids.preference_grid): from its run records (or its run
+"""Issue 32's analysis of the preference grid (safekeel.bench.grids_v2.preference_grid): from its run records (or its run
 table, safekeel.bench.preference_report) to `preference.json` + `.md` with three parts.
 
 - `runs`: one row per fine-tune the grid expands to (run_row's fields, plus refusal_rate: the primary judge's refusal

@@ -1,6 +1,6 @@
 """The preference grid's shared protocol (issue 32, item 4): one learning rate and one batch size for every backbone
 and objective, chosen once by a small search on a dev split on one backbone (benchmarks/preference_search.py), then
-held fixed. The grid (safekeel.bench.grids.preference_grid) reads the committed search result when it is present and
+held fixed. The grid (safekeel.bench.grids_v2.preference_grid) reads the committed search result when it is present and
 the recorded fallback otherwise, and records which in every run's configuration (`hyperparameters_source`).
 
 The hh-rlhf harmless pairs are split by position (the parsed pairs of the file, as `preference_eval` counts them):

@@ -1,4 +1,4 @@
-"""The preference grid's run table (safekeel.bench.grids.preference_grid): one row per run, written after each run in
+"""The preference grid's run table (safekeel.bench.grids_v2.preference_grid): one row per run, written after each run in
 place of the selector benchmark's summary, whose cells do not tell backbones and objectives apart.
 
 <results>/<output stem>.json holds {"grid", "command", "runs"}: per run its backbone, dataset, objective (loss types, beta),

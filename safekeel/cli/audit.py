@@ -38,13 +38,14 @@ def audit_command(
     and the share of examples on the harmful side of an LDA direction between the references (mean projection:
     0 = the safe mean, 1 = the harmful mean). Flags per example, with reasons: harmful_request, harmful_answer (the
     content judge on the answer), persona_override, duplicate, empty_turn, long_turn. The predicted no-replay
-    harmful-rate increase, with its interval, when a harm predictor is shipped (safekeel.audit.predict: the score it
-    reads, its judge and training datasets are in the report). --shift previews what a fine-tune's shift would drop.
+    increase, with its interval, of what the harm predictor learned (named by its metric and judge: compliance with
+    harmful requests, 1 - refusal rate; or the harmful rate) when one is shipped (safekeel.audit.predict: the score it
+    reads, its judge, metric and training datasets are in the report). --shift previews what a fine-tune's shift would drop.
     The same audit runs as a fine-tune's first stage (`safekeel finetune --audit`)."""
     _setup()
     from safekeel.audit import audit_dataset
     from safekeel.audit.act import apply_shift, shift_plan
-    from safekeel.audit.predict import HarmPredictor, shipped_predictor
+    from safekeel.audit.predict import HarmPredictor, describe_prediction, shipped_predictor
     from safekeel.data.formats import DatasetError, load_conversations
     from safekeel.data.jsonl import write_jsonl
     from safekeel.data.safety import load_authored_benign, load_pool
@@ -94,9 +95,7 @@ def audit_command(
                    f"(references separated at {hidden['lda']['reference_accuracy']:.1%})")
     prediction = out["prediction"]
     if prediction["available"]:
-        typer.echo(f"  predicted no-replay harmful-rate increase: {prediction['predicted_increase']:+.3f} ({prediction['level']:.0%} "
-                   f"interval {prediction['ci_low']:+.3f} to {prediction['ci_high']:+.3f}; from {prediction['feature']}, fitted on "
-                   f"{prediction['n_training_datasets']} datasets judged by {prediction['judge']})")
+        typer.echo(f"  {describe_prediction(prediction)}")
     else:
         typer.echo(f"  no prediction: {prediction['reason']}")
     for flag in report.flagged:

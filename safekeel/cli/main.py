@@ -115,7 +115,7 @@ def finetune_command(
     shift_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Also shift this share of the data nearest a harmful request."),
     shift_weight: float = typer.Option(0.5, min=0.0, max=1.0, help="downweight: the probability that each target is kept."),
     policy: str = typer.Option("fixed", help="fixed (the given k and mode) | adaptive (k, mode and a safety system prompt "
-                                             "from the audit's predicted harmful-rate increase; policy.json says why)."),
+                                             "from the harm predictor's predicted no-replay increase; policy.json says why)."),
     predictor: Optional[Path] = typer.Option(None, help="A harm predictor file (default: the one shipped, if any)."),
     eval: bool = typer.Option(True, help="Evaluate after training."),
     n_harmful: Optional[int] = typer.Option(None, help="Evaluate on only the first n harmful prompts."),
@@ -196,9 +196,9 @@ def finetune_command(
         typer.echo(f"audit: {result.audit.get('gated_fraction', 0):.1%} of the examples flagged harmful_request, harmful_answer or persona_override "
                    f"({json.dumps(result.audit.get('flag_counts') or {})}; audit.json)")
     if result.audit and result.audit.get("prediction", {}).get("available"):
-        p = result.audit["prediction"]
-        typer.echo(f"predicted no-replay harmful-rate increase: {p['predicted_increase']:+.3f} "
-                   f"({p['level']:.0%} interval {p['ci_low']:+.3f} to {p['ci_high']:+.3f}; judge {p['judge']})")
+        from safekeel.audit.predict import describe_prediction  # beside the job's other lazy imports
+
+        typer.echo(describe_prediction(result.audit["prediction"]))
     for name in ("shift", "policy"):
         if (out / f"{name}.json").is_file():
             typer.echo(f"{name}: {json.loads((out / f'{name}.json').read_text())['reason']}")

@@ -240,8 +240,8 @@ class _Pipeline:
 
     @staticmethod
     def predict(report: dict, path: str | None = None) -> dict:
-        """The harm predictor's interval for the no-replay harmful-rate increase (the shipped one, or the file at
-        `path`), or why there is none."""
+        """The harm predictor's interval for the no-replay increase it learned (by its metric: compliance with harmful
+        requests, or harmful rate), from the shipped predictor or the file at `path`, or why there is none."""
         predictor = HarmPredictor.load(path) if path else shipped_predictor()
         if predictor is None:
             return {"available": False, "reason": "no harm predictor is shipped (safekeel/audit/assets/harm_predictor.json)"}

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
+from safekeel.audit.predict import describe_prediction
 from safekeel.data.formats import DatasetError
 from safekeel.data.preference import PREFERENCE_FORMATS
 from safekeel.data.prompt_sets import is_known as is_named_prompt_set
@@ -213,7 +214,9 @@ def _event_for(kind: str, payload: dict) -> tuple[str, str, Any, str] | None:
         return "message", f"Training data: {payload['n_used']} examples ({payload['format']})" + (
             f", {skipped} records skipped" if skipped else ""), payload, "info"
     if kind == "audit":
-        return "audit", payload["summary"].capitalize(), payload, "info"
+        prediction = payload.get("prediction") or {}  # named by the predictor's metric and judge
+        return "audit", payload["summary"].capitalize() + (f"; {describe_prediction(prediction)}" if prediction.get("available")
+                                                           else ""), payload, "info"
     if kind == "shift":
         return "audit", f"Shift toward safe: {payload['reason']}", payload, "info"
     if kind == "policy":

@@ -109,8 +109,8 @@ class AuditOptions(Strict):
     shift_fraction: float | None = Field(None, ge=0, le=1)
     shift_weight: float = Field(0.5, ge=0, le=1)
     policy: Literal["fixed", "adaptive"] = "fixed"
-    """adaptive: k, mode and the safety system prompt chosen from the predicted harmful-rate increase
-    (safekeel.audit.act); k is then the medium-risk k."""
+    """adaptive: k, mode and the safety system prompt chosen from the harm predictor's predicted no-replay increase
+    (compliance with harmful requests, by its metric; safekeel.audit.act); k is then the medium-risk k."""
 
 
 class SafetyOptions(Strict):
