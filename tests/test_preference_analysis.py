@@ -218,14 +218,14 @@ def test_json_has_the_issue_keys(grid, configs, tmp_path):
 
 
 def test_run_table_input_matches_records(grid, configs, tmp_path):
-    """The run table the bench writes (preference_report) gives the same rates; refusal, not in it, is pending."""
+    """The run table the bench writes (preference_report) gives the same rates as the records, refusal included."""
     records = [record(c, differing) for c in configs]
     [table_path] = write_preference_outputs(grid, records, tmp_path)
     from_table = analyse(grid, table=load_run_table(table_path), n_resamples=N)
     from_records = analyse(grid, records, n_resamples=N)
     assert spread_row(from_table, metric="harmful_rate") == spread_row(from_records, metric="harmful_rate")
-    assert spread_row(from_table)["status"] == "pending"
-    assert from_table["status"]["refusal_known"] == 0 and from_records["status"]["refusal_known"] == 216
+    assert spread_row(from_table) == spread_row(from_records)
+    assert from_table["status"]["refusal_known"] == from_records["status"]["refusal_known"] == 216
 
 
 def test_records_of_another_protocol_are_left_out(grid, configs, tmp_path):
@@ -257,7 +257,7 @@ def test_the_script_reads_records_or_falls_back_to_the_run_table(grid, configs, 
     json_path, md_path = script.main(["--results-dir", str(tmp_path)])
     data = json.loads(json_path.read_text())
     assert data["source"] == str(tmp_path / "preference_bench.json") and data["status"]["fine_tunes_done"] == 72
-    assert data["status"]["refusal_known"] == 0
+    assert data["status"]["refusal_known"] == 72
     folder = tmp_path / "bench_runs" / "preference"
     folder.mkdir(parents=True)
     for r in records:

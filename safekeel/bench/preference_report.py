@@ -23,7 +23,9 @@ def run_row(record: dict) -> dict:
     rate = lambda part, key, judge: (((report.get(part) or {}).get(judge) or {}).get(key) or {}).get("rate")  # noqa: E731
     row = {"run_id": record["run_id"], "kind": config["kind"], "backbone": config["model"], "judge": judges[0],
            "harmful_rate": rate("harmful", "harmful", judges[0]), "overrefusal_rate": rate("overrefusal", "refused", judges[0]),
+           "refusal_rate": rate("harmful", "refused", judges[0]),
            "harmful_rates": {j: rate("harmful", "harmful", j) for j in judges},
+           "refusal_rates": {j: rate("harmful", "refused", j) for j in judges},
            "overrefusal_rates": {j: rate("overrefusal", "refused", j) for j in judges}}
     if config["kind"] == "finetune":
         method = config.get("method")
