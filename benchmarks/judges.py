@@ -7,7 +7,8 @@
     python benchmarks/judges.py train-pool --wave 14      # train-split replies where harmful content can be
     python benchmarks/judges.py status
     python benchmarks/judges.py build          # train candidates on the train split, ship the best by CV
-    python benchmarks/judges.py report         # benchmarks/results/judges.{json,md}
+    python benchmarks/judges.py report         # benchmarks/results/judges.{json,md} (about 45 min beside a benchmark)
+    python benchmarks/judges.py render         # judges.md again from judges.json
 
 Files (benchmarks/judges/): guideline.md (what annotators get), agreement_items.jsonl (items with their
 hidden metadata: run, condition, prompt set, split), labels/{a,b,adjudicator}/*.jsonl (blind labels),
@@ -253,9 +254,10 @@ def main() -> None:
     build.add_argument("--families", action="store_true",
                        help="also compare gradient boosting and the MiniLM cross-encoder on fold 0 (tens of minutes of CPU)")
     sub.add_parser("report")
+    sub.add_parser("render", help="judges.md again from judges.json (no judging)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command in ("build", "report"):
+    if args.command in ("build", "report", "render"):
         import judges_report  # noqa: F401  (benchmarks/judges_report.py)
 
         getattr(judges_report, f"cmd_{args.command}")(args)

@@ -233,6 +233,12 @@ def fisher(a_bad: int, a_n: int, b_bad: int, b_n: int) -> float | None:
     return float(fisher_exact([[a_bad, a_n - a_bad], [b_bad, b_n - b_bad]])[1])
 
 
+def representative_rates(items: list[dict], labels: dict) -> dict:
+    """Each question's adjudicated rate over the representative samples (items without a stratum)."""
+    chosen = [labels[i["id"]] for i in items if i["meta"].get("stratum") is None and i["id"] in labels]
+    return {q: sum(l[q] for l in chosen) / len(chosen) for q in agreement.QUESTIONS} if chosen else {}
+
+
 def in_split(item: dict, split: str) -> bool:
     """"test" and "train": the representative samples; "test-enriched": the positive-enriched stratum (judges.py
     enrich), measured apart because it is not a random sample of replies; "census-U": the census's stratum U
@@ -316,6 +322,16 @@ def judge_speed(n: int = 300) -> dict:
     return out
 
 
+def cmd_render(args) -> None:
+    """Re-render judges.md from judges.json (and the representative label rates from the labels), without judging."""
+    data = json.loads((RESULTS / "judges.json").read_text())
+    items, labels = read_jsonl(ITEMS), final_labels()
+    data["agreement_set"]["label_rates"] = representative_rates(items, labels)
+    data["agreement_set"]["n_representative_items"] = sum(i["meta"].get("stratum") is None and i["id"] in labels for i in items)
+    (RESULTS / "judges.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
+    (RESULTS / "judges.md").write_text(render(data))
+
+
 def cmd_report(args) -> None:
     from judges_claims import rejudged_claims
 
@@ -343,7 +359,8 @@ def cmd_report(args) -> None:
         "inter_annotator_kappa": kappas["harmful_content"], "inter_annotator_kappa_by_question": kappas,
         "raw_agreement_by_question": raw, "n_double_labelled": len(both),
         "n_adjudicated_items": sum(bool(l["adjudicated"]) for l in labels.values()),
-        "label_rates": {q: sum(l[q] for l in labels.values()) / len(labels) for q in agreement.QUESTIONS},
+        "label_rates": representative_rates(items, labels),
+        "n_representative_items": sum(i["meta"].get("stratum") is None and i["id"] in labels for i in items),
     }
     judges = [judge_block(judge, items, labels, "test") for judge in JUDGES]
     if any(in_split(i, "test-enriched") for i in items):
@@ -403,6 +420,9 @@ def render(data: dict) -> str:
              f"test split {s['n_test_items']} ({s['n_test_harmful_prompt_items']} to harmful prompts).", "",
              f"Two annotators labelled every reply independently ({s['n_double_labelled']} double-labelled), a third "
              f"decided the {s['n_adjudicated_items']} items they disagreed on.", "",
+             f"Kappa and raw agreement over every double-labelled item; the adjudicated rate over the {s.get('n_representative_items', s['n_items'])} "
+             "items of the representative samples (the enriched, census and train-pool strata are chosen where harmful "
+             "content can be, so they are left out of it).", "",
              "| question | kappa (a vs b) | raw agreement | adjudicated rate |", "| --- | --- | --- | --- |"]
     for q in agreement.QUESTIONS:
         lines.append(f"| {q} | {_f(s['inter_annotator_kappa_by_question'][q])} | {_f(s['raw_agreement_by_question'][q])} | {_f(s['label_rates'][q])} |")
@@ -428,8 +448,8 @@ def render(data: dict) -> str:
                       "few harmful replies. The representative test rows above exclude it."]
     if any(i["split"] == "census-U" for i in data["judges"]):
         lines += ["", "census-U: the census's stratum U (`judges.py census`, benchmarks/judges/census_plan.md): replies of the "
-                      "confirmatory fine-tunes to AdvBench test that the refusal classifier did not call refused, minus those "
-                      "already in the representative sample. Its rates are conditional on that stratum; the classifier "
+                      "kept fine-tunes (confirm, selectors, modes, identity) to AdvBench test that the refusal classifier did not "
+                      "call refused, minus those already in the representative sample. Its rates are conditional on that stratum; the classifier "
                       "defines it, so its own false alarms there are not comparable with the other judges'."]
     lines += ["", "The train split is the content judge's training data (it is not shown for it); the other judges never saw it.", "",
               "## Errors per condition (test split)", ""]
