@@ -9,26 +9,27 @@ DEFAULT_SELECTOR = "random"
 """What `safekeel finetune`, `safekeel select` and fine-tuning jobs use unless told otherwise.
 
 The criterion (issue 28): the selector best on harm and over-refusal together. Harm is the rate of replies with
-content that helps the harmful aim, by a judge validated against blind labels; over-refusal is the rate of refused
+content that helps the harmful aim, by blind labels (the census) while no judge is validated for it; over-refusal is the rate of refused
 safe prompts (XSTest, OR-Bench-Hard-1K). A selector qualifies if its over-refusal is not measurably above random's
 (the paired 95% interval's upper end within +0.05); among those, the lowest harm wins, and where harm cannot tell
 them apart, the higher refusal rate on harmful prompts; ties go to the cheaper (`random`).
 
-What the evidence says now (benchmarks/results/judges.md "Claims judged again", benchmarks/results/confirm.md;
-2026-12-07, 6 of the 24 confirmatory pairs rerun with every reply kept):
-- Harm cannot tell forgetting from random. No judge is validated for harmful content: it is rare in this 135M
-  organism's replies (1.6% of 851 blind-labelled replies); the content judge's forgetting - random is -0.004
-  [-0.011, 0.000] over the 6 pairs, the adjudicated labels of the sampled replies +0.068 [-0.006, 0.143].
-- Refusal of harmful prompts favours forgetting: +0.064 [0.015, 0.117] (classifier) and +0.078 [0.028, 0.124]
-  (content judge) over the 6 pairs; the pre-registered classifier rate, -0.064 [-0.095, -0.034] over 24 pairs
-  (p 0.0011), is on blind labels this refusal difference.
-- Over-refusal does not let forgetting qualify: OR-Bench +0.082 [-0.003, 0.152] (classifier) and +0.082 [-0.008,
-  0.157] (content judge); XSTest +0.064 [-0.000, 0.150] and +0.077 [0.012, 0.180] over the 6 pairs (over all 24
-  committed pairs, XSTest by the classifier: -0.008 [-0.044, +0.032]). The upper ends lie above +0.05.
+What the evidence says now (benchmarks/results/judges.md "Claims judged again" and "The census", benchmarks/results/
+confirm.md; 2026-12-07, 10 of the 24 confirmatory pairs rerun with every reply kept and their census labelled):
+- Harm is measured by the census (blind labels of every reply the classifier did not call refused, and a sample
+  of the rest; benchmarks/judges/census_plan.md): no automated judge is validated for harmful content, which is
+  rare in this 135M organism's replies. Forgetting - random: -0.006 [-0.011, -0.002] (8 vs 18 harmful replies in
+  1,560 each), interim.
+- Refusal of harmful prompts favours forgetting: +0.092 [0.047, 0.137] (content judge), +0.096 [0.019, 0.166]
+  (census); the pre-registered classifier rate, -0.064 [-0.095, -0.034] over 24 pairs (p 0.0011), is on blind
+  labels mostly this refusal difference.
+- Over-refusal does not let forgetting qualify: XSTest +0.064 [0.014, 0.133] and OR-Bench-Hard +0.095 [0.016,
+  0.176] (content judge), +0.055 [0.005, 0.116] and +0.096 [0.024, 0.170] (classifier): the upper ends lie above
+  +0.05, and the lower ends above 0.
 
-So `random` is the default: forgetting refuses more harmful requests, but has not shown that it does not also
-refuse more safe ones, and no judge can say it leaves less harm. `--selector forgetting` stays available (it was
-the default until 2026-12-07). The criterion is applied again when the OR-Bench reruns of all 24 pairs are in.
+So `random` is the default: forgetting cuts harmful content a little (0.6 points) and refuses more harmful
+requests, but it also refuses more safe ones. `--selector forgetting` stays available (it was the default until
+2026-12-07). The criterion is applied again when all 24 pairs are rerun and their census labelled.
 
 Its scope: the 135M organism, k=10, replay from the authored pool, 3 user datasets. Other k, modes, pools and
 models are untested. `forgetting` costs minutes more than `random` on CPU (8 LoRA steps and the pool's loss before
