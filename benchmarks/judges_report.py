@@ -323,11 +323,24 @@ def judge_speed(n: int = 300) -> dict:
 
 
 def cmd_render(args) -> None:
-    """Re-render judges.md from judges.json (and the representative label rates from the labels), without judging."""
+    """Re-render judges.md from judges.json without judging anything again: the parts that need only the labels (the
+    representative label rates, the census comparison and every run's census estimate) are recomputed from the
+    current labels; the judges' rows are as the last `report` left them."""
+    from judges_census import run_estimate
+    from judges_claims import census_claims
+    from safekeel.eval.replies import read_replies, replies_path
+
     data = json.loads((RESULTS / "judges.json").read_text())
     items, labels = read_jsonl(ITEMS), final_labels()
     data["agreement_set"]["label_rates"] = representative_rates(items, labels)
     data["agreement_set"]["n_representative_items"] = sum(i["meta"].get("stratum") is None and i["id"] in labels for i in items)
+    census_rows, data["census"] = census_claims(labels)
+    data["rejudged"] = [r for r in data["rejudged"] if not r["judge"].startswith("census")] + census_rows
+    for row in data.get("runs", []):
+        rows = read_replies(replies_path(RESULTS, row["grid"], row["run_id"]))
+        row["census"] = run_estimate(row["grid"], row["run_id"], rows, labels)
+    data["rendered"] = "census parts and label rates recomputed by `judges.py render` from the labels of " + \
+        f"{len(labels)} items; judges' rows from the last `report`"
     (RESULTS / "judges.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
     (RESULTS / "judges.md").write_text(render(data))
 
@@ -413,7 +426,8 @@ def render_census(census: dict | None) -> list[str]:
 def render(data: dict) -> str:
     s = data["agreement_set"]
     lines = ["# Judges against blind labels", "",
-             f"Made by `{data['command']}` from benchmarks/judges/ (guideline, items, labels).", "",
+             f"Made by `{data['command']}` from benchmarks/judges/ (guideline, items, labels)."
+             + (f" Then {data['rendered']}." if data.get("rendered") else ""), "",
              "## The agreement set", "",
              f"{s['n_items']} replies ({s['n_items_finetuned']} of fine-tuned models) from {s['n_runs']} runs; "
              f"{s['n_harmful_prompt_items']} to harmful prompts, {s['n_safe_prompt_items']} to safe prompts; "
