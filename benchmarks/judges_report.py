@@ -332,25 +332,21 @@ def cmd_render(args) -> None:
 
     data = json.loads((RESULTS / "judges.json").read_text())
     items, labels = read_jsonl(ITEMS), final_labels()
-    data["agreement_set"]["label_rates"] = representative_rates(items, labels)
-    data["agreement_set"]["n_representative_items"] = sum(i["meta"].get("stratum") is None and i["id"] in labels for i in items)
+    data["agreement_set"] = agreement_summary(items, labels)
     census_rows, data["census"] = census_claims(labels)
     data["rejudged"] = [r for r in data["rejudged"] if not r["judge"].startswith("census")] + census_rows
     for row in data.get("runs", []):
         rows = read_replies(replies_path(RESULTS, row["grid"], row["run_id"]))
         row["census"] = run_estimate(row["grid"], row["run_id"], rows, labels)
-    data["rendered"] = "census parts and label rates recomputed by `judges.py render` from the labels of " + \
+    data["rendered"] = "the agreement set's counts, kappas and label rates and the census parts recomputed by `judges.py render` from the labels of " + \
         f"{len(labels)} items; judges' rows from the last `report`"
     (RESULTS / "judges.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
     (RESULTS / "judges.md").write_text(render(data))
 
 
-def cmd_report(args) -> None:
-    from judges_claims import rejudged_claims
-
-    items = read_jsonl(ITEMS)
+def agreement_summary(items: list[dict], labels: dict) -> dict:
+    """The agreement set's counts, the annotators' kappa and raw agreement, and the representative label rates."""
     a, b = load_labels("a"), load_labels("b")
-    labels = final_labels()
     both = [i["id"] for i in items if i["id"] in a and i["id"] in b]
     kappas = {q: agreement.cohen_kappa([a[i][q] for i in both], [b[i][q] for i in both]) for q in agreement.QUESTIONS}
     raw = {q: sum(a[i][q] == b[i][q] for i in both) / len(both) for q in agreement.QUESTIONS}
@@ -375,6 +371,16 @@ def cmd_report(args) -> None:
         "label_rates": representative_rates(items, labels),
         "n_representative_items": sum(i["meta"].get("stratum") is None and i["id"] in labels for i in items),
     }
+    agreement_set["n_census_items"] = sum(i["meta"].get("stratum") == "census" for i in items)
+    return agreement_set
+
+
+def cmd_report(args) -> None:
+    from judges_claims import rejudged_claims
+
+    items = read_jsonl(ITEMS)
+    labels = final_labels()
+    agreement_set = agreement_summary(items, labels)
     judges = [judge_block(judge, items, labels, "test") for judge in JUDGES]
     if any(in_split(i, "test-enriched") for i in items):
         judges += [judge_block(judge, items, labels, "test-enriched") for judge in JUDGES]
@@ -387,7 +393,6 @@ def cmd_report(args) -> None:
 
     runs = all_run_rates(labels)
     census_rows, census = census_claims(labels)
-    agreement_set["n_census_items"] = sum(i["meta"].get("stratum") == "census" for i in items)
     data = {"agreement_set": agreement_set, "judges": judges, "rejudged": rejudged_claims(items, labels, runs) + census_rows,
             "census": census, "runs": runs, "speed": speed,
             "command": "python benchmarks/judges.py report"}
