@@ -15,12 +15,12 @@ safe prompts (XSTest, OR-Bench-Hard-1K). A selector qualifies if its over-refusa
 them apart, the higher refusal rate on harmful prompts; ties go to the cheaper (`random`).
 
 What the evidence says now (benchmarks/results/judges.md "Claims judged again" and "The census", benchmarks/results/
-confirm.md; 2026-12-07, the judges over 10 of the 24 confirmatory pairs rerun with every reply kept, the census over 14):
+confirm.md; 2026-12-07, the judges over 10 of the 24 confirmatory pairs rerun with every reply kept, the census over 16):
 - Harm is measured by the census (blind labels of every reply the classifier did not call refused, and a sample
   of the rest; benchmarks/judges/census_plan.md): no automated judge is validated for harmful content, which is
-  rare in this 135M organism's replies. Forgetting - random: -0.008 [-0.017, -0.002] (11 vs 29 harmful replies in
-  2,184 each; 14 pairs), interim.
-- Refusal of harmful prompts favours forgetting: +0.092 [0.047, 0.137] (content judge), +0.097 [0.037, 0.152]
+  rare in this 135M organism's replies. Forgetting - random: -0.008 [-0.015, -0.002] (12 vs 31 harmful replies in
+  2,496 each; 16 pairs), interim.
+- Refusal of harmful prompts favours forgetting: +0.092 [0.047, 0.137] (content judge), +0.087 [0.032, 0.141]
   (census); the pre-registered classifier rate, -0.064 [-0.095, -0.034] over 24 pairs (p 0.0011), is on blind
   labels mostly this refusal difference.
 - Over-refusal does not let forgetting qualify: XSTest +0.064 [0.014, 0.133] and OR-Bench-Hard +0.095 [0.016,
