@@ -22,7 +22,7 @@ $(BIN)/safekeel: pyproject.toml constraints.txt
 install: $(BIN)/safekeel
 
 # The main job on the embedded defaults: start the service (vLLM), upload the shipped sample dataset,
-# fine-tune the aligned organism with 10 safety examples (default selector: forgetting) replayed behind the
+# fine-tune the aligned organism with 10 safety examples (default selector: random, safekeel/defaults.py) replayed behind the
 # safety gate (200 HarmBench prompts), print the before/after safety report and the gate's decision, and chat with
 # the result (or the base model when the gate blocks it). Needs the public prompt sets: `safekeel data status`.
 demo: install

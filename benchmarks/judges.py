@@ -253,7 +253,10 @@ def main() -> None:
     build = sub.add_parser("build")
     build.add_argument("--families", action="store_true",
                        help="also compare gradient boosting and the MiniLM cross-encoder on fold 0 (tens of minutes of CPU)")
-    sub.add_parser("report")
+    report = sub.add_parser("report")
+    report.add_argument("--judgement-cache", type=Path, default=None,
+                        help="SQLite file of stored verdicts (default: $SAFEKEEL_HOME/judgements.sqlite)")
+    report.add_argument("--no-cache", action="store_true", help="judge every reply again, storing nothing")
     sub.add_parser("render", help="judges.md again from judges.json (no judging)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

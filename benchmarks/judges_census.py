@@ -17,6 +17,7 @@ import random
 from collections import defaultdict
 
 from safekeel.eval.judges import agreement
+from safekeel.eval.stats import bootstrap_ci, wilcoxon_signed_rank
 
 CENSUS_GRID = "confirm"
 CENSUS_SET = "advbench-test"
@@ -76,11 +77,23 @@ def run_estimate(grid: str, run_id: str, rows: list[dict], labels: dict) -> dict
     return out
 
 
+def paired_comparison(grid: str, judge: str, metric: str, pairs: list[tuple[float, float]], label: str) -> dict:
+    """Mean paired difference (first - second) with a bootstrap interval over pairs and a two-sided Wilcoxon
+    signed-rank p-value; {} without pairs."""
+    diffs = [a - b for a, b in pairs]
+    if not diffs:
+        return {}
+    mean = sum(diffs) / len(diffs)
+    low, high = bootstrap_ci(diffs) if len(diffs) > 1 else (None, None)
+    test = wilcoxon_signed_rank(diffs) if len(diffs) > 1 else {"p_value": None}
+    return {"grid": grid, "judge": judge, "metric": metric, "comparison": label, "mean_diff": mean,
+            "mean_diff_harmful_rate": mean if metric == "harmful" else None, "ci_low": low, "ci_high": high,
+            "p_value": test.get("p_value"), "n_pairs": len(diffs)}
+
+
 def census_comparison(runs: list[tuple[dict, list[dict]]], labels: dict) -> tuple[list[dict], dict]:
     """runs: (condition, run id, reply rows) of the census grid's replay fine-tunes. Returns the comparison rows (forgetting -
     random, paired by (dataset, seed), over the pairs whose both runs are fully labelled) and a summary."""
-    from judges_claims import _comparison
-
     by_pair: dict[tuple, dict] = defaultdict(dict)
     for condition, run_id, rows in runs:
         estimate = run_estimate(CENSUS_GRID, run_id, rows, labels)
@@ -96,14 +109,14 @@ def census_comparison(runs: list[tuple[dict, list[dict]]], labels: dict) -> tupl
     for q in CENSUS_QUESTIONS:
         pairs = [(v["forgetting"][q], v["random"][q]) for v in complete.values()]
         if pairs:
-            row = _comparison(CENSUS_GRID, "census under adjudicated blind labels", q, pairs, "forgetting - random")
+            row = paired_comparison(CENSUS_GRID, "census under adjudicated blind labels", q, pairs, "forgetting - random")
             row["mean_diff_harmful_rate"] = row["mean_diff"] if q == "harmful_content" else None
             out.append(row)
         # the plan's amendment: the pairs share seeds, so the same test on per-seed means (seeds with every dataset)
         seed_means = [(sum(v[d]["forgetting"][q] for d in v) / len(v), sum(v[d]["random"][q] for d in v) / len(v))
                       for v in full_seeds.values()]
         if len(seed_means) > 1:
-            row = _comparison(CENSUS_GRID, "census under adjudicated blind labels (seed means)", q, seed_means,
+            row = paired_comparison(CENSUS_GRID, "census under adjudicated blind labels (seed means)", q, seed_means,
                               "forgetting - random")
             row["mean_diff_harmful_rate"] = row["mean_diff"] if q == "harmful_content" else None
             out.append(row)

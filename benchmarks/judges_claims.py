@@ -13,12 +13,11 @@ import json
 from collections import defaultdict
 
 from judges import RESULTS
-from judges_census import run_estimate
+from judges_census import CENSUS_GRID, census_comparison, paired_comparison, run_estimate
 from safekeel.eval.judges import agreement
 from safekeel.eval.harness import rejudge_rows
 from safekeel.eval.rejudge import find_runs
 from safekeel.eval.replies import read_replies
-from safekeel.eval.stats import bootstrap_ci, wilcoxon_signed_rank
 
 JUDGES = ("classifier", "content")
 
@@ -27,15 +26,26 @@ def _rate(entry: dict | None):
     return None if not entry else entry.get("rate")
 
 
-def run_rates(grid: str, labels: dict | None = None) -> list[dict]:
+def kept_replies(grid: str, run, replies: dict | None) -> list[dict]:
+    """A kept run's reply rows, read once: `replies` ({(grid, run id): rows}) holds what was read before."""
+    if replies is None:
+        return read_replies(run.replies)
+    key = (grid, run.run_id)
+    if key not in replies:
+        replies[key] = read_replies(run.replies)
+    return replies[key]
+
+
+def run_rates(grid: str, labels: dict | None = None, replies: dict | None = None, cache=None) -> list[dict]:
     """Per kept run of a grid: its condition, its rates under each judge and, with labels, its census estimate
-    (judges_census.run_estimate: None until every census member of the run is labelled)."""
+    (judges_census.run_estimate: None until every census member of the run is labelled). `replies`: see
+    kept_replies; `cache`: a JudgementCache (safekeel/eval/judges/cache.py)."""
     out = []
     for run in find_runs(grid, RESULTS):
         # the sets the claims read: AdvBench test, XSTest safe test and OR-Bench-Hard test (not the judge-training sets)
-        rows = [r for r in read_replies(run.replies)
+        rows = [r for r in kept_replies(grid, run, replies)
                 if r["kind"] in ("harmful", "safe") or r.get("set", "").startswith("orbench-hard-test")]
-        s = rejudge_rows(rows, JUDGES)
+        s = rejudge_rows(rows, JUDGES, cache=cache)
         row = {"grid": grid, "run_id": run.run_id, "condition": agreement.condition_of(run.record["config"]),
                "changes": sorted(run.changes), "rates": {},
                "census": run_estimate(grid, run.run_id, rows, labels) if labels is not None else None}
@@ -51,18 +61,6 @@ def run_rates(grid: str, labels: dict | None = None) -> list[dict]:
     return out
 
 
-def _comparison(grid: str, judge: str, metric: str, pairs: list[tuple[float, float]], label: str) -> dict:
-    diffs = [a - b for a, b in pairs]
-    if not diffs:
-        return {}
-    mean = sum(diffs) / len(diffs)
-    low, high = bootstrap_ci(diffs) if len(diffs) > 1 else (None, None)
-    test = wilcoxon_signed_rank(diffs) if len(diffs) > 1 else {"p_value": None}
-    return {"grid": grid, "judge": judge, "metric": metric, "comparison": label, "mean_diff": mean,
-            "mean_diff_harmful_rate": mean if metric == "harmful" else None, "ci_low": low, "ci_high": high,
-            "p_value": test.get("p_value"), "n_pairs": len(diffs)}
-
-
 def confirm_comparisons(rows: list[dict]) -> list[dict]:
     by_pair: dict[tuple, dict] = defaultdict(dict)
     for row in rows:
@@ -76,7 +74,7 @@ def confirm_comparisons(rows: list[dict]) -> list[dict]:
             pairs = [(v["forgetting"]["rates"][judge][metric], v["random"]["rates"][judge][metric]) for v in complete.values()
                      if v["forgetting"]["rates"][judge][metric] is not None and v["random"]["rates"][judge][metric] is not None]
             if pairs:
-                out.append(_comparison("confirm", f"{judge} (reruns, float32 training)", metric, pairs, "forgetting - random"))
+                out.append(paired_comparison("confirm", f"{judge} (reruns, float32 training)", metric, pairs, "forgetting - random"))
     committed = []
     for (dataset, seed), v in complete.items():
         records = []
@@ -85,7 +83,7 @@ def confirm_comparisons(rows: list[dict]) -> list[dict]:
             records.append(json.loads(path.read_text())["report"]["harmful"]["classifier"]["harmful"]["rate"])
         committed.append(tuple(records))
     if committed:
-        out.append(_comparison("confirm", "classifier (committed records, bf16 training, same pairs)", "harmful", committed,
+        out.append(paired_comparison("confirm", "classifier (committed records, bf16 training, same pairs)", "harmful", committed,
                                "forgetting - random"))
     return out
 
@@ -126,14 +124,14 @@ def rejudged_claims(items: list[dict], labels: dict, runs: list[dict]) -> list[d
     return confirm_comparisons([r for r in runs if r["grid"] == "confirm"]) + adjudicated_comparison(items, labels)
 
 
-def census_claims(labels: dict) -> tuple[list[dict], dict]:
-    """The census comparison (judges_census) over the confirm pairs whose census members are all labelled."""
-    from judges_census import CENSUS_GRID, census_comparison
-
-    runs = [(agreement.condition_of(run.record["config"]), run.run_id, read_replies(run.replies))
+def census_claims(labels: dict, replies: dict | None = None) -> tuple[list[dict], dict]:
+    """The census comparison (judges_census) over the confirm pairs whose census members are all labelled.
+    `replies`: see kept_replies."""
+    runs = [(agreement.condition_of(run.record["config"]), run.run_id, kept_replies(CENSUS_GRID, run, replies))
             for run in find_runs(CENSUS_GRID, RESULTS) if run.record["config"]["kind"] != "aligned"]
     return census_comparison([r for r in runs if r[0]["mode"] == "replay"], labels)
 
 
-def all_run_rates(labels: dict | None = None) -> list[dict]:
-    return [row for grid in sorted(p.name for p in (RESULTS / "replies").glob("*") if p.is_dir()) for row in run_rates(grid, labels)]
+def all_run_rates(labels: dict | None = None, replies: dict | None = None, cache=None) -> list[dict]:
+    return [row for grid in sorted(p.name for p in (RESULTS / "replies").glob("*") if p.is_dir())
+            for row in run_rates(grid, labels, replies, cache)]

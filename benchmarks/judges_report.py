@@ -206,10 +206,11 @@ def _count(values) -> dict:
 # ---------------------------------------------------------------- report
 
 
-def judge_items(items: list[dict], judge: str) -> list:
+def judge_items(items: list[dict], judge: str, cache=None) -> list:
     from safekeel.eval.judges import get_judge
 
-    return get_judge(judge).judge([i["prompt"] for i in items], [i["reply"] for i in items])
+    prompts, replies = [i["prompt"] for i in items], [i["reply"] for i in items]
+    return cache.judge(get_judge(judge), prompts, replies) if cache is not None else get_judge(judge).judge(prompts, replies)
 
 
 def error_rates(truth: list[int], predicted: list[int]) -> dict:
@@ -251,9 +252,9 @@ def in_split(item: dict, split: str) -> bool:
     return stratum is None and item["meta"]["split"] == split
 
 
-def judge_block(judge: str, items: list[dict], labels: dict, split: str) -> dict:
+def judge_block(judge: str, items: list[dict], labels: dict, split: str, cache=None) -> dict:
     chosen = [i for i in items if in_split(i, split) and i["meta"]["prompt_harmful"] and i["id"] in labels]
-    verdicts = judge_items(chosen, judge)
+    verdicts = judge_items(chosen, judge, cache)
     truth = [labels[i["id"]]["harmful_content"] for i in chosen]
     predicted = [int(bool(v.harmful)) for v in verdicts]
     kappa = agreement.cohen_kappa(truth, predicted) if chosen else None
@@ -292,7 +293,7 @@ def judge_block(judge: str, items: list[dict], labels: dict, split: str) -> dict
     # over-refusal: refusal agreement on replies to safe prompts
     safe = [i for i in items if in_split(i, split) and not i["meta"]["prompt_harmful"] and i["id"] in labels]
     if safe:
-        safe_verdicts = judge_items(safe, judge)
+        safe_verdicts = judge_items(safe, judge, cache)
         truth_r = [labels[i["id"]]["refusal"] for i in safe]
         pred_r = [int(bool(v.refused)) for v in safe_verdicts]
         block["overrefusal"] = {"n": len(safe), "kappa_refusal": agreement.cohen_kappa(truth_r, pred_r),
@@ -333,11 +334,14 @@ def cmd_render(args) -> None:
     data = json.loads((RESULTS / "judges.json").read_text())
     items, labels = read_jsonl(ITEMS), final_labels()
     data["agreement_set"] = agreement_summary(items, labels)
-    census_rows, data["census"] = census_claims(labels)
+    replies: dict = {}  # every kept run's replies, read once for the census and the per-run estimates
+    census_rows, data["census"] = census_claims(labels, replies)
     data["rejudged"] = [r for r in data["rejudged"] if not r["judge"].startswith("census")] + census_rows
     for row in data.get("runs", []):
-        rows = read_replies(replies_path(RESULTS, row["grid"], row["run_id"]))
-        row["census"] = run_estimate(row["grid"], row["run_id"], rows, labels)
+        key = (row["grid"], row["run_id"])
+        if key not in replies:
+            replies[key] = read_replies(replies_path(RESULTS, row["grid"], row["run_id"]))
+        row["census"] = run_estimate(row["grid"], row["run_id"], replies[key], labels)
     data["rendered"] = "the agreement set's counts, kappas and label rates and the census parts recomputed by `judges.py render` from the labels of " + \
         f"{len(labels)} items; judges' rows from the last `report`"
     (RESULTS / "judges.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
@@ -376,26 +380,33 @@ def agreement_summary(items: list[dict], labels: dict) -> dict:
 
 
 def cmd_report(args) -> None:
-    from judges_claims import rejudged_claims
+    from judges_claims import all_run_rates, census_claims, rejudged_claims
+    from safekeel.eval.judges.cache import JudgementCache, default_cache_path
 
+    cache = None if getattr(args, "no_cache", False) else JudgementCache(getattr(args, "judgement_cache", None) or default_cache_path())
     items = read_jsonl(ITEMS)
     labels = final_labels()
     agreement_set = agreement_summary(items, labels)
-    judges = [judge_block(judge, items, labels, "test") for judge in JUDGES]
+    judges = [judge_block(judge, items, labels, "test", cache) for judge in JUDGES]
     if any(in_split(i, "test-enriched") for i in items):
-        judges += [judge_block(judge, items, labels, "test-enriched") for judge in JUDGES]
+        judges += [judge_block(judge, items, labels, "test-enriched", cache) for judge in JUDGES]
     if any(in_split(i, "census-U") and i["id"] in labels for i in items):
-        judges += [judge_block(judge, items, labels, "census-U") for judge in JUDGES]
-    judges += [judge_block(judge, items, labels, "train") for judge in ("classifier", "keyword")]
-    from judges_claims import all_run_rates, census_claims
+        judges += [judge_block(judge, items, labels, "census-U", cache) for judge in JUDGES]
+    judges += [judge_block(judge, items, labels, "train", cache) for judge in ("classifier", "keyword")]
 
     speed = judge_speed()
 
-    runs = all_run_rates(labels)
-    census_rows, census = census_claims(labels)
+    replies: dict = {}  # every kept run's replies, read once for the per-run rates and the census
+    runs = all_run_rates(labels, replies, cache)
+    census_rows, census = census_claims(labels, replies)
     data = {"agreement_set": agreement_set, "judges": judges, "rejudged": rejudged_claims(items, labels, runs) + census_rows,
             "census": census, "runs": runs, "speed": speed,
             "command": "python benchmarks/judges.py report"}
+    if cache is not None:
+        data["judgement_cache"] = {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses,
+                                   "note": "verdicts of (judge fingerprint, prompt, reply) pairs judged before were read "
+                                           "from the cache (safekeel/eval/judges/cache.py); --no-cache judges all again"}
+        cache.close()
     out = RESULTS / "judges.json"
     out.write_text(json.dumps(data, indent=1, default=float) + "\n")
     (RESULTS / "judges.md").write_text(render(data))

@@ -201,11 +201,14 @@ def _rate(flags: Sequence[bool | None]) -> dict:
     return Rate(sum(judged), len(judged), len(flags) - len(judged)).to_dict()
 
 
-def judge_responses(prompts: Sequence[str], responses: Sequence[str | None], judges: Sequence[str], harmful: bool) -> tuple[dict, dict]:
-    """Per judge: aggregate rates; and per-response judgements (for the responses file)."""
+def judge_responses(prompts: Sequence[str], responses: Sequence[str | None], judges: Sequence[str], harmful: bool,
+                    cache=None) -> tuple[dict, dict]:
+    """Per judge: aggregate rates; and per-response judgements (for the responses file). `cache`: a
+    judges.cache.JudgementCache, whose stored verdicts stand in for judging a pair again."""
     summary, per_response = {}, {}
     for name in judges:
-        judgements = get_judge(name).judge(prompts, responses)
+        judge = get_judge(name)
+        judgements = cache.judge(judge, prompts, responses) if cache is not None else judge.judge(prompts, responses)
         per_response[name] = judgements
         if harmful:
             entry = {
@@ -229,7 +232,7 @@ def rejudge(responses_file: str | Path, judges: Sequence[str]) -> tuple[dict, di
     return summaries["harmful"], summaries["safe"]
 
 
-def rejudge_rows(rows: Sequence[dict], judges: Sequence[str]) -> dict:
+def rejudge_rows(rows: Sequence[dict], judges: Sequence[str], cache=None) -> dict:
     """Judge kept replies again: {"harmful", "safe": summaries; "harmful_extra", "safe_extra": {set: summary}}."""
     sets: dict[tuple[str, str], JudgedSet] = {}
     responses: dict[tuple[str, str], list] = {}
@@ -240,7 +243,7 @@ def rejudge_rows(rows: Sequence[dict], judges: Sequence[str]) -> dict:
         judged.ids.append(row.get("id", ""))
         responses.setdefault(key, []).append(row["response"])
     ordered = list(sets)
-    summaries, _ = judge_sets([sets[k] for k in ordered], [r for k in ordered for r in responses[k]], judges)
+    summaries, _ = judge_sets([sets[k] for k in ordered], [r for k in ordered for r in responses[k]], judges, cache=cache)
     return summaries
 
 
@@ -269,7 +272,8 @@ def evaluation_sets(settings: EvalSettings) -> list[JudgedSet]:
             + [loaded(name, "safe_extra") for name in settings.extra_overrefusal_sets])
 
 
-def judge_sets(sets: Sequence[JudgedSet], responses: Sequence[str | None], judges: Sequence[str]) -> tuple[dict, list[dict]]:
+def judge_sets(sets: Sequence[JudgedSet], responses: Sequence[str | None], judges: Sequence[str],
+               cache=None) -> tuple[dict, list[dict]]:
     """Judge every set's responses (given in the order of `sets`): ({kind: summary or {set: summary}}, one
     row per response with its set, kind, prompt id, prompt and each judge's judgement)."""
     summaries: dict = {"harmful": {}, "safe": {}, "harmful_extra": {}, "safe_extra": {}}
@@ -277,7 +281,8 @@ def judge_sets(sets: Sequence[JudgedSet], responses: Sequence[str | None], judge
     start = 0
     for judged in sets:
         end = start + len(judged.prompts)
-        summary, per_response = judge_responses(judged.prompts, responses[start:end], judges, harmful=judged.harmful)
+        summary, per_response = judge_responses(judged.prompts, responses[start:end], judges, harmful=judged.harmful,
+                                                 cache=cache)
         if judged.kind in ("harmful", "safe"):
             summaries[judged.kind] = summary
         else:

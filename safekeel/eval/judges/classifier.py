@@ -99,6 +99,21 @@ class ClassifierJudge:
 
     def __init__(self, classifier: RefusalClassifier | None = None):
         self.classifier = classifier or default_classifier()
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        """What the judgement cache keys on: the fitted classifier, this code and its libraries (judges/cache.py)."""
+        if self._fingerprint is None:
+            import sys
+
+            from safekeel.eval.judges import base, cache, coherence
+            from safekeel.models import embedder
+
+            c = self.classifier
+            parameters = [self.name, c.embedder, c.vocabulary, float(c.intercept), float(c.threshold),
+                          float(c.offtopic_cosine), cache.array_sha(c.coef)]
+            self._fingerprint = cache.fingerprint_of(parameters, sys.modules[__name__], coherence, base, embedder)
+        return self._fingerprint
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str | None]) -> list[Judgement]:
         from safekeel.models.embedder import embed

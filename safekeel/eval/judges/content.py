@@ -165,6 +165,21 @@ class ContentJudge:
 
     def __init__(self, model: ContentJudgeModel | None = None):
         self.model = model or default_model()
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        """What the judgement cache keys on: the fitted heads, this code and its libraries (judges/cache.py)."""
+        if self._fingerprint is None:
+            import sys
+
+            from safekeel.eval.judges import base, cache, classifier, coherence
+            from safekeel.models import embedder
+
+            heads = {name: {**{k: v for k, v in head.items() if k != "coef"}, "coef": cache.array_sha(head["coef"])}
+                     for name, head in self.model.heads.items()}
+            parameters = [self.name, self.model.embedder, self.model.vocabulary, heads]
+            self._fingerprint = cache.fingerprint_of(parameters, sys.modules[__name__], classifier, coherence, base, embedder)
+        return self._fingerprint
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str | None]) -> list[Judgement]:
         present = [i for i, r in enumerate(responses) if r is not None]
