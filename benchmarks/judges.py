@@ -6,7 +6,9 @@
     python benchmarks/judges.py census --wave 13          # the confirm census (benchmarks/judges/census_plan.md)
     python benchmarks/judges.py train-pool --wave 14      # train-split replies where harmful content can be
     python benchmarks/judges.py status
-    python benchmarks/judges.py build          # train candidates on the train split, ship the best by CV
+    python benchmarks/judges.py build          # train candidates on the train split; the best by CV to benchmarks/cache
+    python benchmarks/judges.py build --ship   # ... and replace the shipped content judge with it
+    python benchmarks/judges.py build --families --lm-head   # also boosting, the cross-encoder, the 135M LoRA head (fold 0)
     python benchmarks/judges.py report         # benchmarks/results/judges.{json,md} (about 45 min beside a benchmark)
     python benchmarks/judges.py render         # judges.md again from judges.json
 
@@ -253,6 +255,14 @@ def main() -> None:
     build = sub.add_parser("build")
     build.add_argument("--families", action="store_true",
                        help="also compare gradient boosting and the MiniLM cross-encoder on fold 0 (tens of minutes of CPU)")
+    build.add_argument("--ship", action="store_true",
+                       help="write the best candidate over the shipped safekeel/eval/assets/content_judge.json (default: "
+                            "benchmarks/cache/content_judge_candidate.json)")
+    build.add_argument("--cross-encoder", action="store_true",
+                       help="also compare the MiniLM cross-encoder on fold 0 (without boosting)")
+    build.add_argument("--lm-head", action="store_true",
+                       help="also compare SmolLM2-135M with LoRA and a classification head on fold 0 (the expensive one: "
+                            "about 140 steps of 30-70 s each: hours of CPU)")
     report = sub.add_parser("report")
     report.add_argument("--judgement-cache", type=Path, default=None,
                         help="SQLite file of stored verdicts (default: $SAFEKEEL_HOME/judgements.sqlite)")

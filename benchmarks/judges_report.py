@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import time
 from collections import defaultdict
 
@@ -27,6 +28,8 @@ from safekeel.eval.judges import agreement
 log = logging.getLogger("judges")
 FEATURE_CACHE = ROOT / "benchmarks" / "cache" / "judge_features.npz"
 ASSET = ROOT / "safekeel" / "eval" / "assets" / "content_judge.json"
+CANDIDATE_ASSET = ROOT / "benchmarks" / "cache" / "content_judge_candidate.json"
+"""Where `build` writes the best candidate unless --ship: comparing candidates never replaces the shipped judge."""
 CANDIDATES = [
     {"kind": "logistic", "c": 0.3, "project_weight": 10.0},
     {"kind": "logistic", "c": 1.0, "project_weight": 10.0},
@@ -34,7 +37,8 @@ CANDIDATES = [
     {"kind": "logistic", "c": 1.0, "project_weight": 30.0},
 ]
 """Cross-validated candidates (cheap). Gradient boosting over the same features took 578 s for two heads on the
-public rows alone here (logistic: 15 s), so it and the cross-encoder are compared on fold 0 only (--families)."""
+public rows alone here (logistic: 15 s), so it and the fine-tuned candidates (the MiniLM cross-encoder, the 135M model
+with LoRA and a classification head) are compared on fold 0 only (--families, --cross-encoder, --lm-head)."""
 JUDGES = ("content", "classifier", "keyword")
 FOLDS = 4
 
@@ -101,8 +105,11 @@ def cmd_build(args) -> None:
         log.info("candidate %s: CV kappa %s (%.0f s)", candidate, scores, time.time() - started_candidate)
     if getattr(args, "families", False):
         results.append(boosting_candidate(public, project, public_dense, project_dense, fold_of, results))
+    if getattr(args, "families", False) or getattr(args, "cross_encoder", False):
         results.append(cross_encoder_candidate(public, project, fold_of, results))
-    best = max(results, key=lambda r: r["objective"])  # the cross-encoder is compared on fold 0 only and not shipped
+    if getattr(args, "lm_head", False):
+        results.append(lm_head_candidate(public, project, fold_of, results))
+    best = max(results, key=lambda r: r["objective"])  # fold-0 candidates (objective -1) are compared, never shipped
     # thresholds chosen on the same cross-validated predictions (train split only)
     thresholds = {}
     for head in agreement.QUESTIONS:
@@ -128,9 +135,11 @@ def cmd_build(args) -> None:
     for head, value in thresholds.items():
         if head in model.heads:
             model.heads[head]["threshold"] = value
-    model.save(ASSET)
+    target = ASSET if getattr(args, "ship", False) else CANDIDATE_ASSET
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model.save(target)
     print(json.dumps({k: meta[k] for k in ("training_rows", "chosen")}, indent=1))
-    print("thresholds", thresholds, "->", ASSET)
+    print("thresholds", thresholds, "->", target, "(shipped)" if target == ASSET else "(a candidate: --ship replaces the shipped judge)")
 
 
 CROSS_ENCODER_DIR = ROOT / "benchmarks" / "cache" / "content_cross_encoder"
@@ -172,28 +181,57 @@ def boosting_candidate(public, project, public_dense, project_dense, fold_of, re
             "seconds": round(time.time() - started, 1), "predictions": {}}
 
 
+def _fine_tuned_candidate(kind: str, judge, train, project, held, folder, results, fit_options: dict) -> dict:
+    """Fit a fine-tuned judge (safekeel.eval.judges.pooled) on `train`, score it on the project rows `held` (fold 0)
+    beside the feature-based candidates' fold-0 kappas, and save it under `folder` (kept out of git)."""
+    fit = judge.fit(train, **fit_options)
+    probabilities = judge.probabilities([project[i].prompt for i in held], [project[i].reply for i in held])
+    scores = {head: round(_kappa_or_zero([project[i].labels[head] for i in held], (probabilities[head] >= 0.5).astype(int)), 4)
+              for head in agreement.QUESTIONS}
+    judge.save(folder, {"fit": fit, "training_rows": len(train), "trained_on": "public rows + agreement train split folds 1-3"})
+    objective = round((scores["harmful_content"] + scores["refusal"]) / 2, 4)
+    fold0_best = max(round((o["fold0_kappa"]["harmful_content"] + o["fold0_kappa"]["refusal"]) / 2, 4) for o in results
+                     if o["kind"] == "logistic")
+    log.info("%s fold-0 kappa %s (objective %s; best feature-based on fold 0: %s); %s", kind, scores, objective, fold0_best, fit)
+    return {"kind": kind, "c": None, "project_weight": 10.0, "cv_kappa": None, "fold0_kappa": scores,
+            "objective": -1.0, "fold0_objective": objective, "fold0_best_feature_based": fold0_best,
+            "fold0_better": objective > fold0_best, "fit": fit, "training_rows": len(train), "predictions": {}}
+
+
+def _fold0_train(public, project, fold_of) -> list:
+    """The training rows of a fold-0 candidate: `public` and the project rows of folds != 0, weighted 10."""
+    train = public + [r for r in project if fold_of[r.group] != 0]
+    for row in train[len(public):]:
+        row.weight = 10.0
+    return train
+
+
 def cross_encoder_candidate(public, project, fold_of, results) -> dict:
-    """MiniLM cross-encoder, trained once on the public rows and project folds 1-4, scored on project fold 0 (the
+    """MiniLM cross-encoder, trained once on the public rows and project folds 1-3, scored on project fold 0 (the
     feature-based candidates' fold-0 kappas are computed from their CV predictions for the same items)."""
     from safekeel.eval.judges.cross_encoder import CrossEncoderJudge
 
     held = _fold0(project, fold_of, results)
-    train = public + [r for i, r in enumerate(project) if fold_of[r.group] != 0]
-    for row in train[len(public):]:
-        row.weight = 10.0
-    judge = CrossEncoderJudge()
-    fit = judge.fit(train, epochs=1.0)
-    probabilities = judge.probabilities([project[i].prompt for i in held], [project[i].reply for i in held])
-    scores = {head: round(_kappa_or_zero([project[i].labels[head] for i in held], (probabilities[head] >= 0.5).astype(int)), 4)
-              for head in agreement.QUESTIONS}
-    judge.save(CROSS_ENCODER_DIR, {"fit": fit, "trained_on": "public rows + agreement train split folds 1-4"})
-    objective = round((scores["harmful_content"] + scores["refusal"]) / 2, 4)
-    fold0_best = max(round((o["fold0_kappa"]["harmful_content"] + o["fold0_kappa"]["refusal"]) / 2, 4) for o in results
-                     if o["kind"] == "logistic")
-    log.info("cross-encoder fold-0 kappa %s (objective %s; best feature-based on fold 0: %s); %s", scores, objective, fold0_best, fit)
-    return {"kind": "cross_encoder", "c": None, "project_weight": 10.0, "cv_kappa": None, "fold0_kappa": scores,
-            "objective": -1.0, "fold0_objective": objective, "fold0_best_feature_based": fold0_best,
-            "fold0_better": objective > fold0_best, "fit": fit, "predictions": {}}
+    return _fine_tuned_candidate("cross_encoder", CrossEncoderJudge(), _fold0_train(public, project, fold_of), project, held,
+                                 CROSS_ENCODER_DIR, results, {"epochs": 1.0})
+
+
+LM_HEAD_DIR = ROOT / "benchmarks" / "cache" / "content_lm_head"
+LM_HEAD_PUBLIC_ROWS = 1500
+"""Public rows the LM-head candidate trains on (a seeded sample), to bound its cost: a training step of 16 rows took
+70 s here (niced, beside a benchmark), so about 140 steps take hours."""
+
+
+def lm_head_candidate(public, project, fold_of, results) -> dict:
+    """SmolLM2-135M-Instruct's transformer with LoRA on attention and a 4-logit head (safekeel.eval.judges.lm_head),
+    trained once on a seeded sample of at most LM_HEAD_PUBLIC_ROWS public rows and project folds 1-3, scored on project
+    fold 0 like the cross-encoder."""
+    from safekeel.eval.judges.lm_head import LMHeadJudge
+
+    held = _fold0(project, fold_of, results)
+    sample = random.Random(0).sample(public, min(LM_HEAD_PUBLIC_ROWS, len(public)))
+    return _fine_tuned_candidate("lm_head_lora", LMHeadJudge(), _fold0_train(sample, project, fold_of), project, held,
+                                 LM_HEAD_DIR, results, {"epochs": 1.0, "log_every": 5})
 
 
 def _count(values) -> dict:

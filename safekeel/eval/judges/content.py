@@ -136,7 +136,7 @@ def default_model() -> ContentJudgeModel:
         return ContentJudgeModel.load()
     except FileNotFoundError as error:
         raise FileNotFoundError(f"the content judge's model (safekeel/eval/assets/{ASSET}) is missing: build it with "
-                                "python benchmarks/judges.py --build") from error
+                                "python benchmarks/judges.py build --ship") from error
 
 
 def judgements_from_probabilities(probabilities: dict[str, np.ndarray], thresholds: dict[str, float],
