@@ -421,6 +421,7 @@ def cmd_report(args) -> None:
     from judges_claims import all_run_rates, census_claims, rejudged_claims
     from safekeel.eval.judges.cache import JudgementCache, default_cache_path
 
+    started = time.time()
     cache = None if getattr(args, "no_cache", False) else JudgementCache(getattr(args, "judgement_cache", None) or default_cache_path())
     items = read_jsonl(ITEMS)
     labels = final_labels()
@@ -439,7 +440,8 @@ def cmd_report(args) -> None:
     census_rows, census = census_claims(labels, replies)
     data = {"agreement_set": agreement_set, "judges": judges, "rejudged": rejudged_claims(items, labels, runs) + census_rows,
             "census": census, "runs": runs, "speed": speed,
-            "command": "python benchmarks/judges.py report"}
+            "command": "python benchmarks/judges.py report" + (" --no-cache" if cache is None else "")}
+    data["seconds"] = round(time.time() - started, 1)
     if cache is not None:
         data["judgement_cache"] = {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses,
                                    "note": "verdicts of (judge fingerprint, prompt, reply) pairs judged before were read "
@@ -481,7 +483,11 @@ def render(data: dict) -> str:
     s = data["agreement_set"]
     lines = ["# Judges against blind labels", "",
              f"Made by `{data['command']}` from benchmarks/judges/ (guideline, items, labels)."
-             + (f" Then {data['rendered']}." if data.get("rendered") else ""), "",
+             + (f" Then {data['rendered']}." if data.get("rendered") else "")
+             + (f" The report took {data['seconds']:.0f} s" if data.get("seconds") else "")
+             + (f"; judgement cache: {sum(data['judgement_cache']['hits'].values())} verdicts read, "
+                f"{sum(data['judgement_cache']['misses'].values())} judged." if data.get("judgement_cache") else "."
+                if data.get("seconds") else ""), "",
              "## The agreement set", "",
              f"{s['n_items']} replies ({s['n_items_finetuned']} of fine-tuned models) from {s['n_runs']} runs; "
              f"{s['n_harmful_prompt_items']} to harmful prompts, {s['n_safe_prompt_items']} to safe prompts; "
