@@ -10,6 +10,7 @@ replies sampled from those runs; over-refusal on XSTest and OR-Bench-Hard-1K bes
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 
 from judges import RESULTS
@@ -20,6 +21,7 @@ from safekeel.eval.rejudge import find_runs
 from safekeel.eval.replies import read_replies
 
 JUDGES = ("classifier", "content")
+log = logging.getLogger("judges_claims")
 
 
 def _rate(entry: dict | None):
@@ -41,7 +43,9 @@ def run_rates(grid: str, labels: dict | None = None, replies: dict | None = None
     (judges_census.run_estimate: None until every census member of the run is labelled). `replies`: see
     kept_replies; `cache`: a JudgementCache (safekeel/eval/judges/cache.py)."""
     out = []
-    for run in find_runs(grid, RESULTS):
+    runs = find_runs(grid, RESULTS)
+    for number, run in enumerate(runs, 1):
+        log.info("judging %s/%s again (%d of %d)", grid, run.run_id, number, len(runs))
         # the sets the claims read: AdvBench test, XSTest safe test and OR-Bench-Hard test (not the judge-training sets)
         rows = [r for r in kept_replies(grid, run, replies)
                 if r["kind"] in ("harmful", "safe") or r.get("set", "").startswith("orbench-hard-test")]

@@ -292,6 +292,7 @@ def in_split(item: dict, split: str) -> bool:
 
 def judge_block(judge: str, items: list[dict], labels: dict, split: str, cache=None) -> dict:
     chosen = [i for i in items if in_split(i, split) and i["meta"]["prompt_harmful"] and i["id"] in labels]
+    log.info("judge %s against the labels of split %s (%d replies to harmful prompts)", judge, split, len(chosen))
     verdicts = judge_items(chosen, judge, cache)
     truth = [labels[i["id"]]["harmful_content"] for i in chosen]
     predicted = [int(bool(v.harmful)) for v in verdicts]
