@@ -139,3 +139,45 @@ def census_claims(labels: dict, replies: dict | None = None) -> tuple[list[dict]
 def all_run_rates(labels: dict | None = None, replies: dict | None = None, cache=None) -> list[dict]:
     return [row for grid in sorted(p.name for p in (RESULTS / "replies").glob("*") if p.is_dir())
             for row in run_rates(grid, labels, replies, cache)]
+
+
+def reproduction_summary() -> dict:
+    """How the reruns (benchmarks/results/reruns/<grid>/*.json) reproduce their committed records under the judges
+    the records hold: per judge and measure, how many reruns give the committed count exactly, and the mean and largest
+    difference in rate, split by whether training changed (bf16 committed, float32 rerun)."""
+    groups: dict = defaultdict(lambda: {"runs": 0, "exact_runs": 0, "measures": defaultdict(list)})
+    for path in sorted((RESULTS / "reruns").glob("*/*.json")):
+        data = json.loads(path.read_text())
+        reproduction = data.get("reproduction") or {}
+        key = "training changed (bf16 -> float32)" if "dataset.sft.bf16" in data.get("changes", {}) else "training unchanged"
+        group = groups[key]
+        group["runs"] += 1
+        group["exact_runs"] += bool(reproduction.get("exact"))
+        for judge, measures in (reproduction.get("judges") or {}).items():
+            for measure, counts in measures.items():
+                (c, n), (r, m) = counts["committed"], counts["rerun"]
+                group["measures"][f"{judge} {measure}"].append((r / m - c / n, counts["equal"]))
+    out = {}
+    for key, group in sorted(groups.items()):
+        out[key] = {"runs": group["runs"], "exact_runs": group["exact_runs"], "measures": {
+            name: {"n": len(v), "equal": sum(e for _, e in v), "mean_diff": sum(d for d, _ in v) / len(v),
+                   "mean_abs_diff": sum(abs(d) for d, _ in v) / len(v), "max_abs_diff": max(abs(d) for d, _ in v)}
+            for name, v in sorted(group["measures"].items())}}
+    return out
+
+
+def render_reproduction(summary: dict | None) -> list[str]:
+    if not summary:
+        return []
+    lines = ["", "## Do the reruns reproduce their committed records?", "",
+             "Every kept run is a rerun of a committed record from the record (`benchmarks/rerun.py`); the judges the record "
+             "holds judge the rerun's replies again (`safekeel rejudge`). Where the record trained in bf16 on a CPU with "
+             "native bf16, the rerun trains in float32 here (recorded as a change), so its replies can differ; rate "
+             "differences are rerun minus record.", "",
+             "| reruns | judge and measure | runs | same count | mean difference | mean absolute | largest |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key, group in summary.items():
+        lines.append(f"| {key}: {group['runs']} runs, {group['exact_runs']} exact | | | | | | |")
+        for name, m in group["measures"].items():
+            lines.append(f"| | {name} | {m['n']} | {m['equal']} | {m['mean_diff']:+.4f} | {m['mean_abs_diff']:.4f} | {m['max_abs_diff']:.4f} |")
+    return lines

@@ -23,6 +23,7 @@ from collections import defaultdict
 import numpy as np
 
 from judges import ITEMS, RESULTS, ROOT, load_labels, read_jsonl
+from judges_claims import render_reproduction, reproduction_summary
 from safekeel.eval.judges import agreement
 
 log = logging.getLogger("judges")
@@ -373,6 +374,7 @@ def cmd_render(args) -> None:
     data = json.loads((RESULTS / "judges.json").read_text())
     items, labels = read_jsonl(ITEMS), final_labels()
     data["agreement_set"] = agreement_summary(items, labels)
+    data["reproduction"] = reproduction_summary()
     replies: dict = {}  # every kept run's replies, read once for the census and the per-run estimates
     census_rows, data["census"] = census_claims(labels, replies)
     data["rejudged"] = [r for r in data["rejudged"] if not r["judge"].startswith("census")] + census_rows
@@ -381,7 +383,7 @@ def cmd_render(args) -> None:
         if key not in replies:
             replies[key] = read_replies(replies_path(RESULTS, row["grid"], row["run_id"]))
         row["census"] = run_estimate(row["grid"], row["run_id"], replies[key], labels)
-    data["rendered"] = "the agreement set's counts, kappas and label rates and the census parts recomputed by `judges.py render` from the labels of " + \
+    data["rendered"] = "the agreement set's counts, kappas and label rates and the census parts and the reproduction table recomputed by `judges.py render` from the labels of " + \
         f"{len(labels)} items; judges' rows from the last `report`"
     (RESULTS / "judges.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
     (RESULTS / "judges.md").write_text(render(data))
@@ -440,7 +442,7 @@ def cmd_report(args) -> None:
     runs = all_run_rates(labels, replies, cache)
     census_rows, census = census_claims(labels, replies)
     data = {"agreement_set": agreement_set, "judges": judges, "rejudged": rejudged_claims(items, labels, runs) + census_rows,
-            "census": census, "runs": runs, "speed": speed,
+            "census": census, "runs": runs, "speed": speed, "reproduction": reproduction_summary(),
             "command": "python benchmarks/judges.py report" + (" --no-cache" if cache is None else "")}
     data["seconds"] = round(time.time() - started, 1)
     if cache is not None:
@@ -546,6 +548,7 @@ def render(data: dict) -> str:
         lines.append(f"| {r['grid']} | {r['judge']} | {r['comparison']} | {r['metric']} | {_f(r['mean_diff'])} [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | "
                      f"{_f(r['p_value'])} | {r['n_pairs']} |")
     lines += render_census(data.get("census"))
+    lines += render_reproduction(data.get("reproduction"))
     runs = data.get("runs", [])
     if runs:
         lines += ["", "## Every kept run under both judges", "",

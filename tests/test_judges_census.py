@@ -101,3 +101,30 @@ def test_seed_means_use_only_seeds_with_every_dataset():
     seed_row = next(r for r in rows_out if r["metric"] == "harmful_content" and "seed means" in r["judge"])
     assert seed_row["n_pairs"] == 2
     assert seed_row["mean_diff"] == pytest.approx(((2 + 4) / 2 / 20 + (0 + 2) / 2 / 20) / 2)
+
+
+def test_reproduction_summary_counts_exact_reruns_and_rate_differences(tmp_path, monkeypatch):
+    import json
+
+    import judges_claims
+
+    def record(name: str, changes: dict, committed: list[int], rerun: list[int]) -> None:
+        folder = tmp_path / "reruns" / "g"
+        folder.mkdir(parents=True, exist_ok=True)
+        equal = committed == rerun
+        (folder / f"{name}.json").write_text(json.dumps({"changes": changes, "reproduction": {
+            "exact": equal, "judges": {"classifier": {"harmful": {"committed": committed, "rerun": rerun, "equal": equal}}}}}))
+
+    record("a", {"dataset.sft.bf16": {}}, [10, 100], [14, 100])
+    record("b", {"dataset.sft.bf16": {}}, [20, 100], [18, 100])
+    record("c", {}, [5, 50], [5, 50])
+    monkeypatch.setattr(judges_claims, "RESULTS", tmp_path)
+    summary = judges_claims.reproduction_summary()
+    changed = summary["training changed (bf16 -> float32)"]
+    assert changed["runs"] == 2 and changed["exact_runs"] == 0
+    m = changed["measures"]["classifier harmful"]
+    assert m["equal"] == 0 and m["mean_diff"] == pytest.approx(0.01) and m["mean_abs_diff"] == pytest.approx(0.03)
+    assert m["max_abs_diff"] == pytest.approx(0.04)
+    assert summary["training unchanged"]["exact_runs"] == 1
+    text = "\n".join(judges_claims.render_reproduction(summary))
+    assert "2 runs, 0 exact" in text and "+0.0100" in text
