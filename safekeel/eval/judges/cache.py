@@ -9,6 +9,9 @@ judge's code changes the fingerprint, so stale verdicts are never returned: they
 A cached verdict is the one computed the first time the pair was judged. The embedders batch their inputs, so a
 pair judged in another batch can differ in the last float digits; a verdict within that distance of a threshold
 could in principle flip. The cache returns the stored verdict, so repeated reports are reproducible.
+
+Verdicts under old fingerprints stay in the file, unread; deleting the file clears the cache (default:
+$SAFEKEEL_HOME/judgements.sqlite; about 20 MB for the 64 kept runs of 2026-12-07 under three judges).
 """
 
 from __future__ import annotations
