@@ -29,6 +29,8 @@ def measure(grid: str) -> dict:
         started = time.time()
         plain = run_rates(grid)
         plain_s = time.time() - started
+        if not plain:
+            raise SystemExit(f"grid {grid!r} has no kept runs under {RESULTS / 'replies' / grid}: nothing to measure")
         started = time.time()
         cold = run_rates(grid, cache=cache)
         cold_s = time.time() - started

@@ -145,16 +145,22 @@ def reproduction_summary() -> dict:
     """How the reruns (benchmarks/results/reruns/<grid>/*.json) reproduce their committed records under the judges
     the records hold: per judge and measure, how many reruns give the committed count exactly, and the mean and largest
     difference in rate, split by whether training changed (bf16 committed, float32 rerun)."""
-    groups: dict = defaultdict(lambda: {"runs": 0, "exact_runs": 0, "measures": defaultdict(list)})
+    groups: dict = defaultdict(lambda: {"runs": 0, "exact_runs": 0, "measures": defaultdict(list),
+                                        "not_comparable": defaultdict(int)})
     for path in sorted((RESULTS / "reruns").glob("*/*.json")):
         data = json.loads(path.read_text())
-        reproduction = data.get("reproduction") or {}
+        reproduction = data.get("reproduction")
+        if not reproduction:
+            continue  # a rerun record without a reproduction check is not counted
         key = "training changed (bf16 -> float32)" if "dataset.sft.bf16" in data.get("changes", {}) else "training unchanged"
         group = groups[key]
         group["runs"] += 1
         group["exact_runs"] += bool(reproduction.get("exact"))
         for judge, measures in (reproduction.get("judges") or {}).items():
             for measure, counts in measures.items():
+                if not counts.get("committed") or not counts.get("rerun") or not counts["committed"][1] or not counts["rerun"][1]:
+                    group["not_comparable"][f"{judge} {measure}"] += 1  # a side without the judge, or nothing judged
+                    continue
                 (c, n), (r, m) = counts["committed"], counts["rerun"]
                 group["measures"][f"{judge} {measure}"].append((r / m - c / n, counts["equal"]))
     out = {}
@@ -162,7 +168,7 @@ def reproduction_summary() -> dict:
         out[key] = {"runs": group["runs"], "exact_runs": group["exact_runs"], "measures": {
             name: {"n": len(v), "equal": sum(e for _, e in v), "mean_diff": sum(d for d, _ in v) / len(v),
                    "mean_abs_diff": sum(abs(d) for d, _ in v) / len(v), "max_abs_diff": max(abs(d) for d, _ in v)}
-            for name, v in sorted(group["measures"].items())}}
+            for name, v in sorted(group["measures"].items())}, "not_comparable": dict(group["not_comparable"])}
     return out
 
 
@@ -177,7 +183,9 @@ def render_reproduction(summary: dict | None) -> list[str]:
              "| reruns | judge and measure | runs | same count | mean difference | mean absolute | largest |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for key, group in summary.items():
-        lines.append(f"| {key}: {group['runs']} runs, {group['exact_runs']} exact | | | | | | |")
+        skipped = "; not comparable: " + ", ".join(f"{k} ({v})" for k, v in group["not_comparable"].items()) \
+            if group.get("not_comparable") else ""
+        lines.append(f"| {key}: {group['runs']} runs, {group['exact_runs']} exact{skipped} | | | | | | |")
         for name, m in group["measures"].items():
             lines.append(f"| | {name} | {m['n']} | {m['equal']} | {m['mean_diff']:+.4f} | {m['mean_abs_diff']:.4f} | {m['max_abs_diff']:.4f} |")
     return lines

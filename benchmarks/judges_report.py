@@ -182,14 +182,14 @@ def boosting_candidate(public, project, public_dense, project_dense, fold_of, re
             "seconds": round(time.time() - started, 1), "predictions": {}}
 
 
-def _fine_tuned_candidate(kind: str, judge, train, project, held, folder, results, fit_options: dict) -> dict:
+def _fine_tuned_candidate(kind: str, judge, train, project, held, folder, results, fit_options: dict, trained_on: str) -> dict:
     """Fit a fine-tuned judge (safekeel.eval.judges.pooled) on `train`, score it on the project rows `held` (fold 0)
     beside the feature-based candidates' fold-0 kappas, and save it under `folder` (kept out of git)."""
     fit = judge.fit(train, **fit_options)
     probabilities = judge.probabilities([project[i].prompt for i in held], [project[i].reply for i in held])
     scores = {head: round(_kappa_or_zero([project[i].labels[head] for i in held], (probabilities[head] >= 0.5).astype(int)), 4)
               for head in agreement.QUESTIONS}
-    judge.save(folder, {"fit": fit, "training_rows": len(train), "trained_on": "public rows + agreement train split folds 1-3"})
+    judge.save(folder, {"fit": fit, "training_rows": len(train), "trained_on": trained_on})
     objective = round((scores["harmful_content"] + scores["refusal"]) / 2, 4)
     fold0_best = max(round((o["fold0_kappa"]["harmful_content"] + o["fold0_kappa"]["refusal"]) / 2, 4) for o in results
                      if o["kind"] == "logistic")
@@ -214,7 +214,7 @@ def cross_encoder_candidate(public, project, fold_of, results) -> dict:
 
     held = _fold0(project, fold_of, results)
     return _fine_tuned_candidate("cross_encoder", CrossEncoderJudge(), _fold0_train(public, project, fold_of), project, held,
-                                 CROSS_ENCODER_DIR, results, {"epochs": 1.0})
+                                 CROSS_ENCODER_DIR, results, {"epochs": 1.0}, "public rows + agreement train split folds 1-3")
 
 
 LM_HEAD_DIR = ROOT / "benchmarks" / "cache" / "content_lm_head"
@@ -232,7 +232,8 @@ def lm_head_candidate(public, project, fold_of, results) -> dict:
     held = _fold0(project, fold_of, results)
     sample = random.Random(0).sample(public, min(LM_HEAD_PUBLIC_ROWS, len(public)))
     return _fine_tuned_candidate("lm_head_lora", LMHeadJudge(), _fold0_train(sample, project, fold_of), project, held,
-                                 LM_HEAD_DIR, results, {"epochs": 1.0, "log_every": 5})
+                                 LM_HEAD_DIR, results, {"epochs": 1.0, "log_every": 5},
+                                 f"a seeded sample of {len(sample)} public rows + agreement train split folds 1-3")
 
 
 def _count(values) -> dict:
@@ -421,11 +422,28 @@ def agreement_summary(items: list[dict], labels: dict) -> dict:
 
 
 def cmd_report(args) -> None:
-    from judges_claims import all_run_rates, census_claims, rejudged_claims
     from safekeel.eval.judges.cache import JudgementCache, default_cache_path
 
     started = time.time()
-    cache = None if getattr(args, "no_cache", False) else JudgementCache(getattr(args, "judgement_cache", None) or default_cache_path())
+    path = getattr(args, "judgement_cache", None)
+    cache = None if getattr(args, "no_cache", False) else JudgementCache(path or default_cache_path())
+    try:
+        data = _report(cache)
+    finally:
+        if cache is not None:
+            cache.close()
+    data["command"] = "python benchmarks/judges.py report" + (" --no-cache" if cache is None else "") + \
+        (f" --judgement-cache {path}" if path and cache is not None else "")
+    data["seconds"] = round(time.time() - started, 1)
+    out = RESULTS / "judges.json"
+    out.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    (RESULTS / "judges.md").write_text(render(data))
+    print((RESULTS / "judges.md").read_text())
+
+
+def _report(cache) -> dict:
+    from judges_claims import all_run_rates, census_claims, rejudged_claims
+
     items = read_jsonl(ITEMS)
     labels = final_labels()
     agreement_set = agreement_summary(items, labels)
@@ -442,18 +460,12 @@ def cmd_report(args) -> None:
     runs = all_run_rates(labels, replies, cache)
     census_rows, census = census_claims(labels, replies)
     data = {"agreement_set": agreement_set, "judges": judges, "rejudged": rejudged_claims(items, labels, runs) + census_rows,
-            "census": census, "runs": runs, "speed": speed, "reproduction": reproduction_summary(),
-            "command": "python benchmarks/judges.py report" + (" --no-cache" if cache is None else "")}
-    data["seconds"] = round(time.time() - started, 1)
+            "census": census, "runs": runs, "speed": speed, "reproduction": reproduction_summary()}
     if cache is not None:
         data["judgement_cache"] = {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses,
                                    "note": "verdicts of (judge fingerprint, prompt, reply) pairs judged before were read "
                                            "from the cache (safekeel/eval/judges/cache.py); --no-cache judges all again"}
-        cache.close()
-    out = RESULTS / "judges.json"
-    out.write_text(json.dumps(data, indent=1, default=float) + "\n")
-    (RESULTS / "judges.md").write_text(render(data))
-    print((RESULTS / "judges.md").read_text())
+    return data
 
 
 def _f(value, digits: int = 3) -> str:

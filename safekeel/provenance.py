@@ -27,6 +27,12 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes. Modules whose code a cache key must cover call it on their own __file__ at import
+    (SOURCE_SHA256): the hash of the code that was loaded, not of a file that may have been edited since."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 """/proc/cpuinfo flags of x86 CPUs that compute bfloat16 matmuls natively (AVX512-BF16, AMX)."""
 

@@ -118,6 +118,9 @@ def test_reproduction_summary_counts_exact_reruns_and_rate_differences(tmp_path,
     record("a", {"dataset.sft.bf16": {}}, [10, 100], [14, 100])
     record("b", {"dataset.sft.bf16": {}}, [20, 100], [18, 100])
     record("c", {}, [5, 50], [5, 50])
+    record("d", {}, [5, 50], None)  # the rerun lacks the judge: not comparable, not a crash
+    record("e", {}, [0, 0], [0, 0])  # nothing judged on either side
+    (tmp_path / "reruns" / "g" / "f.json").write_text(json.dumps({"changes": {}}))  # no reproduction check: not counted
     monkeypatch.setattr(judges_claims, "RESULTS", tmp_path)
     summary = judges_claims.reproduction_summary()
     changed = summary["training changed (bf16 -> float32)"]
@@ -125,6 +128,8 @@ def test_reproduction_summary_counts_exact_reruns_and_rate_differences(tmp_path,
     m = changed["measures"]["classifier harmful"]
     assert m["equal"] == 0 and m["mean_diff"] == pytest.approx(0.01) and m["mean_abs_diff"] == pytest.approx(0.03)
     assert m["max_abs_diff"] == pytest.approx(0.04)
-    assert summary["training unchanged"]["exact_runs"] == 1
+    unchanged = summary["training unchanged"]
+    assert unchanged["runs"] == 3 and unchanged["exact_runs"] == 2  # c, and e (0 of 0 on both sides)
+    assert unchanged["measures"]["classifier harmful"]["n"] == 1 and unchanged["not_comparable"] == {"classifier harmful": 2}
     text = "\n".join(judges_claims.render_reproduction(summary))
     assert "2 runs, 0 exact" in text and "+0.0100" in text

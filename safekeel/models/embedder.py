@@ -7,7 +7,11 @@ from typing import Sequence
 
 import numpy as np
 
+from safekeel.provenance import file_sha256
+
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+SOURCE_SHA256 = file_sha256(__file__)
+"""This module's code as loaded (the judgement cache's fingerprints cover it)."""
 
 
 @functools.lru_cache(maxsize=4)

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+from safekeel.provenance import file_sha256
 from safekeel.registry import Registry
+
+SOURCE_SHA256 = file_sha256(__file__)
+"""This module's code as loaded (judges/cache.py fingerprints cover it)."""
 
 
 @dataclass(frozen=True)

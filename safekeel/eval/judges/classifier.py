@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,10 +21,15 @@ from typing import Sequence
 
 import numpy as np
 
+from safekeel.eval.judges import base, cache, coherence
 from safekeel.eval.judges.base import Judgement, register_judge
 from safekeel.eval.judges.coherence import check_coherence
+from safekeel.models import embedder
+from safekeel.provenance import file_sha256
 
 ASSET = "refusal_classifier.json"
+SOURCE_SHA256 = file_sha256(__file__)
+"""This module's code as loaded (the judgement cache's fingerprints cover it)."""
 RESPONSE_CHARS = 400
 LEXICAL_CHARS = 200
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
@@ -99,21 +105,16 @@ class ClassifierJudge:
 
     def __init__(self, classifier: RefusalClassifier | None = None):
         self.classifier = classifier or default_classifier()
-        self._fingerprint: str | None = None
 
-    def fingerprint(self) -> str:
-        """What the judgement cache keys on: the fitted classifier, this code and its libraries (judges/cache.py)."""
-        if self._fingerprint is None:
-            import sys
-
-            from safekeel.eval.judges import base, cache, coherence
-            from safekeel.models import embedder
-
-            c = self.classifier
-            parameters = [self.name, c.embedder, c.vocabulary, float(c.intercept), float(c.threshold),
-                          float(c.offtopic_cosine), cache.array_sha(c.coef)]
-            self._fingerprint = cache.fingerprint_of(parameters, sys.modules[__name__], coherence, base, embedder)
-        return self._fingerprint
+    def fingerprint(self) -> str | None:
+        """What the judgement cache keys on (judges/cache.py): the fitted classifier, the loaded code of this module,
+        the coherence check, the judge protocol and the embedder, and its libraries; None on an unpinned embedder."""
+        c = self.classifier
+        if c.embedder not in cache.PINNED_EMBEDDERS:
+            return None
+        parameters = [self.name, c.embedder, c.vocabulary, float(c.intercept), float(c.threshold), float(c.offtopic_cosine),
+                      cache.array_sha(c.coef)]
+        return cache.fingerprint_of(parameters, sys.modules[__name__], coherence, base, embedder)
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str | None]) -> list[Judgement]:
         from safekeel.models.embedder import embed

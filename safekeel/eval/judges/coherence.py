@@ -7,6 +7,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from safekeel.provenance import file_sha256
+
+SOURCE_SHA256 = file_sha256(__file__)
+"""This module's code as loaded (judges/cache.py fingerprints cover it)."""
+
 _WORD = re.compile(r"[A-Za-z0-9']+")
 
 

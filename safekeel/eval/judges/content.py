@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -33,11 +34,16 @@ from typing import Sequence
 
 import numpy as np
 
+from safekeel.eval.judges import base, cache, classifier, coherence
 from safekeel.eval.judges.base import Judgement, register_judge
 from safekeel.eval.judges.classifier import opening_sentence
 from safekeel.eval.judges.coherence import check_coherence
+from safekeel.models import embedder
+from safekeel.provenance import file_sha256
 
 ASSET = "content_judge.json"
+SOURCE_SHA256 = file_sha256(__file__)
+"""This module's code as loaded (the judgement cache's fingerprints cover it)."""
 REPLY_CHARS = 1000
 LEXICAL_CHARS = 200
 HEADS = ("refusal", "harmful_content", "hollow", "incoherent")
@@ -165,21 +171,16 @@ class ContentJudge:
 
     def __init__(self, model: ContentJudgeModel | None = None):
         self.model = model or default_model()
-        self._fingerprint: str | None = None
 
-    def fingerprint(self) -> str:
-        """What the judgement cache keys on: the fitted heads, this code and its libraries (judges/cache.py)."""
-        if self._fingerprint is None:
-            import sys
-
-            from safekeel.eval.judges import base, cache, classifier, coherence
-            from safekeel.models import embedder
-
-            heads = {name: {**{k: v for k, v in head.items() if k != "coef"}, "coef": cache.array_sha(head["coef"])}
-                     for name, head in self.model.heads.items()}
-            parameters = [self.name, self.model.embedder, self.model.vocabulary, heads]
-            self._fingerprint = cache.fingerprint_of(parameters, sys.modules[__name__], classifier, coherence, base, embedder)
-        return self._fingerprint
+    def fingerprint(self) -> str | None:
+        """What the judgement cache keys on (judges/cache.py): the fitted heads and thresholds, the loaded code of this
+        module and of those it computes features with, and their libraries; None on an unpinned embedder."""
+        if self.model.embedder not in cache.PINNED_EMBEDDERS:
+            return None
+        heads = {name: {**{k: v for k, v in head.items() if k != "coef"}, "coef": cache.array_sha(head["coef"])}
+                 for name, head in self.model.heads.items()}
+        parameters = [self.name, self.model.embedder, self.model.vocabulary, heads]
+        return cache.fingerprint_of(parameters, sys.modules[__name__], classifier, coherence, base, embedder)
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str | None]) -> list[Judgement]:
         present = [i for i, r in enumerate(responses) if r is not None]

@@ -27,13 +27,6 @@ def keyword_refusal(text: str) -> bool:
 class KeywordJudge:
     name = "keyword"
 
-    def fingerprint(self) -> str:
-        import sys
-
-        from safekeel.eval.judges import base, cache
-
-        return cache.fingerprint_of([self.name, list(REFUSAL_PREFIXES)], sys.modules[__name__], base)
-
     def judge(self, prompts: Sequence[str], responses: Sequence[str | None]) -> list[Judgement]:
         out = []
         for response in responses:
