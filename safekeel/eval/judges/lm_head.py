@@ -24,7 +24,7 @@ LORA_R, LORA_ALPHA, LORA_DROPOUT = 8, 16, 0.05
 
 def attention_projections(model) -> list[str]:
     """The names in ATTENTION_PROJECTIONS that name Linear layers of `model`; an error when it has none."""
-    import torch
+    import torch  # deferred on purpose: heavy
 
     present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     found = [name for name in ATTENTION_PROJECTIONS if name in present]

@@ -65,7 +65,7 @@ class PooledHeadJudge:
         raise NotImplementedError
 
     def _logits(self, batch):
-        import torch
+        import torch  # deferred on purpose: heavy
 
         output = self.encoder(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(output.dtype)
@@ -74,7 +74,7 @@ class PooledHeadJudge:
 
     def loss(self, rows):
         """The masked, weighted BCE of a batch of Rows: labels None are masked out; a batch that answers nothing is 0."""
-        import torch
+        import torch  # deferred on purpose: heavy
 
         batch = self._batch([r.prompt for r in rows], [r.reply for r in rows])
         targets = torch.tensor([[float(r.labels.get(h) or 0) for h in HEADS] for r in rows])
@@ -89,7 +89,7 @@ class PooledHeadJudge:
 
     def probabilities(self, prompts: Sequence[str], replies: Sequence[str], batch_size: int = 32) -> dict[str, np.ndarray]:
         """{head: one probability per item}."""
-        import torch
+        import torch  # deferred on purpose: heavy
 
         if len(prompts) != len(replies):
             raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies: one reply per prompt")
@@ -109,7 +109,7 @@ class PooledHeadJudge:
         step (as the trainers' stop hook, safekeel.training.sft.training_hooks): when it answers True, training stops
         there and the result says so (cancelled, and the steps done). Returns {steps, planned_steps, cancelled,
         seconds, final_loss (mean of the last 20 steps)}."""
-        import torch
+        import torch  # deferred on purpose: heavy
 
         if not rows:
             raise ValueError("no training rows")
@@ -153,7 +153,7 @@ class PooledHeadJudge:
 
     def _save_head(self, folder: Path, meta: dict, extra: dict | None = None) -> None:
         """The tokenizer, head.pt and judge.json (heads, thresholds, meta, and what a subclass needs to load)."""
-        import torch
+        import torch  # deferred on purpose: heavy
 
         self.tokenizer.save_pretrained(folder)
         torch.save(self.head.state_dict(), folder / "head.pt")
