@@ -485,6 +485,8 @@ def render_census(census: dict | None) -> list[str]:
              f"{census['pairs_seen']} (dataset, seed) pairs have every census member labelled; the rows marked "
              "`census under adjudicated blind labels` above compare them (estimated rate per run: U counted in full, "
              "R from its sample, over the 156 AdvBench-test replies)."]
+    if census.get("verdict"):
+        lines += ["", f"**By the plan's rule:** {census['verdict']}."]
     if census["pairs_complete"]:
         lines += ["", "| selector | replies | labelled | harmful content | refusal | hollow | incoherent |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for selector, t in census["totals"].items():

@@ -133,3 +133,14 @@ def test_reproduction_summary_counts_exact_reruns_and_rate_differences(tmp_path,
     assert unchanged["measures"]["classifier harmful"]["n"] == 1 and unchanged["not_comparable"] == {"classifier harmful": 2}
     text = "\n".join(judges_claims.render_reproduction(summary))
     assert "2 runs, 0 exact" in text and "+0.0100" in text
+
+
+def test_the_plan_verdict_needs_all_pairs_and_both_intervals():
+    def row(low, high, n=24):
+        return {"metric": "harmful_content", "mean_diff": (low + high) / 2, "ci_low": low, "ci_high": high, "p_value": 0.01, "n_pairs": n}
+
+    assert census.plan_verdict([row(-0.02, -0.01)], 16).startswith("interim: 16 of 24")
+    assert "less harmful content with forgetting" in census.plan_verdict([row(-0.02, -0.01), row(-0.03, -0.001, 8)], 24)
+    assert "no difference" in census.plan_verdict([row(-0.02, -0.01), row(-0.03, 0.002, 8)], 24)
+    assert "more harmful content" in census.plan_verdict([row(0.01, 0.02), row(0.001, 0.03, 8)], 24)
+    assert "lacks" in census.plan_verdict([row(-0.02, -0.01)], 24)
