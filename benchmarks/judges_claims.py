@@ -28,11 +28,11 @@ def _rate(entry: dict | None):
     return None if not entry else entry.get("rate")
 
 
-def kept_replies(grid: str, run, replies: dict | None) -> list[dict]:
+def kept_replies(run, replies: dict | None) -> list[dict]:
     """A kept run's reply rows, read once: `replies` ({(grid, run id): rows}) holds what was read before."""
     if replies is None:
         return read_replies(run.replies)
-    key = (grid, run.run_id)
+    key = (run.grid, run.run_id)
     if key not in replies:
         replies[key] = read_replies(run.replies)
     return replies[key]
@@ -47,7 +47,7 @@ def run_rates(grid: str, labels: dict | None = None, replies: dict | None = None
     for number, run in enumerate(runs, 1):
         log.info("judging %s/%s again (%d of %d)", grid, run.run_id, number, len(runs))
         # the sets the claims read: AdvBench test, XSTest safe test and OR-Bench-Hard test (not the judge-training sets)
-        rows = [r for r in kept_replies(grid, run, replies)
+        rows = [r for r in kept_replies(run, replies)
                 if r["kind"] in ("harmful", "safe") or r.get("set", "").startswith("orbench-hard-test")]
         s = rejudge_rows(rows, JUDGES, cache=cache)
         row = {"grid": grid, "run_id": run.run_id, "condition": agreement.condition_of(run.record["config"]),
@@ -131,7 +131,7 @@ def rejudged_claims(items: list[dict], labels: dict, runs: list[dict]) -> list[d
 def census_claims(labels: dict, replies: dict | None = None) -> tuple[list[dict], dict]:
     """The census comparison (judges_census) over the confirm pairs whose census members are all labelled.
     `replies`: see kept_replies."""
-    runs = [(agreement.condition_of(run.record["config"]), run.run_id, kept_replies(CENSUS_GRID, run, replies))
+    runs = [(agreement.condition_of(run.record["config"]), run.run_id, kept_replies(run, replies))
             for run in find_runs(CENSUS_GRID, RESULTS) if run.record["config"]["kind"] != "aligned"]
     return census_comparison([r for r in runs if r[0]["mode"] == "replay"], labels)
 

@@ -23,6 +23,7 @@ from collections import defaultdict
 import numpy as np
 
 from judges import ITEMS, RESULTS, ROOT, load_labels, read_jsonl
+from judges_census import render_census
 from judges_claims import render_reproduction, reproduction_summary
 from safekeel.eval.judges import agreement
 
@@ -477,23 +478,13 @@ def _ci(entry: dict, key: str) -> str:
     return f"{_f(entry.get(key))} [{_f(ci[0], 2)}, {_f(ci[1], 2)}]" if ci else _f(entry.get(key))
 
 
-def render_census(census: dict | None) -> list[str]:
-    if not census or not census.get("pairs_seen"):
-        return []
-    lines = ["", "## The census of the confirmatory replies", "",
-             f"Plan: `{census['plan']}` (committed before any census label). {census['pairs_complete']} of "
-             f"{census['pairs_seen']} (dataset, seed) pairs have every census member labelled; the rows marked "
-             "`census under adjudicated blind labels` above compare them (estimated rate per run: U counted in full, "
-             "R from its sample, over the 156 AdvBench-test replies)."]
-    if census.get("verdict"):
-        lines += ["", f"**By the plan's rule:** {census['verdict']}."]
-    if census["pairs_complete"]:
-        lines += ["", "| selector | replies | labelled | harmful content | refusal | hollow | incoherent |", "| --- | --- | --- | --- | --- | --- | --- |"]
-        for selector, t in census["totals"].items():
-            lines.append(f"| {selector} | {t['n_replies']} | {t['n_labelled']} | {t['harmful_content']} | {t['refusal']} | "
-                         f"{t['hollow']} | {t['incoherent']} |")
-        lines += ["", "(counts of labelled replies with each label; the estimated rates weight stratum R's sample up.)"]
-    return lines
+def _took(data: dict) -> str:
+    """How long the report took, and what the judgement cache answered (empty for reports that did not record it)."""
+    if not data.get("seconds"):
+        return ""
+    cache = data.get("judgement_cache")
+    return f" The report took {data['seconds']:.0f} s" + (
+        f"; judgement cache: {sum(cache['hits'].values())} verdicts read, {sum(cache['misses'].values())} judged." if cache else ".")
 
 
 def render(data: dict) -> str:
@@ -501,10 +492,7 @@ def render(data: dict) -> str:
     lines = ["# Judges against blind labels", "",
              f"Made by `{data['command']}` from benchmarks/judges/ (guideline, items, labels)."
              + (f" Then {data['rendered']}." if data.get("rendered") else "")
-             + (f" The report took {data['seconds']:.0f} s" if data.get("seconds") else "")
-             + (f"; judgement cache: {sum(data['judgement_cache']['hits'].values())} verdicts read, "
-                f"{sum(data['judgement_cache']['misses'].values())} judged." if data.get("judgement_cache") else "."
-                if data.get("seconds") else ""), "",
+             + _took(data), "",
              "## The agreement set", "",
              f"{s['n_items']} replies ({s['n_items_finetuned']} of fine-tuned models) from {s['n_runs']} runs; "
              f"{s['n_harmful_prompt_items']} to harmful prompts, {s['n_safe_prompt_items']} to safe prompts; "

@@ -91,6 +91,13 @@ def test_the_comparison_pairs_runs_by_dataset_and_seed_and_counts_only_complete_
     assert harmful["n_pairs"] == 2
     assert harmful["mean_diff"] == pytest.approx(((3 - 1) / 20 + (2 - 2) / 20) / 2)
     assert summary["totals"]["forgetting"]["harmful_content"] == 5 and summary["totals"]["random"]["n_labelled"] == 32
+    # the estimated rates over the complete pairs, and forgetting - random per dataset
+    assert summary["mean_rates"]["forgetting"]["harmful_content"] == pytest.approx((3 / 20 + 2 / 20) / 2)
+    assert summary["mean_rates"]["random"]["harmful_content"] == pytest.approx((1 / 20 + 2 / 20) / 2)
+    assert summary["mean_diff_by_dataset"] == {"samsum": pytest.approx({"harmful_content": 0.05, "refusal": 0.0, "hollow": 0.0,
+                                                                       "incoherent": 0.0})}
+    text = "\n".join(census.render_census(summary))
+    assert "| forgetting - random, samsum | +0.0500 |" in text
 
 
 def test_seed_means_use_only_seeds_with_every_dataset():
@@ -137,10 +144,13 @@ def test_reproduction_summary_counts_exact_reruns_and_rate_differences(tmp_path,
 
 def test_the_plan_verdict_needs_all_pairs_and_both_intervals():
     def row(low, high, n=24):
-        return {"metric": "harmful_content", "mean_diff": (low + high) / 2, "ci_low": low, "ci_high": high, "p_value": 0.01, "n_pairs": n}
+        judge = "census under adjudicated blind labels" + (" (seed means)" if n == 8 else "")
+        return {"judge": judge, "metric": "harmful_content", "mean_diff": (low + high) / 2, "ci_low": low, "ci_high": high,
+                "p_value": 0.01, "n_pairs": n}
 
     assert census.plan_verdict([row(-0.02, -0.01)], 16).startswith("interim: 16 of 24")
     assert "less harmful content with forgetting" in census.plan_verdict([row(-0.02, -0.01), row(-0.03, -0.001, 8)], 24)
     assert "no difference" in census.plan_verdict([row(-0.02, -0.01), row(-0.03, 0.002, 8)], 24)
     assert "more harmful content" in census.plan_verdict([row(0.01, 0.02), row(0.001, 0.03, 8)], 24)
+    assert "seed means [-0.0300, -0.0010]" in census.plan_verdict([row(-0.03, -0.001, 8), row(-0.02, -0.01)], 24)
     assert "lacks" in census.plan_verdict([row(-0.02, -0.01)], 24)

@@ -16,11 +16,12 @@ within that distance of a threshold could in principle flip. The cache returns t
 reports are reproducible.
 
 Verdicts under old fingerprints stay in the file, unread; deleting the file clears the cache (default:
-$SAFEKEEL_HOME/judgements.sqlite; about 20 MB for the 64 kept runs of 2026-12-07 under three judges).
+$SAFEKEEL_HOME/judgements.sqlite; 20.6 MB after the first full report over 64 kept runs, 2026-12-07).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sqlite3
@@ -65,9 +66,10 @@ def code_sha(*modules: ModuleType) -> str:
     return digest.hexdigest()
 
 
-def runtime_versions(libraries: Sequence[str] = FEATURE_LIBRARIES) -> dict[str, str]:
+@functools.lru_cache(maxsize=None)
+def runtime_versions(libraries: tuple[str, ...] = FEATURE_LIBRARIES) -> dict[str, str]:
     """Python's version, its Unicode tables (they decide what regular expressions and lower() match) and the
-    versions of `libraries`."""
+    versions of `libraries`, read once per process (the libraries a process has loaded do not change under it)."""
     out = {"python": ".".join(map(str, sys.version_info[:3])), "unicodedata": unicodedata.unidata_version}
     for package in libraries:
         try:
@@ -77,7 +79,7 @@ def runtime_versions(libraries: Sequence[str] = FEATURE_LIBRARIES) -> dict[str, 
     return out
 
 
-def fingerprint_of(parameters, *modules: ModuleType, libraries: Sequence[str] = FEATURE_LIBRARIES) -> str:
+def fingerprint_of(parameters, *modules: ModuleType, libraries: tuple[str, ...] = FEATURE_LIBRARIES) -> str:
     """A judge's fingerprint: its fitted parameters (JSON-able), the loaded code of the modules that compute its
     verdicts and the versions its features pass through."""
     return hashlib.sha256(json.dumps([parameters, code_sha(*modules), runtime_versions(libraries)], sort_keys=True,
