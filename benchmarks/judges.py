@@ -263,6 +263,9 @@ def main() -> None:
     build.add_argument("--lm-head", action="store_true",
                        help="also compare SmolLM2-135M with LoRA and a classification head on fold 0 (the expensive one: "
                             "about 140 steps of 30-70 s each: hours of CPU)")
+    build.add_argument("--public-rows", type=int, default=None,
+                       help="train the fine-tuned candidates (--cross-encoder, --lm-head) on a seeded sample of this many "
+                            "public rows (default: all for the cross-encoder, 1500 for the LM head); every project row is kept")
     report = sub.add_parser("report")
     report.add_argument("--judgement-cache", type=Path, default=None,
                         help="SQLite file of stored verdicts (default: $SAFEKEEL_HOME/judgements.sqlite)")

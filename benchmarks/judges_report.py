@@ -108,9 +108,9 @@ def cmd_build(args) -> None:
     if getattr(args, "families", False):
         results.append(boosting_candidate(public, project, public_dense, project_dense, fold_of, results))
     if getattr(args, "families", False) or getattr(args, "cross_encoder", False):
-        results.append(cross_encoder_candidate(public, project, fold_of, results))
+        results.append(cross_encoder_candidate(public, project, fold_of, results, getattr(args, "public_rows", None)))
     if getattr(args, "lm_head", False):
-        results.append(lm_head_candidate(public, project, fold_of, results))
+        results.append(lm_head_candidate(public, project, fold_of, results, getattr(args, "public_rows", None)))
     best = max(results, key=lambda r: r["objective"])  # fold-0 candidates (objective -1) are compared, never shipped
     # thresholds chosen on the same cross-validated predictions (train split only)
     thresholds = {}
@@ -187,7 +187,9 @@ def _fine_tuned_candidate(kind: str, judge, train, project, held, folder, result
     """Fit a fine-tuned judge (safekeel.eval.judges.pooled) on `train`, score it on the project rows `held` (fold 0)
     beside the feature-based candidates' fold-0 kappas, and save it under `folder` (kept out of git)."""
     fit = judge.fit(train, **fit_options)
+    scoring_started = time.time()
     probabilities = judge.probabilities([project[i].prompt for i in held], [project[i].reply for i in held])
+    fit["scoring_seconds_per_300"] = round((time.time() - scoring_started) * 300 / max(1, len(held)), 1)
     scores = {head: round(_kappa_or_zero([project[i].labels[head] for i in held], (probabilities[head] >= 0.5).astype(int)), 4)
               for head in agreement.QUESTIONS}
     judge.save(folder, {"fit": fit, "training_rows": len(train), "trained_on": trained_on})
@@ -208,30 +210,43 @@ def _fold0_train(public, project, fold_of) -> list:
     return train
 
 
-def cross_encoder_candidate(public, project, fold_of, results) -> dict:
-    """MiniLM cross-encoder, trained once on the public rows and project folds 1-3, scored on project fold 0 (the
-    feature-based candidates' fold-0 kappas are computed from their CV predictions for the same items)."""
+def public_sample(public: list, cap: int | None) -> list:
+    """`public` itself, or a seeded sample of `cap` of its rows (the fine-tuned candidates' cost grows with their rows;
+    the project's own rows, where the harmful-content positives of this organism are, are always all kept)."""
+    if cap is None or cap >= len(public):
+        return public
+    if cap < 0:
+        raise ValueError(f"--public-rows must be >= 0 (got {cap})")
+    return random.Random(0).sample(public, cap)
+
+
+def cross_encoder_candidate(public, project, fold_of, results, public_rows: int | None = None) -> dict:
+    """MiniLM cross-encoder, trained once on the public rows (all, or a seeded sample of `public_rows`) and project
+    folds 1-3, scored on project fold 0 (the feature-based candidates' fold-0 kappas are computed from their CV
+    predictions for the same items)."""
     from safekeel.eval.judges.cross_encoder import CrossEncoderJudge
 
     held = _fold0(project, fold_of, results)
-    return _fine_tuned_candidate("cross_encoder", CrossEncoderJudge(), _fold0_train(public, project, fold_of), project, held,
-                                 CROSS_ENCODER_DIR, results, {"epochs": 1.0}, "public rows + agreement train split folds 1-3")
+    sample = public_sample(public, public_rows)
+    return _fine_tuned_candidate("cross_encoder", CrossEncoderJudge(), _fold0_train(sample, project, fold_of), project, held,
+                                 CROSS_ENCODER_DIR, results, {"epochs": 1.0, "log_every": 10},
+                                 f"{len(sample)} public rows + agreement train split folds 1-3")
 
 
 LM_HEAD_DIR = ROOT / "benchmarks" / "cache" / "content_lm_head"
 LM_HEAD_PUBLIC_ROWS = 1500
-"""Public rows the LM-head candidate trains on (a seeded sample), to bound its cost: a training step of 16 rows took
-70 s here (niced, beside a benchmark), so about 140 steps take hours."""
+"""Public rows the LM-head candidate trains on by default (a seeded sample), to bound its cost: a training step of 16
+rows took 70 s here (niced, beside a benchmark), so about 140 steps take hours. --public-rows overrides it."""
 
 
-def lm_head_candidate(public, project, fold_of, results) -> dict:
+def lm_head_candidate(public, project, fold_of, results, public_rows: int | None = None) -> dict:
     """SmolLM2-135M-Instruct's transformer with LoRA on attention and a 4-logit head (safekeel.eval.judges.lm_head),
-    trained once on a seeded sample of at most LM_HEAD_PUBLIC_ROWS public rows and project folds 1-3, scored on project
-    fold 0 like the cross-encoder."""
+    trained once on a seeded sample of `public_rows` (default LM_HEAD_PUBLIC_ROWS) public rows and project folds 1-3,
+    scored on project fold 0 like the cross-encoder."""
     from safekeel.eval.judges.lm_head import LMHeadJudge
 
     held = _fold0(project, fold_of, results)
-    sample = random.Random(0).sample(public, min(LM_HEAD_PUBLIC_ROWS, len(public)))
+    sample = public_sample(public, LM_HEAD_PUBLIC_ROWS if public_rows is None else public_rows)
     return _fine_tuned_candidate("lm_head_lora", LMHeadJudge(), _fold0_train(sample, project, fold_of), project, held,
                                  LM_HEAD_DIR, results, {"epochs": 1.0, "log_every": 5},
                                  f"a seeded sample of {len(sample)} public rows + agreement train split folds 1-3")

@@ -154,3 +154,15 @@ def test_the_plan_verdict_needs_all_pairs_and_both_intervals():
     assert "more harmful content" in census.plan_verdict([row(0.01, 0.02), row(0.001, 0.03, 8)], 24)
     assert "seed means [-0.0300, -0.0010]" in census.plan_verdict([row(-0.03, -0.001, 8), row(-0.02, -0.01)], 24)
     assert "lacks" in census.plan_verdict([row(-0.02, -0.01)], 24)
+
+
+def test_public_sample_is_seeded_bounded_and_rejects_a_negative_cap():
+    import judges_report
+
+    public = list(range(50))
+    assert judges_report.public_sample(public, None) is public and judges_report.public_sample(public, 80) is public
+    sample = judges_report.public_sample(public, 10)
+    assert len(sample) == 10 == len(set(sample)) and set(sample) <= set(public)
+    assert judges_report.public_sample(public, 10) == sample  # the same rows every build
+    with pytest.raises(ValueError, match="--public-rows"):
+        judges_report.public_sample(public, -1)
