@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast phenomenon bench-grids lock clean
+.PHONY: install demo test test-fast phenomenon bench-grids bench-queue lock clean
 
 $(BIN)/safekeel: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,21 @@ bench-grids: install
 	$(BIN)/python benchmarks/bench.py --grid identity --commit $(if $(CODE_FROM),--code-from $(CODE_FROM))
 	$(BIN)/python benchmarks/bench.py --grid modes --commit $(if $(CODE_FROM),--code-from $(CODE_FROM))
 	$(BIN)/python benchmarks/backdoor_control.py --commit
+
+# The compute the open issues still owe, in the brief's order (days on 2 CPU cores). Every step resumes from its
+# committed records and git-commits finished runs in batches, so run it in the background, stop it at will (on a
+# fresh machine too) and start it again: 28 the grid reruns; 30 the audit panel; 31 selection v2 phase 1; 32 the
+# preference lr/batch search, then its grid. The steps between them (reports, nominate/confirm/kcurve, the policy
+# grid) read what these produce: benchmarks/README.md.
+bench-queue: install
+	$(BIN)/python benchmarks/rerun.py --plan benchmarks/judges/rerun_plan_grids.json --commit --batch 4 --code-from 9b1dd65
+	test -f benchmarks/cache/audit_panel/manifest.json || $(BIN)/python benchmarks/audit_panel.py build
+	$(BIN)/safekeel bench --grid benchmarks/audit_panel_grid.yaml --commit --commit-every 4
+	$(BIN)/safekeel bench --grid selection_v2_k10 --commit --commit-every 4
+	$(BIN)/python benchmarks/preference_search.py
+	git add benchmarks/results/preference_search.json benchmarks/results/preference_search.md benchmarks/results/preference_search_runs \
+	  && git commit -q -m "preference_search: the lr and batch the preference grid trains with (make bench-queue)" || true
+	$(BIN)/safekeel bench --grid preference --commit --commit-every 4
 
 lock: install
 	{ echo "# Full pinned environment (pip freeze of a working venv), applied as constraints by the Makefile."; \
