@@ -189,3 +189,94 @@ def render_reproduction(summary: dict | None) -> list[str]:
         for name, m in group["measures"].items():
             lines.append(f"| | {name} | {m['n']} | {m['equal']} | {m['mean_diff']:+.4f} | {m['mean_abs_diff']:.4f} | {m['max_abs_diff']:.4f} |")
     return lines
+
+
+GRID_SUMMARY_GRIDS = ("selectors", "modes", "identity")
+"""The grids whose kept reruns sample conditions (one seed each); the confirmatory grid has its paired test above."""
+BASELINE = "replay:random"
+
+
+def _grid_label(condition: dict) -> str:
+    """condition_label, plus the pool when it is not the authored one and k when it is not 10."""
+    label = agreement.condition_label(condition)
+    if condition.get("pool") not in (None, "authored"):
+        label += f" ({condition['pool']})"
+    if condition.get("k") not in (0, 10, None):
+        label += f" k={condition['k']}"
+    return label
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def grid_summary(runs: list[dict]) -> list[dict]:
+    """Per grid of GRID_SUMMARY_GRIDS and condition: the mean over its kept runs (one per dataset, seed 0) of the
+    classifier's harmful rate, the census estimates (harmful content, refusal, hollow; runs whose census is complete)
+    and the content judge's over-refusal; and the difference from replay:random on the same dataset and seed (its own
+    grid's run, else the selectors grid's), averaged over the datasets both have. One seed per cell: a description of
+    the sampled conditions under the blind labels, not a test (the confirmatory test is the confirm grid's)."""
+    by_key = {(r["grid"], r["condition"]["dataset"], r["condition"]["seed"], _grid_label(r["condition"])): r for r in runs}
+
+    def baseline(run: dict) -> dict | None:
+        c = run["condition"]
+        return by_key.get((run["grid"], c["dataset"], c["seed"], BASELINE)) or \
+            by_key.get(("selectors", c["dataset"], c["seed"], BASELINE))
+
+    def measures(run: dict) -> dict:
+        census = run.get("census") or {}
+        return {"classifier_harmful": run["rates"]["classifier"]["harmful"], "census_harmful_content": census.get("harmful_content"),
+                "census_refusal": census.get("refusal"), "census_hollow": census.get("hollow"),
+                "overrefusal_xstest": run["rates"]["content"]["overrefusal_xstest"],
+                "overrefusal_orbench": run["rates"]["content"]["overrefusal_orbench"]}
+
+    groups: dict = defaultdict(list)
+    for run in runs:
+        if run["grid"] in GRID_SUMMARY_GRIDS:
+            groups[(run["grid"], _grid_label(run["condition"]))].append(run)
+    out = []
+    for (grid, label), members in sorted(groups.items()):
+        rows = [measures(r) for r in members]
+        entry = {"grid": grid, "condition": label, "runs": len(members),
+                 "datasets": sorted({r["condition"]["dataset"] or "-" for r in members}),
+                 "census_runs": sum(r["census_harmful_content"] is not None for r in rows),
+                 "mean": {name: _mean([r[name] for r in rows]) for name in rows[0]}}
+        if label != BASELINE:
+            diffs: dict = defaultdict(list)
+            for run, row in zip(members, rows):
+                base = baseline(run)
+                if base is None:
+                    continue
+                for name, value in measures(base).items():
+                    if value is not None and row[name] is not None:
+                        diffs[name].append(row[name] - value)
+            entry["minus_random"] = {name: {"mean": _mean(v), "n": len(v)} for name, v in diffs.items()}
+        out.append(entry)
+    return out
+
+
+def render_grid_summary(summary: list[dict] | None) -> list[str]:
+    if not summary:
+        return []
+    lines = ["", "## The sampled grids judged again", "",
+             "The kept reruns of the selectors, modes and identity grids (seed 0, one run per condition and dataset): the mean "
+             "over a condition's runs, and in brackets its difference from replay:random on the same datasets (n datasets). "
+             "Census: estimates under adjudicated blind labels (runs whose census is complete). One seed per cell: this "
+             "describes the sampled conditions; the confirmatory test above is the test.", "",
+             "| grid | condition | runs (census) | harmful classifier | harmful content, census | refusal, census | hollow, census | over-refusal XSTest (content) | over-refusal OR-Bench (content) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def cell(entry: dict, name: str) -> str:
+        mean = entry["mean"].get(name)
+        text = "-" if mean is None else f"{mean:.3f}"
+        diff = (entry.get("minus_random") or {}).get(name)
+        if diff and diff["n"] and mean is not None:
+            text += f" ({diff['mean']:+.3f}, {diff['n']})"
+        return text
+
+    for e in summary:
+        lines.append(f"| {e['grid']} | {e['condition']} | {e['runs']} ({e['census_runs']}) | " + " | ".join(
+            cell(e, name) for name in ("classifier_harmful", "census_harmful_content", "census_refusal", "census_hollow",
+                                       "overrefusal_xstest", "overrefusal_orbench")) + " |")
+    return lines

@@ -24,7 +24,7 @@ import numpy as np
 
 from judges import ITEMS, RESULTS, ROOT, load_labels, read_jsonl
 from judges_census import render_census
-from judges_claims import render_reproduction, reproduction_summary
+from judges_claims import grid_summary, render_grid_summary, render_reproduction, reproduction_summary
 from safekeel.eval.judges import agreement
 
 log = logging.getLogger("judges")
@@ -402,6 +402,7 @@ def cmd_render(args) -> None:
         row["census"] = run_estimate(row["grid"], row["run_id"], replies[key], labels)
     data["rendered"] = "the agreement set's counts, kappas and label rates and the census parts and the reproduction table recomputed by `judges.py render` from the labels of " + \
         f"{len(labels)} items; judges' rows from the last `report`"
+    data["grid_summary"] = grid_summary(data.get("runs", []))
     (RESULTS / "judges.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
     (RESULTS / "judges.md").write_text(render(data))
 
@@ -451,6 +452,7 @@ def cmd_report(args) -> None:
     data["command"] = "python benchmarks/judges.py report" + (" --no-cache" if cache is None else "") + \
         (f" --judgement-cache {path}" if path and cache is not None else "")
     data["seconds"] = round(time.time() - started, 1)
+    data["grid_summary"] = grid_summary(data.get("runs", []))
     out = RESULTS / "judges.json"
     out.write_text(json.dumps(data, indent=1, default=float) + "\n")
     (RESULTS / "judges.md").write_text(render(data))
@@ -565,6 +567,7 @@ def render(data: dict) -> str:
         lines.append(f"| {r['grid']} | {r['judge']} | {r['comparison']} | {r['metric']} | {_f(r['mean_diff'])} [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | "
                      f"{_f(r['p_value'])} | {r['n_pairs']} |")
     lines += render_census(data.get("census"))
+    lines += render_grid_summary(grid_summary(data.get("runs", [])))
     lines += render_reproduction(data.get("reproduction"))
     runs = data.get("runs", [])
     if runs:
