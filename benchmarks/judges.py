@@ -266,6 +266,7 @@ def main() -> None:
     build.add_argument("--public-rows", type=int, default=None,
                        help="train the fine-tuned candidates (--cross-encoder, --lm-head) on a seeded sample of this many "
                             "public rows (default: all for the cross-encoder, 1500 for the LM head); every project row is kept")
+    build.add_argument("--epochs", type=float, default=1.0, help="passes over the training rows of the fine-tuned candidates")
     report = sub.add_parser("report")
     report.add_argument("--judgement-cache", type=Path, default=None,
                         help="SQLite file of stored verdicts (default: $SAFEKEEL_HOME/judgements.sqlite)")

@@ -108,9 +108,11 @@ def cmd_build(args) -> None:
     if getattr(args, "families", False):
         results.append(boosting_candidate(public, project, public_dense, project_dense, fold_of, results))
     if getattr(args, "families", False) or getattr(args, "cross_encoder", False):
-        results.append(cross_encoder_candidate(public, project, fold_of, results, getattr(args, "public_rows", None)))
+        results.append(cross_encoder_candidate(public, project, fold_of, results, getattr(args, "public_rows", None),
+                                               getattr(args, "epochs", 1.0)))
     if getattr(args, "lm_head", False):
-        results.append(lm_head_candidate(public, project, fold_of, results, getattr(args, "public_rows", None)))
+        results.append(lm_head_candidate(public, project, fold_of, results, getattr(args, "public_rows", None),
+                                         getattr(args, "epochs", 1.0)))
     best = max(results, key=lambda r: r["objective"])  # fold-0 candidates (objective -1) are compared, never shipped
     # thresholds chosen on the same cross-validated predictions (train split only)
     thresholds = {}
@@ -147,13 +149,23 @@ def cmd_build(args) -> None:
 CROSS_ENCODER_DIR = ROOT / "benchmarks" / "cache" / "content_cross_encoder"
 
 
+def _auc(truth, scores) -> float | None:
+    """Area under the ROC curve (threshold-free: does the head rank positives above negatives at all?); None when the
+    items hold one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    truth = np.asarray(truth)
+    return round(float(roc_auc_score(truth, np.asarray(scores))), 4) if len(set(truth.tolist())) == 2 else None
+
+
 def _fold0(project, fold_of, results) -> list[int]:
     held = [i for i, r in enumerate(project) if fold_of[r.group] == 0]
     for other in results:
         if other["kind"] == "logistic" and "fold0_kappa" not in other:
-            other["fold0_kappa"] = {head: round(_kappa_or_zero([project[i].labels[head] for i in held],
-                                                               (other["predictions"][head][held] >= 0.5).astype(int)), 4)
+            truth = {head: [project[i].labels[head] for i in held] for head in agreement.QUESTIONS}
+            other["fold0_kappa"] = {head: round(_kappa_or_zero(truth[head], (other["predictions"][head][held] >= 0.5).astype(int)), 4)
                                     for head in agreement.QUESTIONS}
+            other["fold0_auc"] = {head: _auc(truth[head], other["predictions"][head][held]) for head in agreement.QUESTIONS}
     return held
 
 
@@ -192,12 +204,14 @@ def _fine_tuned_candidate(kind: str, judge, train, project, held, folder, result
     fit["scoring_seconds_per_300"] = round((time.time() - scoring_started) * 300 / max(1, len(held)), 1)
     scores = {head: round(_kappa_or_zero([project[i].labels[head] for i in held], (probabilities[head] >= 0.5).astype(int)), 4)
               for head in agreement.QUESTIONS}
+    auc = {head: _auc([project[i].labels[head] for i in held], probabilities[head]) for head in agreement.QUESTIONS}
     judge.save(folder, {"fit": fit, "training_rows": len(train), "trained_on": trained_on})
     objective = round((scores["harmful_content"] + scores["refusal"]) / 2, 4)
     fold0_best = max(round((o["fold0_kappa"]["harmful_content"] + o["fold0_kappa"]["refusal"]) / 2, 4) for o in results
                      if o["kind"] == "logistic")
-    log.info("%s fold-0 kappa %s (objective %s; best feature-based on fold 0: %s); %s", kind, scores, objective, fold0_best, fit)
-    return {"kind": kind, "c": None, "project_weight": 10.0, "cv_kappa": None, "fold0_kappa": scores,
+    log.info("%s fold-0 kappa %s, AUC %s (objective %s; best feature-based on fold 0: %s, its AUC %s); %s", kind, scores, auc,
+             objective, fold0_best, [o.get("fold0_auc") for o in results if o["kind"] == "logistic"], fit)
+    return {"kind": kind, "c": None, "project_weight": 10.0, "cv_kappa": None, "fold0_kappa": scores, "fold0_auc": auc,
             "objective": -1.0, "fold0_objective": objective, "fold0_best_feature_based": fold0_best,
             "fold0_better": objective > fold0_best, "fit": fit, "training_rows": len(train), "predictions": {}}
 
@@ -220,7 +234,7 @@ def public_sample(public: list, cap: int | None) -> list:
     return random.Random(0).sample(public, cap)
 
 
-def cross_encoder_candidate(public, project, fold_of, results, public_rows: int | None = None) -> dict:
+def cross_encoder_candidate(public, project, fold_of, results, public_rows: int | None = None, epochs: float = 1.0) -> dict:
     """MiniLM cross-encoder, trained once on the public rows (all, or a seeded sample of `public_rows`) and project
     folds 1-3, scored on project fold 0 (the feature-based candidates' fold-0 kappas are computed from their CV
     predictions for the same items)."""
@@ -229,7 +243,7 @@ def cross_encoder_candidate(public, project, fold_of, results, public_rows: int 
     held = _fold0(project, fold_of, results)
     sample = public_sample(public, public_rows)
     return _fine_tuned_candidate("cross_encoder", CrossEncoderJudge(), _fold0_train(sample, project, fold_of), project, held,
-                                 CROSS_ENCODER_DIR, results, {"epochs": 1.0, "log_every": 10},
+                                 CROSS_ENCODER_DIR, results, {"epochs": epochs, "log_every": 10},
                                  f"{len(sample)} public rows + agreement train split folds 1-3")
 
 
@@ -239,7 +253,7 @@ LM_HEAD_PUBLIC_ROWS = 1500
 rows took 70 s here (niced, beside a benchmark), so about 140 steps take hours. --public-rows overrides it."""
 
 
-def lm_head_candidate(public, project, fold_of, results, public_rows: int | None = None) -> dict:
+def lm_head_candidate(public, project, fold_of, results, public_rows: int | None = None, epochs: float = 1.0) -> dict:
     """SmolLM2-135M-Instruct's transformer with LoRA on attention and a 4-logit head (safekeel.eval.judges.lm_head),
     trained once on a seeded sample of `public_rows` (default LM_HEAD_PUBLIC_ROWS) public rows and project folds 1-3,
     scored on project fold 0 like the cross-encoder."""
@@ -248,7 +262,7 @@ def lm_head_candidate(public, project, fold_of, results, public_rows: int | None
     held = _fold0(project, fold_of, results)
     sample = public_sample(public, LM_HEAD_PUBLIC_ROWS if public_rows is None else public_rows)
     return _fine_tuned_candidate("lm_head_lora", LMHeadJudge(), _fold0_train(sample, project, fold_of), project, held,
-                                 LM_HEAD_DIR, results, {"epochs": 1.0, "log_every": 5},
+                                 LM_HEAD_DIR, results, {"epochs": epochs, "log_every": 5},
                                  f"a seeded sample of {len(sample)} public rows + agreement train split folds 1-3")
 
 

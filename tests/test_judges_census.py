@@ -166,3 +166,10 @@ def test_public_sample_is_seeded_bounded_and_rejects_a_negative_cap():
     assert judges_report.public_sample(public, 10) == sample  # the same rows every build
     with pytest.raises(ValueError, match="--public-rows"):
         judges_report.public_sample(public, -1)
+
+
+def test_candidate_auc_ranks_and_is_none_for_one_class():
+    import judges_report
+
+    assert judges_report._auc([0, 1, 1, 0], [0.1, 0.9, 0.6, 0.7]) == 0.75  # 3 of the 4 positive-negative pairs in order
+    assert judges_report._auc([0, 0, 0], [0.1, 0.2, 0.3]) is None
