@@ -243,7 +243,7 @@ def cross_encoder_candidate(public, project, fold_of, results, public_rows: int 
     held = _fold0(project, fold_of, results)
     sample = public_sample(public, public_rows)
     return _fine_tuned_candidate("cross_encoder", CrossEncoderJudge(), _fold0_train(sample, project, fold_of), project, held,
-                                 CROSS_ENCODER_DIR, results, {"epochs": epochs, "log_every": 10},
+                                 CROSS_ENCODER_DIR, results, {"epochs": epochs, "log_every": 10, "balance": True},
                                  f"{len(sample)} public rows + agreement train split folds 1-3")
 
 
@@ -262,7 +262,7 @@ def lm_head_candidate(public, project, fold_of, results, public_rows: int | None
     held = _fold0(project, fold_of, results)
     sample = public_sample(public, LM_HEAD_PUBLIC_ROWS if public_rows is None else public_rows)
     return _fine_tuned_candidate("lm_head_lora", LMHeadJudge(), _fold0_train(sample, project, fold_of), project, held,
-                                 LM_HEAD_DIR, results, {"epochs": epochs, "log_every": 5},
+                                 LM_HEAD_DIR, results, {"epochs": epochs, "log_every": 5, "balance": True},
                                  f"a seeded sample of {len(sample)} public rows + agreement train split folds 1-3")
 
 

@@ -81,6 +81,32 @@ def test_rows_and_heads_without_labels_add_nothing_to_the_loss(judge):
     assert float(judge.head.weight.grad[refusal].abs().sum()) > 0.0
 
 
+def test_balanced_pos_weight_counts_weighted_labels_and_is_capped():
+    from safekeel.eval.judges.pooled import balanced_pos_weight
+
+    weights = balanced_pos_weight(rows() + [Row("p", "r", {"refusal": 0}, 3.0, "test", "x")])
+    assert weights["refusal"] == pytest.approx(6.0 / 2)  # negatives 1 + 1 + 1 + 3 (weighted) over 2 positives
+    assert weights["incoherent"] == pytest.approx(3.0)  # 3 negatives, 1 positive
+    assert weights["harmful_content"] == 1.0 and weights["hollow"] == 1.0  # no positive label: unweighted
+    assert balanced_pos_weight(rows())["refusal"] == 1.5 and balanced_pos_weight(rows(), cap=1.2)["refusal"] == 1.2
+
+
+def test_balance_weights_the_positive_labels_in_the_loss(judge):
+    judge.encoder.eval()
+    positives = [r for r in rows() if r.labels["refusal"] == 1]
+    for row in positives:
+        row.labels = {"refusal": 1}
+    plain = float(judge.loss(positives).detach())
+    judge.pos_weight = dict.fromkeys(HEADS, 1.0) | {"refusal": 4.0}
+    try:
+        weighted = float(judge.loss(positives).detach())
+    finally:
+        judge.pos_weight = None
+    assert weighted == pytest.approx(4.0 * plain, rel=1e-5)  # only positive labels in the batch: the loss scales by 4
+    fit = judge.fit(rows(), epochs=1, batch_size=6, balance=True, log_every=0)
+    assert fit["pos_weight"]["refusal"] == pytest.approx(1.5) and judge.pos_weight == fit["pos_weight"]
+
+
 def test_fit_trains_the_adapter_and_a_saved_judge_scores_exactly_the_same(judge, tmp_path, capsys, tiny_model_dir):
     from safekeel.eval.judges.lm_head import LMHeadJudge
 

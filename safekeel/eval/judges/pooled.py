@@ -36,6 +36,21 @@ def read_judge_json(folder: str | Path | None) -> dict:
     return json.loads(path.read_text()) if path and path.is_file() else {}
 
 
+POS_WEIGHT_CAP = 20.0
+"""balanced_pos_weight's largest weight: a head with a handful of positives is not driven by them alone."""
+
+
+def balanced_pos_weight(rows, cap: float = POS_WEIGHT_CAP) -> dict[str, float]:
+    """{head: (weighted negatives) / (weighted positives)} over the rows that answer the head, within [1, cap]; 1 for a
+    head no row answers positively."""
+    out = {}
+    for head in HEADS:
+        positive = sum(float(r.weight) for r in rows if r.labels.get(head) == 1)
+        negative = sum(float(r.weight) for r in rows if r.labels.get(head) == 0)
+        out[head] = 1.0 if positive <= 0 else round(min(cap, max(1.0, negative / positive)), 4)
+    return out
+
+
 class PooledHeadJudge:
     """Mean-pooled transformer state -> a linear layer -> one sigmoid per head in HEADS."""
 
@@ -48,6 +63,8 @@ class PooledHeadJudge:
 
     tokenizer = None
     encoder = None
+    pos_weight = None
+    """Per-head weight of a positive label in the loss (fit(balance=True) sets it; None: 1 for every head)."""
 
     def _init_head(self, folder: str | Path | None, hidden_size: int, seed: int) -> None:
         """The linear layer (seeded init, or head.pt from a saved folder) and the thresholds (judge.json)."""
@@ -80,7 +97,9 @@ class PooledHeadJudge:
         targets = torch.tensor([[float(r.labels.get(h) or 0) for h in HEADS] for r in rows])
         mask = torch.tensor([[float(r.labels.get(h) is not None) for h in HEADS] for r in rows])
         weights = torch.tensor([float(r.weight) for r in rows]).unsqueeze(1)
-        loss_matrix = torch.nn.functional.binary_cross_entropy_with_logits(self._logits(batch), targets, reduction="none")
+        pos_weight = None if self.pos_weight is None else torch.tensor([self.pos_weight[h] for h in HEADS])
+        loss_matrix = torch.nn.functional.binary_cross_entropy_with_logits(self._logits(batch), targets, reduction="none",
+                                                                           pos_weight=pos_weight)
         return (loss_matrix * mask * weights).sum() / (mask * weights).sum().clamp(min=1e-6)
 
     def trainable_parameters(self) -> list:
@@ -103,18 +122,21 @@ class PooledHeadJudge:
         return {head: values[:, i] for i, head in enumerate(HEADS)}
 
     def fit(self, rows, epochs: float = 1.0, batch_size: int = 16, learning_rate: float | None = None, seed: int = 0,
-            log_every: int = 50, should_stop: Callable[[], bool] | None = None) -> dict:
+            log_every: int = 50, should_stop: Callable[[], bool] | None = None, balance: bool = False) -> dict:
         """Train on Rows (safekeel.eval.judges.content_build.Row), weighted, missing labels masked; AdamW, linear warmup
-        over 6% of the steps then linear decay, gradients clipped at 1. `should_stop()` is asked at the end of every
-        step (as the trainers' stop hook, safekeel.training.sft.training_hooks): when it answers True, training stops
-        there and the result says so (cancelled, and the steps done). Returns {steps, planned_steps, cancelled,
-        seconds, final_loss (mean of the last 20 steps)}."""
+        over 6% of the steps then linear decay, gradients clipped at 1. `balance`: weight each head's positive labels
+        by its weighted negative-to-positive ratio in `rows` (balanced_pos_weight), so a rare label (harmful content)
+        is not learnt as "always no". `should_stop()` is asked at the end of every step (as the trainers' stop hook,
+        safekeel.training.sft.training_hooks): when it answers True, training stops there and the result says so
+        (cancelled, and the steps done). Returns {steps, planned_steps, cancelled, seconds, final_loss (mean of the
+        last 20 steps), pos_weight}."""
         import torch  # deferred on purpose: heavy
 
         if not rows:
             raise ValueError("no training rows")
         if batch_size < 1 or epochs <= 0:
             raise ValueError(f"batch_size must be >= 1 and epochs > 0 (got {batch_size}, {epochs})")
+        self.pos_weight = balanced_pos_weight(rows) if balance else None
         learning_rate = self.LEARNING_RATE if learning_rate is None else learning_rate
         torch.manual_seed(seed)
         order = list(range(len(rows)))
@@ -149,7 +171,7 @@ class PooledHeadJudge:
         finally:
             self.encoder.eval()
         return {"steps": step, "planned_steps": steps, "cancelled": cancelled, "seconds": round(time.time() - started, 1),
-                "final_loss": float(np.mean(losses[-20:]))}
+                "final_loss": float(np.mean(losses[-20:])), "pos_weight": self.pos_weight}
 
     def _save_head(self, folder: Path, meta: dict, extra: dict | None = None) -> None:
         """The tokenizer, head.pt and judge.json (heads, thresholds, meta, and what a subclass needs to load)."""
