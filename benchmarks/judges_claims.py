@@ -162,12 +162,13 @@ def reproduction_summary() -> dict:
                     group["not_comparable"][f"{judge} {measure}"] += 1  # a side without the judge, or nothing judged
                     continue
                 (c, n), (r, m) = counts["committed"], counts["rerun"]
-                group["measures"][f"{judge} {measure}"].append((r / m - c / n, counts["equal"]))
+                group["measures"][f"{judge} {measure}"].append((r / m - c / n, counts["equal"], f"{path.parent.name}/{path.stem}"))
     out = {}
     for key, group in sorted(groups.items()):
         out[key] = {"runs": group["runs"], "exact_runs": group["exact_runs"], "measures": {
-            name: {"n": len(v), "equal": sum(e for _, e in v), "mean_diff": sum(d for d, _ in v) / len(v),
-                   "mean_abs_diff": sum(abs(d) for d, _ in v) / len(v), "max_abs_diff": max(abs(d) for d, _ in v)}
+            name: {"n": len(v), "equal": sum(e for _, e, _ in v), "mean_diff": sum(d for d, _, _ in v) / len(v),
+                   "mean_abs_diff": sum(abs(d) for d, _, _ in v) / len(v), "max_abs_diff": max(abs(d) for d, _, _ in v),
+                   "max_abs_run": max(v, key=lambda x: abs(x[0]))[2]}
             for name, v in sorted(group["measures"].items())}, "not_comparable": dict(group["not_comparable"])}
     return out
 
@@ -180,14 +181,15 @@ def render_reproduction(summary: dict | None) -> list[str]:
              "holds judge the rerun's replies again (`safekeel rejudge`). Where the record trained in bf16 on a CPU with "
              "native bf16, the rerun trains in float32 here (recorded as a change), so its replies can differ; rate "
              "differences are rerun minus record.", "",
-             "| reruns | judge and measure | runs | same count | mean difference | mean absolute | largest |",
+             "| reruns | judge and measure | runs | same count | mean difference | mean absolute | largest (run) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for key, group in summary.items():
         skipped = "; not comparable: " + ", ".join(f"{k} ({v})" for k, v in group["not_comparable"].items()) \
             if group.get("not_comparable") else ""
         lines.append(f"| {key}: {group['runs']} runs, {group['exact_runs']} exact{skipped} | | | | | | |")
         for name, m in group["measures"].items():
-            lines.append(f"| | {name} | {m['n']} | {m['equal']} | {m['mean_diff']:+.4f} | {m['mean_abs_diff']:.4f} | {m['max_abs_diff']:.4f} |")
+            largest = f"{m['max_abs_diff']:.4f}" + (f" ({m['max_abs_run']})" if m["max_abs_diff"] > 0 and m.get("max_abs_run") else "")
+            lines.append(f"| | {name} | {m['n']} | {m['equal']} | {m['mean_diff']:+.4f} | {m['mean_abs_diff']:.4f} | {largest} |")
     return lines
 
 
@@ -212,10 +214,10 @@ def _mean(values: list) -> float | None:
 
 
 def grid_summary(runs: list[dict]) -> list[dict]:
-    """Per grid of GRID_SUMMARY_GRIDS and condition: the mean over its kept runs (one per dataset, seed 0) of the
+    """Per grid of GRID_SUMMARY_GRIDS and condition: the mean over its kept runs (one per dataset and seed) of the
     classifier's harmful rate, the census estimates (harmful content, refusal, hollow; runs whose census is complete)
     and the content judge's over-refusal; and the difference from replay:random on the same dataset and seed (its own
-    grid's run, else the selectors grid's), averaged over the datasets both have. One seed per cell: a description of
+    grid's run, else the selectors grid's), averaged over the (dataset, seed) pairs. One or two seeds per cell: a description of
     the sampled conditions under the blind labels, not a test (the confirmatory test is the confirm grid's)."""
     by_key = {(r["grid"], r["condition"]["dataset"], r["condition"]["seed"], _grid_label(r["condition"])): r for r in runs}
 
@@ -260,9 +262,9 @@ def render_grid_summary(summary: list[dict] | None) -> list[str]:
     if not summary:
         return []
     lines = ["", "## The sampled grids judged again", "",
-             "The kept reruns of the selectors, modes and identity grids (seed 0, one run per condition and dataset): the mean "
-             "over a condition's runs, and in brackets its difference from replay:random on the same datasets (n datasets). "
-             "Census: estimates under adjudicated blind labels (runs whose census is complete). One seed per cell: this "
+             "The kept reruns of the selectors, modes and identity grids (seed 0, a few seed 1, one run per condition, dataset and seed): the mean "
+             "over a condition's runs, and in brackets its difference from replay:random on the same dataset and seed (n such pairs). "
+             "Census: estimates under adjudicated blind labels (runs whose census is complete). One or two seeds per cell: this "
              "describes the sampled conditions; the confirmatory test above is the test.", "",
              "| grid | condition | runs (census) | harmful classifier | harmful content, census | refusal, census | hollow, census | over-refusal XSTest (content) | over-refusal OR-Bench (content) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
