@@ -9,6 +9,8 @@
     python benchmarks/judges.py build          # train candidates on the train split; the best by CV to benchmarks/cache
     python benchmarks/judges.py build --ship   # ... and replace the shipped content judge with it
     python benchmarks/judges.py build --families --lm-head   # also boosting, the cross-encoder, the 135M LoRA head (fold 0)
+    python benchmarks/judges.py build --cross-encoder --lm-head --public-rows 500 --epochs 2   # the fine-tuned two only
+    python benchmarks/judges.py candidate-eval --folder benchmarks/cache/content_cross_encoder   # on test and census-U
     python benchmarks/judges.py report         # benchmarks/results/judges.{json,md} (about 45 min beside a benchmark)
     python benchmarks/judges.py render         # judges.md again from judges.json
 
@@ -267,6 +269,9 @@ def main() -> None:
                        help="train the fine-tuned candidates (--cross-encoder, --lm-head) on a seeded sample of this many "
                             "public rows (default: all for the cross-encoder, 1500 for the LM head); every project row is kept")
     build.add_argument("--epochs", type=float, default=1.0, help="passes over the training rows of the fine-tuned candidates")
+    candidate = sub.add_parser("candidate-eval", help="saved fine-tuned candidates against the test split and census-U")
+    candidate.add_argument("--folder", action="append", required=True,
+                           help="a saved candidate (benchmarks/cache/content_cross_encoder, .../content_lm_head); repeatable")
     report = sub.add_parser("report")
     report.add_argument("--judgement-cache", type=Path, default=None,
                         help="SQLite file of stored verdicts (default: $SAFEKEEL_HOME/judgements.sqlite)")
@@ -274,7 +279,11 @@ def main() -> None:
     sub.add_parser("render", help="judges.md again from judges.json (no judging)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command in ("build", "report", "render"):
+    if args.command == "candidate-eval":
+        import judges_candidates  # noqa: F401  (benchmarks/judges_candidates.py)
+
+        judges_candidates.cmd_candidate_eval(args)
+    elif args.command in ("build", "report", "render"):
         import judges_report  # noqa: F401  (benchmarks/judges_report.py)
 
         getattr(judges_report, f"cmd_{args.command}")(args)

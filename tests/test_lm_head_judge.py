@@ -168,3 +168,19 @@ def test_the_cross_encoder_shares_the_loop_and_round_trips(tmp_path):
     after = CrossEncoderJudge(tmp_path / "ce").probabilities(PROMPTS, REPLIES)
     for head in HEADS:
         assert before[head].shape == (len(PROMPTS),) and np.array_equal(before[head], after[head])
+
+
+def test_candidate_eval_loads_a_saved_candidate_by_its_kind_and_names_a_missing_one(judge, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import judges_candidates
+
+    judge.save(tmp_path / "lm", {"note": "test"})
+    loaded, meta = judges_candidates.load_candidate(tmp_path / "lm")
+    assert type(loaded).__name__ == "LMHeadJudge" and meta["meta"] == {"note": "test"}
+    np.testing.assert_allclose(loaded.probabilities(PROMPTS, REPLIES)["harmful_content"],
+                               judge.probabilities(PROMPTS, REPLIES)["harmful_content"], atol=1e-5)
+    with pytest.raises(SystemExit, match="no saved judge candidate"):
+        judges_candidates.load_candidate(tmp_path)
