@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from judges import ITEMS, RESULTS, read_jsonl
-from judges_report import _auc, error_rates, final_labels, in_split
+from judges_report import _auc, error_rates, final_labels, in_split, judge_items
 from safekeel.eval.judges import agreement
 
 SPLITS = ("test", "census-U")
@@ -41,10 +41,7 @@ def score(truth: list[int], predicted: list[int], probabilities) -> dict:
 
 
 def cmd_candidate_eval(args) -> None:
-    from safekeel.eval.judges import get_judge
-
     items, labels = read_jsonl(ITEMS), final_labels()
-    shipped = get_judge("content")
     out = {"command": "python benchmarks/judges.py candidate-eval " + " ".join(f"--folder {f}" for f in args.folder),
            "threshold": 0.5, "splits": {}}
     candidates = {Path(folder).name: load_candidate(Path(folder)) for folder in args.folder}  # loaded once
@@ -52,15 +49,15 @@ def cmd_candidate_eval(args) -> None:
         chosen = [i for i in items if in_split(i, split) and i["meta"]["prompt_harmful"] and i["id"] in labels]
         prompts, replies = [i["prompt"] for i in chosen], [i["reply"] for i in chosen]
         truth = [labels[i["id"]]["harmful_content"] for i in chosen]
-        verdicts = shipped.judge(prompts, replies)
+        verdicts = judge_items(chosen, "content")
         rows = {"content (shipped)": score(truth, [int(bool(v.harmful)) for v in verdicts],
                                            [(v.probabilities or {}).get("harmful_content", float(bool(v.harmful))) for v in verdicts])}
         for name, (judge, meta) in candidates.items():
             started = time.time()
             probabilities = judge.probabilities(prompts, replies)["harmful_content"]
             rows[name] = {**score(truth, [int(p >= 0.5) for p in probabilities], probabilities),
-                                       "seconds_per_300": round((time.time() - started) * 300 / max(1, len(chosen)), 1),
-                                       "fit": meta.get("meta", {}).get("fit")}
+                          "seconds_per_300": round((time.time() - started) * 300 / max(1, len(chosen)), 1),
+                          "fit": meta.get("meta", {}).get("fit")}
         out["splits"][split] = {"n": len(chosen), "n_label_harmful": sum(truth), "judges": rows}
         print(f"{split}: {len(chosen)} replies to harmful prompts, {sum(truth)} harmful by the adjudicated labels")
         for name, r in rows.items():

@@ -194,7 +194,7 @@ def render_reproduction(summary: dict | None) -> list[str]:
 
 
 GRID_SUMMARY_GRIDS = ("selectors", "modes", "identity")
-"""The grids whose kept reruns sample conditions (one seed each); the confirmatory grid has its paired test above."""
+"""The grids whose kept reruns sample conditions (one or two seeds each); the confirmatory grid has its paired test."""
 BASELINE = "replay:random"
 
 
@@ -242,6 +242,7 @@ def grid_summary(runs: list[dict]) -> list[dict]:
         rows = [measures(r) for r in members]
         entry = {"grid": grid, "condition": label, "runs": len(members),
                  "datasets": sorted({r["condition"]["dataset"] or "-" for r in members}),
+                 "seeds": sorted({r["condition"]["seed"] for r in members if r["condition"]["seed"] is not None}),
                  "census_runs": sum(r["census_harmful_content"] is not None for r in rows),
                  "mean": {name: _mean([r[name] for r in rows]) for name in rows[0]}}
         if label != BASELINE:
@@ -261,8 +262,9 @@ def grid_summary(runs: list[dict]) -> list[dict]:
 def render_grid_summary(summary: list[dict] | None) -> list[str]:
     if not summary:
         return []
+    seeds = ", ".join(str(seed) for seed in sorted({seed for e in summary for seed in e.get("seeds", [])}))
     lines = ["", "## The sampled grids judged again", "",
-             "The kept reruns of the selectors, modes and identity grids (seed 0, a few seed 1, one run per condition, dataset and seed): the mean "
+             f"The kept reruns of the selectors, modes and identity grids (seeds {seeds}; one run per condition, dataset and seed): the mean "
              "over a condition's runs, and in brackets its difference from replay:random on the same dataset and seed (n such pairs). "
              "Census: estimates under adjudicated blind labels (runs whose census is complete). One or two seeds per cell: this "
              "describes the sampled conditions; the confirmatory test above is the test.", "",

@@ -202,9 +202,9 @@ def _fine_tuned_candidate(kind: str, judge, train, project, held, folder, result
     scoring_started = time.time()
     probabilities = judge.probabilities([project[i].prompt for i in held], [project[i].reply for i in held])
     fit["scoring_seconds_per_300"] = round((time.time() - scoring_started) * 300 / max(1, len(held)), 1)
-    scores = {head: round(_kappa_or_zero([project[i].labels[head] for i in held], (probabilities[head] >= 0.5).astype(int)), 4)
-              for head in agreement.QUESTIONS}
-    auc = {head: _auc([project[i].labels[head] for i in held], probabilities[head]) for head in agreement.QUESTIONS}
+    truth = {head: [project[i].labels[head] for i in held] for head in agreement.QUESTIONS}
+    scores = {head: round(_kappa_or_zero(truth[head], (probabilities[head] >= 0.5).astype(int)), 4) for head in agreement.QUESTIONS}
+    auc = {head: _auc(truth[head], probabilities[head]) for head in agreement.QUESTIONS}
     judge.save(folder, {"fit": fit, "training_rows": len(train), "trained_on": trained_on})
     objective = round((scores["harmful_content"] + scores["refusal"]) / 2, 4)
     fold0_best = max(round((o["fold0_kappa"]["harmful_content"] + o["fold0_kappa"]["refusal"]) / 2, 4) for o in results
@@ -250,7 +250,8 @@ def cross_encoder_candidate(public, project, fold_of, results, public_rows: int 
 LM_HEAD_DIR = ROOT / "benchmarks" / "cache" / "content_lm_head"
 LM_HEAD_PUBLIC_ROWS = 1500
 """Public rows the LM-head candidate trains on by default (a seeded sample), to bound its cost: a training step of 16
-rows took 70 s here (niced, beside a benchmark), so about 140 steps take hours. --public-rows overrides it."""
+rows took 11.6 s alone on 2 cores (70 s niced beside a benchmark), so an epoch of these plus the project rows (about
+140 steps) takes about 27 min alone. --public-rows overrides it."""
 
 
 def lm_head_candidate(public, project, fold_of, results, public_rows: int | None = None, epochs: float = 1.0) -> dict:
@@ -416,6 +417,11 @@ def cmd_render(args) -> None:
         row["census"] = run_estimate(row["grid"], row["run_id"], replies[key], labels)
     data["rendered"] = "the agreement set's counts, kappas and label rates and the census parts and the reproduction table recomputed by `judges.py render` from the labels of " + \
         f"{len(labels)} items; judges' rows from the last `report`"
+    write_results(data)
+
+
+def write_results(data: dict) -> None:
+    """judges.json and judges.md from `data`, with the sampled grids' summary derived from its runs."""
     data["grid_summary"] = grid_summary(data.get("runs", []))
     (RESULTS / "judges.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
     (RESULTS / "judges.md").write_text(render(data))
@@ -466,10 +472,7 @@ def cmd_report(args) -> None:
     data["command"] = "python benchmarks/judges.py report" + (" --no-cache" if cache is None else "") + \
         (f" --judgement-cache {path}" if path and cache is not None else "")
     data["seconds"] = round(time.time() - started, 1)
-    data["grid_summary"] = grid_summary(data.get("runs", []))
-    out = RESULTS / "judges.json"
-    out.write_text(json.dumps(data, indent=1, default=float) + "\n")
-    (RESULTS / "judges.md").write_text(render(data))
+    write_results(data)
     print((RESULTS / "judges.md").read_text())
 
 
@@ -581,7 +584,7 @@ def render(data: dict) -> str:
         lines.append(f"| {r['grid']} | {r['judge']} | {r['comparison']} | {r['metric']} | {_f(r['mean_diff'])} [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | "
                      f"{_f(r['p_value'])} | {r['n_pairs']} |")
     lines += render_census(data.get("census"))
-    lines += render_grid_summary(grid_summary(data.get("runs", [])))
+    lines += render_grid_summary(data.get("grid_summary"))
     lines += render_reproduction(data.get("reproduction"))
     runs = data.get("runs", [])
     if runs:
