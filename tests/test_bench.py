@@ -398,6 +398,20 @@ def test_summary_pairs_by_seed_and_renders_markdown_and_plots_from_the_json(tmp_
     assert json.loads(json_path.read_text())["comparisons"] == data["comparisons"]
 
 
+def test_bench_cli_takes_commit_every_and_refuses_zero(tmp_path):
+    """`safekeel bench --commit-every N` reaches the grid runner (make bench-queue commits in batches of 4); 0 is
+    refused with the option named, before any run starts."""
+    from typer.testing import CliRunner
+
+    from safekeel.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--grid", "quick", "--commit", "--commit-every", "0",
+                                      "--results-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code != 0
+    assert "--commit-every 0" in result.output
+    assert not (tmp_path / "bench_runs").exists()
+
+
 def test_selection_features_go_with_the_harmful_rate_within_seed(tmp_path):
     """Each selection is described by the categories it covers and its refusal/request lengths; with a harmful
     rate of 0.5 - 0.03 x categories + 0.1 x seed, the within-seed association recovers slope -0.03 and r = -1

@@ -359,9 +359,10 @@ def eval_command(
 
 @app.command("bench")
 def bench_command(
-    grid: Optional[str] = typer.Option(None, help="Grid: a preset (quick, selectors, modes, identity, full, selection_v2, selection_v2_k10) or a grid file (.json, .yaml)."),
+    grid: Optional[str] = typer.Option(None, help="Grid: a preset (quick, selectors, modes, identity, full, selection_v2, selection_v2_k10, preference) or a grid file (.json, .yaml)."),
     quick: bool = typer.Option(False, "--quick", help="The quick preset (20 min on 2 CPU cores with smollm2-135m-safe, measured)."),
     commit: bool = typer.Option(False, help="git-commit each finished run record and the updated summary."),
+    commit_every: int = typer.Option(1, metavar="N", help="With --commit: one commit per N finished runs (default 1: a commit per run); an interrupted batch is committed at the next start."),
     render_only: bool = typer.Option(False, help="Only re-analyse the runs in bench_<grid>.json and re-render the markdown and plots (no run is executed)."),
     results_dir: Optional[Path] = typer.Option(None, help="Results folder (default: benchmarks/results)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Adapters and responses (default: benchmarks/cache/bench)."),
@@ -379,7 +380,7 @@ def bench_command(
     try:
         markdown = main_command("quick" if quick else grid, results_dir or RESULTS_DIR, cache_dir or CACHE_DIR, commit=commit,
                                 render_only=render_only, command="safekeel bench " + " ".join(sys.argv[2:]),
-                                executor=executor, ray_address=ray_address, ray_cpus_per_run=ray_cpus_per_run)
+                                commit_every=commit_every, executor=executor, ray_address=ray_address, ray_cpus_per_run=ray_cpus_per_run)
     except (FileNotFoundError, ValueError) as error:
         _fail(str(error))
     typer.echo(markdown.read_text())
