@@ -120,6 +120,7 @@ def test_the_cli_trains_each_objective_on_the_tiny_model(losses, tiny_model_dir,
     objective = provenance["spec"]["method"]["dpo"]
     assert provenance["spec"]["method"]["type"] == "dpo" and objective["loss_type"] == losses
     assert objective["beta"] == {"sigmoid": 0.1, "ipo": 0.1, "hinge": 1.0, "robust": 0.1}[losses[0]]
+    assert provenance["spec"]["sft"]["max_length"] == 512  # the preference default (DPO_MAX_LENGTH), not supervised 256
     assert provenance["train"]["steps"] == 2 and provenance["n_training_examples"] == 8
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert "trained 2 steps" in result.output

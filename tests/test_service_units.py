@@ -358,6 +358,30 @@ def test_the_api_takes_the_cli_training_options(tmp_path):
         assert spec.sft.epochs == LoraSFTConfig().epochs and spec.sft.learning_rate == LoraSFTConfig().learning_rate
 
 
+def test_a_dpo_job_defaults_to_the_preference_learning_rate_and_length(tmp_path):
+    """A dpo job takes the preference defaults (lr 5e-5, max_length 512: multi-turn hh-rlhf prompts fill 256 tokens and
+    trl drops their pairs), the multiplier scaling the rate; a supervised job on the same service keeps LoraSFTConfig's."""
+    from safekeel.service.jobs import build_job, job_spec
+    from safekeel.service.protocol import CreateJobRequest
+    from safekeel.service.settings import Tenant
+    from safekeel.training.config import LoraSFTConfig
+    from safekeel.training.preference import DPO_LEARNING_RATE, DPO_MAX_LENGTH
+
+    settings = ServiceSettings(service_dir=tmp_path, base_models=["tiny"])
+    store = Store(settings.db_path)
+    for file_id, kind in (("file-p", "openai_preference"), ("file-c", "chat")):
+        store.add_file({"id": file_id, "tenant": "t", "filename": "d.jsonl", "purpose": "fine-tune", "bytes": 10,
+                        "sha256": "ab" * 32, "created_at": now(), "status": "processed", "format": kind, "n_examples": 8})
+    safety = {"mode": "none", "gate": {"enabled": False}}
+    dpo = CreateJobRequest(model="tiny", training_file="file-p", safety=safety,
+                           method={"type": "dpo", "dpo": {"hyperparameters": {"learning_rate_multiplier": 2}}})
+    spec = job_spec(build_job(dpo, Tenant("t"), store, settings)["spec"])
+    assert spec.method.type == "dpo" and spec.sft.max_length == DPO_MAX_LENGTH == 512
+    assert spec.sft.learning_rate == pytest.approx(2 * DPO_LEARNING_RATE)
+    sft = job_spec(build_job(CreateJobRequest(model="tiny", training_file="file-c", safety=safety), Tenant("t"), store, settings)["spec"])
+    assert sft.sft.max_length == LoraSFTConfig().max_length == 256 and sft.sft.learning_rate == LoraSFTConfig().learning_rate
+
+
 def test_the_api_takes_audit_options_and_counts_data_gate_decisions(tmp_path):
     """`safety.audit` takes true/false or the audit's options (shift, policy, hidden states), which reach the job's
     AuditSpec; a bad option is a 400 naming the field's values; data gate events become a metric by decision."""

@@ -22,7 +22,7 @@ from safekeel.defaults import DEFAULT_K, DEFAULT_MODE, DEFAULT_MODEL, DEFAULT_PO
 from safekeel.eval.gate import DEFAULT_ALPHA, DEFAULT_MARGIN
 from safekeel.paths import REPO_ROOT
 from safekeel.training.config import LoraSFTConfig
-from safekeel.training.preference import DPO_LEARNING_RATE
+from safekeel.training.preference import DPO_LEARNING_RATE, DPO_MAX_LENGTH
 
 _SFT = LoraSFTConfig()
 
@@ -103,7 +103,7 @@ def finetune_command(
     batch_size: int = typer.Option(_SFT.batch_size, help="Batch size."),
     max_steps: int = typer.Option(_SFT.max_steps, help="Stop after this many steps (smoke tests)."),
     lora_r: int = typer.Option(_SFT.lora_r, help="LoRA rank."),
-    max_length: int = typer.Option(_SFT.max_length, help="Max training sequence length in tokens."),
+    max_length: Optional[int] = typer.Option(None, help=f"Max training sequence length in tokens (default {_SFT.max_length} supervised, {DPO_MAX_LENGTH} dpo)."),
     bf16: bool = typer.Option(_SFT.bf16, help="Train with bfloat16 autocast (fast only on CPUs with native bf16, AVX512-BF16/AMX, or a GPU)."),
     audit: bool = typer.Option(True, help="Audit the dataset before selecting (`safekeel audit --help`; audit.json)."),
     data_gate: str = typer.Option("warn", help="What the audit's flags do: off | warn (recorded) | reject (exit code 4 before any training) "
@@ -172,6 +172,7 @@ def finetune_command(
     try:
         training_method = method_spec(method, loss_type, loss_weight, beta, label_smoothing, rejected_model)
         lr = lr if lr is not None else DPO_LEARNING_RATE if method == "dpo" else _SFT.learning_rate
+        max_length = max_length if max_length is not None else DPO_MAX_LENGTH if method == "dpo" else _SFT.max_length
         spec = JobSpec(str(data), str(out), model=model, k=k, selector=selector, mode=mode, pool=pool, seed=seed, method=training_method,
                        max_examples=max_examples, eval=settings, replay_format=replay_format,
                        audit=AuditSpec(enabled=audit, hidden_states=audit_hidden_states, shift=shift,

@@ -30,7 +30,7 @@ from safekeel.service.protocol import APIError, CreateJobRequest, DpoOptions, Hy
 from safekeel.service.settings import ServiceSettings, Tenant
 from safekeel.service.store import Store, new_id, now
 from safekeel.training.config import LoraSFTConfig
-from safekeel.training.preference import DPO_LEARNING_RATE, PreferenceConfig
+from safekeel.training.preference import DPO_LEARNING_RATE, DPO_MAX_LENGTH, PreferenceConfig
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,8 @@ def build_job(request: CreateJobRequest, tenant: Tenant, store: Store, settings:
     base_rate = DPO_LEARNING_RATE if method.type == "dpo" else DEFAULT_SFT.learning_rate
     sft = LoraSFTConfig(epochs=resolved["n_epochs"], batch_size=resolved["batch_size"],
                         learning_rate=base_rate * resolved["learning_rate_multiplier"],
-                        max_steps=hyper.max_steps or -1, seed=seed, bf16=resolved.get("bf16", DEFAULT_SFT.bf16))
+                        max_steps=hyper.max_steps or -1, seed=seed, bf16=resolved.get("bf16", DEFAULT_SFT.bf16),
+                        max_length=DPO_MAX_LENGTH if method.type == "dpo" else DEFAULT_SFT.max_length)
     gate = safety.gate
     try:
         pipeline = JobSpec(

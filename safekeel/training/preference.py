@@ -47,6 +47,10 @@ DEFAULT_LABEL_SMOOTHING = {"robust": 0.1, "exo_pair": 1e-3}
 DPO_LEARNING_RATE = 5e-5
 """The LoRA learning rate of preference jobs unless given (the organism's DPO experiments,
 benchmarks/archive/organism_dpo.py); supervised jobs keep LoraSFTConfig's."""
+DPO_MAX_LENGTH = 512
+"""The max training length of preference jobs unless given: hh-rlhf prompts are multi-turn, and trl drops a pair whose
+prompt alone fills max_length (at 256, 8 of the first 109 pairs of hh-rlhf harmless-base test were dropped);
+supervised jobs keep LoraSFTConfig's 256."""
 
 
 @dataclass
@@ -205,6 +209,7 @@ class LoraDPOConfig(LoraSFTConfig):
     beta: float = 0.1
     loss_type: str = "sigmoid"
     max_length: int = 256
+    """256, not DPO_MAX_LENGTH: benchmarks/archive/organism_dpo.py's committed results trained with it."""
     sft_weight: float = 0.0
     """> 0 adds an NLL term on the chosen replies with this weight (trl's "sft" loss; RPO)."""
 
