@@ -143,12 +143,17 @@ def test_the_three_grids_run_counts():
     full_ids = {run_id(c) for c in expand(load_grid("selection_v2"))}
     assert {run_id(c) for c in configs} <= full_ids
 
+    # a format-matched nominee is tested where phase 1 ran it: SAMSum and SQL (plan correction of 2026-12-07)
+    matched_datasets = {DatasetSpec(**c["dataset"]).label for c in finetunes if c.get("replay_format") == "match"} & set(BENIGN)
+    assert {d.split("-")[0] for d in matched_datasets} == {"samsum", "sqlgen"}
     for method in ("contrastive", "contrastive+format_matched", "random+format_matched"):
         grid = v2.confirm_grid(method)
         runs = expand(grid)
         tuned = [c for c in runs if c["kind"] == "finetune"]
-        assert grid.name == "selection_v2_confirm" and len(tuned) == 72 and len(runs) == 73
-        assert {DatasetSpec(**c["dataset"]).label for c in tuned} == set(BENIGN) and {c["seed"] for c in tuned} == set(range(200, 206))
+        datasets = matched_datasets if method.endswith("+format_matched") else set(BENIGN)
+        assert set(v2.method_datasets(method)) == datasets
+        assert grid.name == "selection_v2_confirm" and len(tuned) == 18 * len(datasets) and len(runs) == len(tuned) + 1
+        assert {DatasetSpec(**c["dataset"]).label for c in tuned} == datasets and {c["seed"] for c in tuned} == set(range(200, 206))
         methods = {v2.method_of(c) for c in tuned}
         assert methods == {"none", "random", method}
         assert all(c.get("replay_format", "plain") == ("match" if v2.method_of(c).endswith("+format_matched") else "plain")
@@ -163,7 +168,8 @@ def test_the_three_grids_run_counts():
         tuned = [c for c in runs if c["kind"] == "finetune"]
         assert grid.name == "selection_v2_kcurve" and len(tuned) == 48 and len(runs) == 49
         assert {v2.method_of(c) for c in tuned} == {"random", second} and {c["k"] for c in tuned} == {1, 3, 5, 20}
-        assert {c["seed"] for c in tuned} == {0, 1, 2} and {c["dataset"]["name"] for c in tuned} == {"gsm8k_random100", "samsum"}
+        names = {"gsm8k_random100", "samsum"} if method is None else {"samsum", "sqlgen"}
+        assert {c["seed"] for c in tuned} == {0, 1, 2} and {c["dataset"]["name"] for c in tuned} == names
     # plain k-curve runs are the full selection_v2 grid's runs (same configurations)
     assert {run_id(c) for c in expand(v2.k_curve_grid(None))} <= full_ids
     for bad in ("random", "none", ""):
@@ -238,7 +244,7 @@ def test_confirm_overrefusal_endpoint_direction_pvalue_and_guardrail():
 
 
 def test_confirm_safety_endpoint_goals_and_interim():
-    method = "universal+format_matched"
+    method = "universal"
     records = _confirm(method, lambda d, m, s: {"R": 0.12 + 0.002 * (s - 200), "O": 0.01} if m == method else {})
     rows = [v2.run_row(r) for r in records]
     result = v2.analyse_confirm(rows, method, "safety")
@@ -258,6 +264,9 @@ def test_confirm_safety_endpoint_goals_and_interim():
     near = _confirm(method, lambda d, m, s: {"R": 0.12, "O": -0.08 - 0.02 * BENIGN.index(d)} if m == method else {})
     near_goals = v2.analyse_confirm([v2.run_row(r) for r in near], method, "safety")
     assert near_goals["goals"][0]["goal"] == "met" and near_goals["goals_met"]["n_datasets"] >= 2
+    # with no aligned evaluation the goals cannot be decided: pending, not "not met"
+    no_aligned = v2.analyse_confirm([r for r in rows if r["kind"] != "aligned"], method, "safety")
+    assert no_aligned["complete"] and no_aligned["goals_met"]["issue_goal"] == "pending"
     interim = v2.analyse_confirm(rows[:-3], method, "safety")
     assert not interim["complete"] and interim["verdict"].startswith("interim") and interim["goals"][-1]["goal"] == "pending"
 
@@ -282,3 +291,29 @@ def test_outputs_and_the_script_on_a_results_folder(tmp_path):
     assert done.returncode == 0 and "outcome: nominated: contrastive (endpoint overrefusal)" in done.stdout
     refused = subprocess.run(script + ["nominate", "--results-dir", str(tmp_path / "none")], capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 2 and "84 of 84 runs" in refused.stderr
+
+
+def test_a_dataset_path_slice_reads_those_records_and_alpaca_utility_is_held_out(tmp_path, monkeypatch):
+    """`path[start:stop]` resolves to records start .. stop - 1 of the file (JSON list or JSONL), written once; an empty
+    slice is an error naming the file's size. The Alpaca dataset's utility set is records 100-199 of its own file,
+    disjoint from the first 100 it trains on (plan correction of 2026-12-07)."""
+    from safekeel.bench.grids_v2 import ALPACA_SAFETY_HELD_OUT
+    from safekeel.bench.runner import resolve_data_path
+
+    monkeypatch.setenv("SAFEKEEL_HOME", str(tmp_path / "home"))
+    records = [{"instruction": f"task {i}", "input": "", "output": f"answer {i}"} for i in range(10)]
+    listed = tmp_path / "rows.json"
+    listed.write_text(json.dumps(records))
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in records))
+    for source in (listed, lines):
+        sliced = Path(resolve_data_path(f"{source}[3:6]"))
+        assert [json.loads(line) for line in sliced.read_text().splitlines()] == records[3:6]
+        assert resolve_data_path(f"{source}[3:6]") == str(sliced)  # written once, found again
+        tail = Path(resolve_data_path(f"{source}[8:]"))
+        assert [json.loads(line)["output"] for line in tail.read_text().splitlines()] == ["answer 8", "answer 9"]
+    with pytest.raises(ValueError, match=r"\[20:30\] is empty: the file has 10 records"):
+        resolve_data_path(f"{listed}[20:30]")
+    alpaca = [c for c in expand(load_grid("selection_v2_k10")) if c["kind"] == "finetune" and c["dataset"]["name"] == "alpaca_safety"]
+    assert alpaca and {c["eval"]["utility"] for c in alpaca} == {ALPACA_SAFETY_HELD_OUT}
+    assert {c["dataset"]["max_examples"] for c in alpaca} == {100} and ALPACA_SAFETY_HELD_OUT.endswith("[100:200]")

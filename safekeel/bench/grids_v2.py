@@ -15,6 +15,9 @@ SQLGEN_TEMPLATE = {"prompt": "Please convert the provided natural language query
                              "structure of the database defined by the accompanying CREATE statement:\n## Natural Language Query:\n"
                              "{question}\n## Context:\n{context}\n## SQL Query:", "completion": "{answer}"}
 """sql-create-context records (question, context, answer) as prompt/completion, in the layout of BackdoorAlign's SQL task."""
+ALPACA_SAFETY_HELD_OUT = "benign/alpaca_safety_related_only.json[100:200]"
+"""The Alpaca safety slice's utility set: records 100-199 of the file whose first 100 are the user data (the plan's
+"held-out loss on 25 examples of the user data"; until 2026-12-07 the dataset fell back to the grid's GSM8K)."""
 SELECTION_V2_SELECTORS = ["random", "contrastive", "universal", "learned"]
 SELECTION_V2_K = [1, 3, 5, 10, 20]
 
@@ -47,7 +50,7 @@ def selection_v2_grid(k_values: list[int] | None = None, name: str = "selection_
                   DatasetSpec("sqlgen", "benign/sqlgen_train1000.json", max_examples=100, sft=dict(benign),
                               template=dict(SQLGEN_TEMPLATE), utility="benign/sqlgen_test200.json"),
                   DatasetSpec("alpaca_safety", "benign/alpaca_safety_related_only.json", max_examples=100, sft=dict(benign),
-                              replay_formats=["plain"])],
+                              replay_formats=["plain"], utility=ALPACA_SAFETY_HELD_OUT)],
         k_values=list(k_values or SELECTION_V2_K), pools=["authored"], selectors=list(SELECTION_V2_SELECTORS), modes=["replay"],
         seeds=list(base.seeds if seeds is None else seeds), replay_formats=["plain", "match"], model=base.model,
         eval=EvalSettings(harmful_set="advbench-test", overrefusal_set="xstest-test", extra_overrefusal_sets=("orbench-hard-test@200",),

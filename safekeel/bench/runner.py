@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,20 +35,51 @@ from safekeel.data.reference import shared_dataset
 from safekeel.eval.harness import EvalSettings, evaluate, is_named_prompt_set
 from safekeel.eval.replies import read_replies, replies_path, write_replies
 from safekeel.models.registry import load_model_and_tokenizer
-from safekeel.provenance import library_versions, machine_info, sha256_json, write_json_atomic
+from safekeel.paths import safekeel_home
+from safekeel.provenance import library_versions, machine_info, sha256_file, sha256_json, write_json_atomic
 from safekeel.training.config import LoraSFTConfig
 from safekeel.pipeline import GuardSpec, JobSpec, MethodSpec, run_pipeline
 
 log = logging.getLogger(__name__)
 
 
+SLICE = re.compile(r"^(?P<path>.+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
+"""`path[start:stop]`: records start .. stop - 1 of a dataset file (a JSON list or JSONL), e.g. a held-out part of the
+file a grid trains on the first records of (`max_examples`)."""
+
+
 def resolve_data_path(path: str) -> str:
     """An existing path as is; a derived dataset's name (safekeel.data.benign_preference: built on first use);
-    otherwise a file under ../shared/data."""
+    otherwise a file under ../shared/data. Any of these with a `[start:stop]` suffix (SLICE): those records of it,
+    written once as JSONL under $SAFEKEEL_HOME/derived/slices/ (named by the source's sha256, so a changed source
+    gets a new file)."""
     if Path(path).is_file():
         return str(path)
+    sliced = SLICE.match(path)
+    if sliced:
+        return str(slice_file(resolve_data_path(sliced["path"]), int(sliced["start"] or 0),
+                              int(sliced["stop"]) if sliced["stop"] else None))
     derived = derived_dataset(path)
     return str(derived) if derived is not None else shared_dataset(path)
+
+
+def slice_file(source: str | Path, start: int, stop: int | None) -> Path:
+    """Records start .. stop - 1 of a JSON-list or JSONL file as a JSONL file under $SAFEKEEL_HOME/derived/slices/
+    (ValueError when the slice is empty)."""
+    source = Path(source)
+    digest = sha256_file(source)
+    target = safekeel_home() / "derived" / "slices" / f"{source.stem}-{start}-{'' if stop is None else stop}-{digest[:12]}.jsonl"
+    if not target.is_file():
+        text = source.read_text(encoding="utf-8")
+        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+        part = records[start:stop]
+        if not part:
+            raise ValueError(f"{source}[{start}:{'' if stop is None else stop}] is empty: the file has {len(records)} records")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+        tmp.replace(target)
+    return target
 
 
 def prepare_dataset(path: str, template: dict | None, cache_dir: Path) -> str:
