@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from safekeel.bench.preference_protocol import (PREFERENCE_SFT_FALLBACK, SEARCH_DEV, SEARCH_TRAIN, GRID_HELD_OUT, GRID_TRAIN,
                                                 check_splits, choose, shared_hyperparameters)
 from safekeel.cli.main import app
-from safekeel.data.benign_preference import GSM8K_PREFERENCE, HELD_OUT, TRAIN, build_gsm8k_preference, derived_dataset
+from safekeel.data.benign_preference import DEV, GSM8K_PREFERENCE, HELD_OUT, TRAIN, build_gsm8k_preference, derived_dataset
 from safekeel.data.preference import load_preferences
 from safekeel.models.registry import RegisteredModel, _build_into, cached_model_dir, is_built, known_models
 from safekeel.training.align import FULL_ALIGNED, align_base, build_aligned_full, full_align_config
@@ -88,6 +88,13 @@ def test_the_benign_preference_set_is_deterministic_loadable_and_disjoint_from_e
             assert row["rejected"].rsplit("\n", 1)[0] == row["chosen"].rsplit("\n", 1)[0]  # only the final answer differs
         else:
             assert row["rejected_from"] != row["id"]
+    # no text crosses splits: every mismatched donor is a problem of the pair's own split
+    split_of = {}
+    for number, (skip, n) in enumerate((TRAIN, DEV, HELD_OUT)):
+        split_of.update({r["id"]: number for r in rows[skip:skip + n]})
+    assert all(split_of[r["rejected_from"]] == split_of[r["id"]] for r in rows)
+    held_texts = {t for r in rows[HELD_OUT[0]:HELD_OUT[0] + HELD_OUT[1]] for t in (r["chosen"], r["rejected"])}
+    assert not held_texts & {t for r in rows[TRAIN[0]:TRAIN[0] + TRAIN[1]] for t in (r["chosen"], r["rejected"])}
     prompts = {r["prompt"].strip().lower() for r in rows}
     evaluated = {p.strip().lower() for name in prompt_sets.names() for p in prompt_sets.get(name).prompts}
     evaluated |= {c.to_messages()[0]["content"].strip().lower() for c in gsm8k("test")}

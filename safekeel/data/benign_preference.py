@@ -12,8 +12,8 @@ so this module builds one, deterministically, from public data in the reference 
 - Chosen: the problem's reference solution (its calculator annotations `<<48/2=24>>` removed: tool markup, not
   text; the final `#### <answer>` line kept).
 - Rejected, alternating by position (`rejected_kind` in each row):
-  - `mismatched` (even positions): the reference solution of another sampled problem (the next one in a seeded
-    cyclic order: never the pair's own). It is fluent, of the same style and length distribution, and wrong for
+  - `mismatched` (even positions): the reference solution of another sampled problem of the same split (the next
+    one in a seeded cyclic order within the split: never the pair's own, never another split's). It is fluent, of the same style and length distribution, and wrong for
     this question, so the pair's signal is relevance, not length or style;
   - `wrong_answer` (odd positions): the pair's own solution with the number of its final `####` line changed
     (by a seeded non-zero offset of 1 to 9), which contradicts the worked steps above it: correctness of the
@@ -40,8 +40,10 @@ from safekeel.data.jsonl import read_jsonl
 from safekeel.paths import safekeel_home
 from safekeel.provenance import write_json_atomic
 
-GSM8K_PREFERENCE = "derived/gsm8k_preference_v1.jsonl"
-"""The set's name in grids and dataset paths (resolved by `derived_dataset`)."""
+GSM8K_PREFERENCE = "derived/gsm8k_preference_v2.jsonl"
+"""The set's name in grids and dataset paths (resolved by `derived_dataset`). v2 (2026-12-07, before any grid run):
+the `mismatched` donors cycle within each split; v1 cycled over all 600 problems, so 35 of the 200 held-out pairs
+had their chosen solution trained as a rejected reply (found by an independent review of the code)."""
 SOURCE = "benign/gsm8k_train.jsonl"
 EXCLUDED = "benign/gsm8k_random100.jsonl"
 SEED = 20240607
@@ -80,9 +82,11 @@ def gsm8k_preference_rows() -> list[dict]:
     rng = random.Random(SEED)
     chosen_ids = rng.sample(candidates, N_PAIRS)
     solutions = {i: clean_solution(source[i]["answer"]) for i in chosen_ids}
-    cycle = list(chosen_ids)
-    rng.shuffle(cycle)
-    next_in_cycle = {a: cycle[(n + 1) % len(cycle)] for n, a in enumerate(cycle)}
+    next_in_cycle = {}
+    for skip, n in (TRAIN, DEV, HELD_OUT):  # donors from the pair's own split: no solution crosses splits
+        cycle = chosen_ids[skip:skip + n]
+        rng.shuffle(cycle)
+        next_in_cycle.update({a: cycle[(i + 1) % len(cycle)] for i, a in enumerate(cycle)})
     rows = []
     for position, index in enumerate(chosen_ids):
         kind, donor = "mismatched", next_in_cycle[index]
