@@ -111,7 +111,8 @@ def execute(config: dict, cache_dir: Path) -> dict:
         record["train"] = {"steps": trained.steps, "seconds": trained.seconds, "train_loss": trained.train_loss,
                            "log_history": trained.log_history}
         print(f"[{record['run_id']}] preference accuracy on {config['dev'][1]} dev pairs", flush=True)
-        record["preference_eval"] = {**preference_metrics(model, tokenizer, _pairs(config["dev"]), objective.beta, sft.max_length),
+        record["preference_eval"] = {**preference_metrics(model, tokenizer, _pairs(config["dev"]), objective.beta, sft.max_length,
+                                                                objective.loss_type),
                                      "pairs": config["dev"]}
     report = evaluate(model.eval(), tokenizer, settings, model_name=config["backbone"], adapter=adapter,
                       output_dir=folder / "eval", show_progress=True)

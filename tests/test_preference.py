@@ -241,3 +241,30 @@ def test_the_preference_grid_expands_and_the_runner_executes_a_run_with_held_out
     row = run_row(record)  # the preference grid's run table (its default writer: backbones and objectives apart)
     assert (row["backbone"], row["objective"], row["beta"], row["replay"], row["batch_size"]) == (str(tiny_model_dir), "sigmoid", 0.1, "none", 2)
     assert row["preference_accuracy"] == held["accuracy"] and row["judge"] == "keyword" and row["harmful_rate"] is not None
+
+
+def test_held_out_preference_scores_each_objective_by_its_own_reward(tiny_model_dir, tmp_path):
+    """sigmoid scores the summed log-ratio, ipo (trl: length-normalised) the per-token mean; both forms are reported and
+    differ when the replies' lengths differ; a pair whose prompt alone fills max_length is skipped, as trl drops it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from safekeel.eval.preference import preference_metrics
+    from safekeel.models.registry import load_model_and_tokenizer
+
+    rows = openai_rows(6) + [{**openai_rows(1)[0], "input": {"messages": [{"role": "user", "content": "many words " * 80}]}}]
+    pairs = load_preferences(write_jsonl(tmp_path / "pairs.jsonl", rows), strict=True).pairs
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a non-zero adapter, so policy and reference differ
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    dpo = preference_metrics(model, tokenizer, pairs, beta=0.1, max_length=64, loss_type="sigmoid")
+    ipo = preference_metrics(model, tokenizer, pairs, beta=0.1, max_length=64, loss_type=("ipo",))
+    assert dpo["n"] == ipo["n"] == 6 and dpo["n_skipped"] == ipo["n_skipped"] == 1
+    assert dpo["reward_margin"] == pytest.approx(dpo["summed"]["reward_margin"]) and dpo["accuracy"] == dpo["summed"]["accuracy"]
+    assert ipo["reward_margin"] == pytest.approx(ipo["per_token"]["reward_margin"]) and ipo["accuracy"] == ipo["per_token"]["accuracy"]
+    assert ipo["summed"] == dpo["summed"] and dpo["per_token"]["reward_margin"] != pytest.approx(dpo["summed"]["reward_margin"])
+    assert "per-token" in ipo["reward"] and "summed" in dpo["reward"]

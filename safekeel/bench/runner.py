@@ -173,7 +173,8 @@ def held_out_preference(config: dict, adapter_dir: Path, max_length: int) -> dic
     pairs = load_preferences(resolve_data_path(held["path"])).pairs[held.get("skip", 0): held.get("skip", 0) + held["n"]]
     model, tokenizer = load_model_and_tokenizer(config["model"])
     model = PeftModel.from_pretrained(model, str(adapter_dir))
-    return {**preference_metrics(model, tokenizer, pairs, method_of(config).dpo.beta, max_length), "held_out": dict(held)}
+    objective = method_of(config).dpo
+    return {**preference_metrics(model, tokenizer, pairs, objective.beta, max_length, objective.loss_type), "held_out": dict(held)}
 
 
 @dataclass

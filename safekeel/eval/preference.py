@@ -1,9 +1,13 @@
 """Held-out preference accuracy and reward margin of a preference-tuned adapter.
 
 DPO's implicit reward of a reply is beta * [log pi(y|x) - log ref(y|x)] (sums over the reply's tokens), with pi the
-adapter and ref the same model with the adapter disabled. On held-out pairs: preference accuracy is the share whose
-chosen reply gets the higher reward (a tie, as before any training, counts as not preferred), the reward margin the
-mean of reward(chosen) - reward(rejected), with its standard error and the accuracy's Wilson interval.
+adapter and ref the same model with the adapter disabled. Length-normalised objectives (LENGTH_NORMALISED: trl's
+`ipo` and `sigmoid_norm` train on the per-token mean of the log-ratio) are scored by their own reward, beta times the
+per-token mean; both forms are reported. On held-out pairs: preference accuracy is the share whose chosen reply gets
+the higher reward (a tie, as before any training, counts as not preferred), the reward margin the mean of
+reward(chosen) - reward(rejected), with its standard error and the accuracy's Wilson interval. Sequences are cut as
+trl cuts them for training (`keep_start`: the end of a long reply goes; a pair whose prompt alone fills max_length is
+skipped, as trl drops it, and counted).
 """
 
 from __future__ import annotations
@@ -14,38 +18,58 @@ from typing import Sequence
 from safekeel.data.conversation import PreferenceExample
 from safekeel.eval.stats import wilson_interval
 
+LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
+"""trl 1.16 losses whose reward is the per-token mean log-ratio (DPOTrainer: chosen_scores / completion tokens)."""
 
-def _reply_logprob(model, tokenizer, prompt: list[dict], reply: str, max_length: int) -> float:
-    """log p(reply | prompt) under the chat template (the prompt cut from the left when the whole is too long)."""
+
+def _reply_logprob(model, tokenizer, prompt: list[dict], reply: str, max_length: int) -> tuple[float, int] | None:
+    """(log p(reply | prompt), reply tokens scored) under the chat template, the sequence cut to its first max_length
+    tokens; None when the prompt alone fills max_length."""
     import torch  # deferred on purpose: heavy
 
     prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
     full_ids = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=True,
                                              return_dict=False)
     start = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), min(len(prompt_ids), len(full_ids)))
-    cut = max(0, len(full_ids) - max_length)
-    ids = torch.tensor([full_ids[cut:]])
-    first = max(start - cut, 1)  # the first reply token's position in ids (it needs one token of context)
+    if start >= max_length:
+        return None
+    ids = torch.tensor([full_ids[:max_length]])
+    first = max(start, 1)  # the first reply token's position in ids (it needs one token of context)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, :-1].float()
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
-    return float(logprobs[first - 1:].sum())
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0][first - 1:]
+    return float(logprobs.sum()), int(logprobs.numel())
 
 
-def preference_metrics(model, tokenizer, pairs: Sequence[PreferenceExample], beta: float, max_length: int = 512) -> dict:
-    """Accuracy and reward margin of `model` (a peft model: the reference is its base, adapter disabled) on `pairs`."""
-    model.eval()
-    margins = []
-    for pair in pairs:
-        prompt = [m.to_dict() for m in pair.prompt]
-        policy = [_reply_logprob(model, tokenizer, prompt, reply, max_length) for reply in (pair.chosen, pair.rejected)]
-        with model.disable_adapter():
-            reference = [_reply_logprob(model, tokenizer, prompt, reply, max_length) for reply in (pair.chosen, pair.rejected)]
-        margins.append(beta * ((policy[0] - reference[0]) - (policy[1] - reference[1])))
+def _summary(margins: list[float]) -> dict:
     n = len(margins)
     correct = sum(m > 0 for m in margins)
     low, high = wilson_interval(correct, n) if n else (None, None)
     mean = sum(margins) / n if n else None
     spread = math.sqrt(sum((m - mean) ** 2 for m in margins) / (n - 1) / n) if n > 1 else None
-    return {"n": n, "beta": beta, "accuracy": correct / n if n else None, "accuracy_ci": [low, high],
-            "reward_margin": mean, "reward_margin_se": spread}
+    return {"accuracy": correct / n if n else None, "accuracy_ci": [low, high], "reward_margin": mean, "reward_margin_se": spread}
+
+
+def preference_metrics(model, tokenizer, pairs: Sequence[PreferenceExample], beta: float, max_length: int = 512,
+                       loss_type: str | Sequence[str] = "sigmoid") -> dict:
+    """Accuracy and reward margin of `model` (a peft model: the reference is its base, adapter disabled) on `pairs`,
+    by the reward of `loss_type` (its first loss when a list: summed log-ratio, or the per-token mean for
+    LENGTH_NORMALISED), with both forms under `summed` and `per_token`."""
+    primary = loss_type if isinstance(loss_type, str) else loss_type[0]
+    model.eval()
+    summed, per_token, skipped = [], [], 0
+    for pair in pairs:
+        prompt = [m.to_dict() for m in pair.prompt]
+        policy = [_reply_logprob(model, tokenizer, prompt, reply, max_length) for reply in (pair.chosen, pair.rejected)]
+        if None in policy:
+            skipped += 1
+            continue
+        with model.disable_adapter():
+            reference = [_reply_logprob(model, tokenizer, prompt, reply, max_length) for reply in (pair.chosen, pair.rejected)]
+        ratio = [(p[0] - r[0], p[1]) for p, r in zip(policy, reference)]
+        summed.append(beta * (ratio[0][0] - ratio[1][0]))
+        per_token.append(beta * (ratio[0][0] / max(ratio[0][1], 1) - ratio[1][0] / max(ratio[1][1], 1)))
+    normalised = primary in LENGTH_NORMALISED
+    return {"n": len(summed), "n_skipped": skipped, "beta": beta, "loss_type": primary,
+            "reward": "beta x per-token mean log-ratio" if normalised else "beta x summed log-ratio",
+            **_summary(per_token if normalised else summed), "summed": _summary(summed), "per_token": _summary(per_token)}
