@@ -152,6 +152,23 @@ def test_replay_differences_and_their_sign(grid, configs):
     assert "lowered no refusals" in write_markdown(analysis)
 
 
+def test_a_missing_run_leaves_its_cell_out_of_the_pooled_replay_not_a_seed_from_every_cell(grid, configs):
+    """One missing no-replay run (seed 1 of one cell) drops that cell from the pooled test and counts it; the other
+    cells keep all three seeds. The cells test (cell means as units) and the seed test's floor sit beside."""
+    gone = next(c for c in configs if c["kind"] == "finetune" and c["seed"] == 1 and c["mode"] == "none"
+                and c["model"] == "smollm2-135m-safe" and c["method"]["loss_type"] == ["sigmoid"] and c["dataset"]["name"] == "hh_harmless")
+    analysis = analyse(grid, [record(c, differing) for c in configs if c is not gone], n_resamples=N)
+    pooled = [r for r in analysis["replay"] if r["scope"] == "pooled" and (r["objective"], r["replay"], r["judge"])
+              == ("sigmoid", "random", "content")][0]
+    assert pooled["n_seeds"] == 3 and pooled["n_groups"] == 5 and pooled["n_cells_left_out"] == 1
+    assert pooled["min_attainable_p"] == 0.25 and pooled["refusal_cells_test"]["n_cells"] == 5
+    assert pooled["refusal_cells_test"]["p_value"] < 0.25  # five cells all above 0: below the 3-seed floor
+    assert pooled["mean_diff_harmful_rate"] == pytest.approx(-0.05, abs=1e-4)
+    # the between-backbone SD with the seed noise taken out: below the raw SD, never negative
+    row = spread_row(analysis, objective="ipo", metric="refusal_rate", judge="content", dataset="gsm8k_pref", replay="random")
+    assert 0 <= row["between_backbone_sd"] <= row["sd"]
+
+
 def test_replay_that_restores_lost_refusals(grid, configs):
     """No replay drops refusal from the untuned 0.8 to 0.41 (seed mean); replay gets back to 0.61: 0.2 of 0.39 restored."""
     def metrics(config, judge):

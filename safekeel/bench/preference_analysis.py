@@ -46,8 +46,9 @@ VERDICT_METRICS = ("refusal_rate", "harmful_rate", "overrefusal_rate", "preferen
 """The metrics the convergence answer weighs (the reward margin's scale is beta's: reported, not weighed)."""
 CONVERGENCE_LIMIT = 2.0
 CONVERGENCE_RULE = ("a metric counts as converged when its pooled across-backbone SD is at most twice its pooled seed-noise SD "
-                    "(identical backbones: s^2 n / sigma^2 ~ chi2(b - 1) / (b - 1); with 3 backbones one condition's SD exceeds "
-                    "twice the noise with probability exp(-4), about 2%)")
+                    "(identical backbones: the squared ratio of one condition's SD to its estimated seed noise is F(b - 1, b(n - 1)); "
+                    "with 3 backbones and 3 seeds it exceeds 4 with probability P(F(2, 6) > 4) = 0.079; the pooled ratio "
+                    "averages the conditions, so it crosses less often)")
 REPLAY_METRICS = ("harmful_rate", "refusal_rate", "overrefusal_rate", "preference_accuracy")
 PREFIX = {"harmful_rate": "", "refusal_rate": "refusal_", "overrefusal_rate": "overrefusal_", "preference_accuracy": "preference_accuracy_"}
 
@@ -144,7 +145,11 @@ def condition_spread(per_backbone: dict[str, list[float]], draws: np.ndarray, in
     if sd is not None:
         resampled = [np.asarray(v)[(draws[:, index[b], :len(v)] * len(v)).astype(int)].mean(axis=1) for b, v in per_backbone.items()]
         boot = np.std(np.stack(resampled, axis=1), axis=1, ddof=1)
-    return {"sd": _r(sd), "ci": _interval(boot), "seed_noise_sd": _r(math.sqrt(statistics.fmean(variances))) if variances else None,
+    noise = math.sqrt(statistics.fmean(variances)) if variances else None
+    between = math.sqrt(max(0.0, sd ** 2 - noise ** 2)) if sd is not None and noise is not None else None
+    return {"sd": _r(sd), "ci": _interval(boot), "seed_noise_sd": _r(noise),
+            # the backbones' own spread with the seed noise taken out (method of moments; 0 when noise explains it all)
+            "between_backbone_sd": _r(between),
             "n_backbones": len(means), "n_seeds": min((len(v) for v in per_backbone.values()), default=0),
             "seeds_per_backbone": {b: len(v) for b, v in per_backbone.items()},
             "backbone_means": {b: _r(m) for b, m in means.items()}}, boot
@@ -244,17 +249,26 @@ def pooled_replay(cells: list[dict], objectives: list[str]) -> list[dict]:
             row = {"objective": objective, "backbone": "all", "dataset": "all", "replay": replay, "k": k, "judge": judge,
                    "scope": "pooled"}
             for metric in REPLAY_METRICS:
-                pairs = [(f"{c['objective']}/{c['backbone']}/{c['dataset']}", s, d) for c in members
+                # cells missing a seed the others have are left out (and counted), not the seed from every cell
+                seeds = set().union(*({s for s, _ in c["differences"][metric]} for c in members)) if members else set()
+                complete = [c for c in members if c["differences"][metric] and {s for s, _ in c["differences"][metric]} == seeds]
+                pairs = [(f"{c['objective']}/{c['backbone']}/{c['dataset']}", s, d) for c in complete
                          for s, d in c["differences"][metric]]
                 test = seed_clustered_test(pairs) if pairs else None
                 if test is None or not test["n_seeds"]:
                     row.update(_fields(metric, None, None, None))
                 else:
                     row.update(_fields(metric, test["mean_difference"], test["ci95"], test["wilcoxon"]["p_value"]))
+                # secondary: each cell's mean difference as the unit (cells share a seed's selection: seed_icc says how much)
+                cell_means = [statistics.fmean(d for _, d in c["differences"][metric]) for c in complete]
+                row[f"{PREFIX[metric]}cells_test"] = {"n_cells": len(cell_means), "p_value": wilcoxon_signed_rank(cell_means)["p_value"],
+                                                       "ci": bootstrap_ci(cell_means)}
                 if metric == "harmful_rate":
                     row.update(n_pairs=test["n_pairs"] if test else 0, n_seeds=test["n_seeds"] if test else 0,
-                               n_groups=len(test["datasets"]) if test else 0, seed_icc=test["seed_icc"] if test else None)
-                done = [c for c in members if c[f"none_{metric}"] is not None]
+                               n_groups=len(test["datasets"]) if test else 0, seed_icc=test["seed_icc"] if test else None,
+                               n_cells_left_out=len(members) - len(complete),
+                               min_attainable_p=(2 / 2 ** test["n_seeds"]) if test and test["n_seeds"] else None)
+                done = [c for c in complete if c[f"none_{metric}"] is not None]
                 for arm in ("none", "replay"):
                     row[f"{arm}_{metric}"] = _r(statistics.fmean(c[f"{arm}_{metric}"] for c in done)) if done else None
             for metric in ("harmful_rate", "refusal_rate"):
@@ -484,7 +498,10 @@ def render_markdown(analysis: dict) -> str:
                      f"{_signed(r['mean_diff_preference_accuracy'])} |")
     lines += ["", "Rows with backbone `all` are pooled over backbones and preference sets with the training seed as the unit "
               "(safekeel.eval.stats.seed_clustered_test: each seed's mean difference over the cells, then the bootstrap "
-              "interval and Wilcoxon test over seeds; only seeds every cell has).", "",
+              "interval and Wilcoxon test over seeds; a cell missing a seed the others have is left out and counted in "
+              "`n_cells_left_out`). With 3 seeds the two-sided Wilcoxon p cannot go below 0.25 (`min_attainable_p`), so "
+              "beside it `cells_test` takes each cell's mean difference as the unit (Wilcoxon over the cells; cells of a "
+              "seed share its random selection, so read it with `seed_icc`).", "",
               "## runs: seed means per cell", "", "Untuned backbones (no fine-tune):", "",
               "| backbone | " + " | ".join(f"{_metric(m, j)}" for m in RATE_METRICS for j in judges) + " |",
               "| --- | " + " | ".join("---" for _ in range(len(RATE_METRICS) * len(judges))) + " |"]
