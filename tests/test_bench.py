@@ -996,3 +996,26 @@ def test_backdoor_control_analysis_separates_the_prompt_from_the_training(tmp_pa
     text = control.render(path).read_text()
     assert "| none + secret | none | the secret prompt alone" in text.replace(f"| {grid.datasets[0].label} ", "| ")
     assert "+0.100" in text and "-0.050" in text and "+0.020" in text
+
+
+def test_a_failing_run_is_recorded_apart_and_the_grid_goes_on(tiny_model_dir, files, tmp_path):
+    """One dataset's file is broken: its runs fail, the other dataset's runs still run and are recorded, the failures
+    are written apart (not as records) and named in RunsFailed; a next start, the file mended, retries only them."""
+    from safekeel.bench.runner import RunsFailed
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "half a record"\n')
+    grid = tiny_grid(tiny_model_dir, files, name="failing", selectors=("random",), seeds=(0,))
+    grid.datasets.append(DatasetSpec("broken", str(broken), sft={"max_steps": 2, "batch_size": 4, "lora_r": 8}))
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    with pytest.raises(RunsFailed, match=r"2 of 5 runs of grid failing failed") as caught:
+        run_grid(grid, results, cache, show_progress=False)
+    runs = results / "bench_runs" / "failing"
+    recorded = sorted(p.stem for p in runs.glob("*.json"))
+    failures = sorted(p.stem for p in (runs / "failed").glob("*.json"))
+    assert len(recorded) == 3 and len(failures) == 2 and all(f.startswith("broken") for f in failures)
+    assert all(f in str(caught.value) for f in failures) and not set(recorded) & set(failures)
+    assert "Traceback" in json.loads((runs / "failed" / f"{failures[0]}.json").read_text())["traceback"]
+    broken.write_text(Path(files["user"]).read_text())
+    again = run_grid(grid, results, cache, show_progress=False)
+    assert sorted(again.executed) == failures and len(again.records) == 5

@@ -20,6 +20,7 @@ import logging
 import re
 import statistics
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -194,9 +195,21 @@ Runs = Callable[[Sequence[tuple[dict, Path]], Path], Iterator[tuple[dict, Path, 
 are executed (default: one after another here, `execute_here`; safekeel.bench.ray_executor: Ray tasks)."""
 
 
+class RunsFailed(RuntimeError):
+    """Some runs of a grid raised; the others ran and were recorded (the message names the failed ones)."""
+
+
 def execute_here(pending: Sequence[tuple[dict, Path]], cache_dir: Path) -> Iterator[tuple[dict, Path, dict]]:
+    """Each pending run in this process, in order. A run that raises (not Ctrl-C) yields {"run_id", "failed": {error,
+    traceback}} instead of a record, so one bad run does not stop the grid; run_grid records the failure apart."""
     for config, path in pending:
-        yield config, path, execute(config, cache_dir)
+        try:
+            record = execute(config, cache_dir)
+        except Exception as error:  # noqa: BLE001 - any failure of one run is reported, the grid goes on
+            log.exception("run %s failed; the grid goes on", run_id(config))
+            record = {"run_id": run_id(config), "failed": {"error": f"{type(error).__name__}: {error}",
+                                                           "traceback": traceback.format_exc()}}
+        yield config, path, record
 
 
 def _duration(seconds: float) -> str:
@@ -225,7 +238,7 @@ def run_grid(grid: GridSpec, results_dir: str | Path, cache_dir: str | Path, com
     paths = [runs_dir / f"{run_id(c)}.json" for c in configs]
     write = writer or (lambda records, final: write_preference_outputs(grid, records, results_dir, command) if grid.methods
                        else write_outputs(grid, records, results_dir, command, plots=final))
-    records, executed, durations = [], [], []
+    records, executed, durations, failed = [], [], [], []
     # a run's id hashes its whole configuration: a record another grid made of the same configuration is
     # this grid's record too (the modes grid shares its `none` and random-replay runs with the selectors grid)
     elsewhere = {other.name: other for other in sorted((results_dir / "bench_runs").glob("*/*.json"), reverse=True)
@@ -261,6 +274,13 @@ def run_grid(grid: GridSpec, results_dir: str | Path, cache_dir: str | Path, com
         if pending:
             bar.set_description_str(f"bench {grid.name} [{run_id(pending[0][0])}]")
         for config, path, record in (runs or execute_here)(pending, Path(cache_dir)):
+            if "failed" in record:  # not a record: kept apart (a next start retries the run) and reported at the end
+                failure = runs_dir / "failed" / f"{record['run_id']}.json"
+                write_json_atomic(failure, {"config": config, **record["failed"], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                failed.append((record["run_id"], record["failed"]["error"], failure))
+                remaining -= 1
+                bar.update(1)
+                continue
             write_json_atomic(path, record)
             kept = keep_replies(record["run_id"], grid.name, results_dir, cache_dir)
             done[path] = record
@@ -284,6 +304,9 @@ def run_grid(grid: GridSpec, results_dir: str | Path, cache_dir: str | Path, com
         committer.flush(outputs, note=", summary and plots")
     elif commit and executed:
         git_commit(outputs, f"bench {grid.name}: summary and plots")
+    if failed:
+        raise RunsFailed(f"{len(failed)} of {len(pending)} runs of grid {grid.name} failed (the others are recorded; a next start "
+                         f"retries these): " + "; ".join(f"{rid}: {error} (traceback: {where})" for rid, error, where in failed))
     return GridOutcome(records, executed, outputs)
 
 

@@ -377,12 +377,13 @@ def bench_command(
         _fail("give exactly one of --quick and --grid")
     _setup()
     from safekeel.bench.cli import CACHE_DIR, RESULTS_DIR, main_command
+    from safekeel.bench.runner import RunsFailed
 
     try:
         markdown = main_command("quick" if quick else grid, results_dir or RESULTS_DIR, cache_dir or CACHE_DIR, commit=commit,
                                 render_only=render_only, command="safekeel bench " + " ".join(sys.argv[2:]),
                                 commit_every=commit_every, executor=executor, ray_address=ray_address, ray_cpus_per_run=ray_cpus_per_run)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, RunsFailed) as error:
         _fail(str(error))
     typer.echo(markdown.read_text())
 
