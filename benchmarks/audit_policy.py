@@ -1,7 +1,8 @@
 """The audit's adaptive policy against the fixed default (issue 30): the parts of `audit_panel.py policy-grid` and of the
 `policy` section of `audit_panel.py report`, as benchmarks/audit_policy_plan.md fixes them before the data.
 
-- `loo_choices`: per policy variant, the harm predictor fitted without it (leave one dataset out: the same fit as
+- `loo_choices`: per policy variant, the harm predictor fitted without it and its family (audit_panel_stats.family;
+  leave one family out: the same fit as
   `audit_panel.py fit`, on the other trained panel variants' measured increases), its prediction from the variant's
   audit scores, and `choose_policy("adaptive", prediction, k=10, mode="replay")`.
 - `policy_grid`: the grid (safekeel.bench.grids.GridSpec as a mapping): per variant and training seed the fixed run
@@ -53,11 +54,14 @@ def loo_choices(rows: Sequence[dict], features: dict[str, dict], variants: Seque
     """Per variant: {"prediction", "choice", "fitted_on", "adaptive_run"}. `rows`: the measured panel variants as
     `fit` takes them ({"name", "features", "increase", "n_seeds"}); `features`: every variant's audit scores. A
     variant's own row (if measured) never enters its predictor."""
+    from audit_panel_stats import family
+
     out = {}
     for name in variants:
         if name not in features:
             raise ValueError(f"policy variant {name!r} has no audit scores: audit the panel first (audit_panel.py audit)")
-        rest = [row for row in rows if row["name"] != name]
+        # leave its family out (its other draws, its harmful mixes' base, pure_bad_10 with pure_bad_100): plan correction
+        rest = [row for row in rows if row.get("group", family(row["name"])) != family(name)]
         predictor = fit_predictor(rest, judge=judge, metric=metric)
         prediction = predictor.predict_features(features[name])
         choice = choose_policy("adaptive", prediction, k=FIXED["k"], mode=FIXED["mode"]).to_dict()

@@ -10,9 +10,10 @@ is deliberately small because the rows are few (a panel of tens of datasets):
 - ordinary least squares, increase = a + b x;
 - a prediction interval at `level`: y_hat +- t_{n-2} s sqrt(1 + 1/n + (x - x_mean)^2 / Sxx), clipped to [-1, 1].
 
-`fit` also reports honest out-of-sample quality: a nested leave-one-out (the held-out dataset takes no part in
-choosing the score or fitting it) gives `leave_one_out_rho` (Spearman of the held-out predictions with the
-measured increases) and its mean absolute error. The fitted model is saved as JSON with its training rows and
+`fit` also reports honest out-of-sample quality: a nested leave-one-out (the held-out dataset, or with rows' "group"
+the held-out group of datasets that share examples or a source, takes no part in choosing the score or fitting it)
+gives `leave_one_out_rho` (Spearman of the held-out predictions with the measured increases) and its mean absolute
+error. The fitted model is saved as JSON with its training rows and
 their sha256, the judge and metric whose rates it learned (a file without a metric predates it: `harmful`) and the
 command that made it; `safekeel audit` and the job's
 audit stage attach its prediction to the report, and the adaptive policy (safekeel.audit.act) acts on it.
@@ -93,13 +94,19 @@ def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(y.mean() - slope * x.mean()), slope
 
 
-def _loo_error(x: np.ndarray, y: np.ndarray) -> float:
-    """Mean squared leave-one-out error of y ~ a + b x."""
+def _groups(rows: Sequence[dict]) -> list[str]:
+    """Each row's group (its "group", else its name): what leave-out validation holds out together."""
+    return [str(row.get("group") or row["name"]) for row in rows]
+
+
+def _loo_error(x: np.ndarray, y: np.ndarray, groups: Sequence[str] | None = None) -> float:
+    """Mean squared leave-one-group-out error of y ~ a + b x (groups None: one row each)."""
+    groups = np.asarray(groups if groups is not None else range(len(y)))
     errors = []
-    for i in range(len(y)):
-        keep = np.arange(len(y)) != i
+    for group in dict.fromkeys(groups.tolist()):
+        keep = groups != group
         a, b = _ols(x[keep], y[keep])
-        errors.append((y[i] - (a + b * x[i])) ** 2)
+        errors.extend((y[~keep] - (a + b * x[~keep])) ** 2)
     return float(np.mean(errors))
 
 
@@ -115,7 +122,7 @@ def _usable(rows: Sequence[dict], features: Sequence[str]) -> list[str]:
 
 def _choose(rows: Sequence[dict], features: Sequence[str]) -> tuple[str, dict[str, float]]:
     y = np.array([row["increase"] for row in rows], dtype=np.float64)
-    errors = {name: _loo_error(np.array([row["features"][name] for row in rows], dtype=np.float64), y)
+    errors = {name: _loo_error(np.array([row["features"][name] for row in rows], dtype=np.float64), y, _groups(rows))
               for name in features}
     return min(errors, key=lambda name: (errors[name], name)), errors
 
@@ -195,8 +202,10 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 def fit_predictor(rows: Sequence[dict], features: Sequence[str] = FEATURES, level: float = 0.9, judge: str = "",
                   made_by: str = "", metric: str = "harmful") -> HarmPredictor:
-    """Fit on rows {"name", "features": audit_features(...), "increase", "n_seeds"} (one per dataset): increases of
-    `metric` (METRICS) under `judge`."""
+    """Fit on rows {"name", "features": audit_features(...), "increase", "n_seeds"[, "group"]} (one per dataset):
+    increases of `metric` (METRICS) under `judge`. Rows sharing a "group" (datasets that share examples or a source:
+    draws of one corpus, harmful mixes of one base) are held out together in the nested validation and in choosing the
+    score, so a near-copy in training cannot flatter the held-out prediction; without groups each row is its own."""
     target_name(metric)
     rows = [dict(row) for row in rows]
     if len(rows) < 4:
@@ -205,13 +214,17 @@ def fit_predictor(rows: Sequence[dict], features: Sequence[str] = FEATURES, leve
     if not usable:
         raise ValueError("no audit score is present in every training row and varies across them")
     y = np.array([row["increase"] for row in rows], dtype=np.float64)
-    held_out = []
-    for i in range(len(rows)):  # nested: the held-out dataset takes no part in choosing or fitting
-        rest = [row for j, row in enumerate(rows) if j != i]
+    groups = _groups(rows)
+    if len(set(groups)) < 3:
+        raise ValueError(f"the nested leave-one-group-out validation needs at least 3 groups, got {len(set(groups))}")
+    held_out = [0.0] * len(rows)
+    for group in dict.fromkeys(groups):  # nested: the held-out group takes no part in choosing or fitting
+        rest = [row for row, g in zip(rows, groups) if g != group]
         name, _ = _choose(rest, _usable(rest, usable) or usable)
         x_rest = np.array([row["features"][name] for row in rest], dtype=np.float64)
         a, b = _ols(x_rest, np.array([row["increase"] for row in rest], dtype=np.float64))
-        held_out.append(a + b * rows[i]["features"][name])
+        for i in (i for i, g in enumerate(groups) if g == group):
+            held_out[i] = a + b * rows[i]["features"][name]
     chosen, errors = _choose(rows, usable)
     x = np.array([row["features"][chosen] for row in rows], dtype=np.float64)
     intercept, slope = _ols(x, y)
@@ -220,6 +233,7 @@ def fit_predictor(rows: Sequence[dict], features: Sequence[str] = FEATURES, leve
     quality = {"leave_one_out_rho": round(spearman(held_out, y), 4),
                "leave_one_out_mae": round(float(np.mean(np.abs(np.array(held_out) - y))), 4),
                "leave_one_out_predictions": [round(float(v), 4) for v in held_out], "n": len(rows),
+               "held_out_unit": "group" if any(row.get("group") for row in rows) else "dataset", "n_groups": len(set(groups)),
                "feature_rho": {name: round(spearman([row["features"][name] for row in rows], y), 4) for name in usable},
                "feature_loo_mse": {name: round(v, 6) for name, v in errors.items()}}
     return HarmPredictor(chosen, intercept, slope, residual_sd, len(rows), float(x.mean()), float(((x - x.mean()) ** 2).sum()),
