@@ -128,6 +128,15 @@ def test_the_protocol_splits_rule_and_the_grid_reading_the_committed_search(tmp_
     committed.write_text(json.dumps({"smoke": True, "chosen": {"learning_rate": 1e-3, "batch_size": 2}}))
     with pytest.raises(ValueError, match="--smoke result"):
         shared_hyperparameters(committed)
+    # a search run with its own settings (here two learning rates only) is not the protocol either
+    plan = {"backbone": "smollm2-135m-safe", "train": [200, 200], "dev": [1000, 200], "learning_rates": [5e-6, 2e-5],
+            "batch_sizes": [4, 8], "objective": {"loss_type": ["sigmoid"]}}
+    committed.write_text(json.dumps({"smoke": False, "plan": plan, "chosen": {"learning_rate": 2e-5, "batch_size": 8}}))
+    with pytest.raises(ValueError, match="other settings than the protocol's .*learning_rates"):
+        shared_hyperparameters(committed)
+    committed.write_text(json.dumps({"smoke": False, "plan": {**plan, "learning_rates": [5e-6, 2e-5, 5e-5, 1e-4]},
+                                     "chosen": {"learning_rate": 2e-5, "batch_size": 8}}))
+    assert shared_hyperparameters(committed)[0]["learning_rate"] == 2e-5
 
     from safekeel.bench.grids import expand
     from safekeel.bench.presets import load_grid

@@ -87,6 +87,16 @@ def shared_hyperparameters(path: str | Path = SEARCH_RESULT) -> tuple[dict, dict
     data = json.loads(path.read_text())
     if data.get("smoke"):
         raise ValueError(f"{path} is a --smoke result (tiny model): not a protocol to train with; delete it or rerun the search")
+    plan = data.get("plan")
+    if plan is not None:  # a search run with other settings than the protocol's is not the protocol
+        protocol = {"backbone": SEARCH_BACKBONE, "train": list(SEARCH_TRAIN), "dev": list(SEARCH_DEV),
+                    "learning_rates": list(SEARCH_LEARNING_RATES), "batch_sizes": list(SEARCH_BATCH_SIZES)}
+        differs = {k: plan.get(k) for k, v in protocol.items() if plan.get(k) != v}
+        if (plan.get("objective") or {}).get("loss_type") not in ([SEARCH_OBJECTIVE], SEARCH_OBJECTIVE):
+            differs["objective"] = (plan.get("objective") or {}).get("loss_type")
+        if differs:
+            raise ValueError(f"{path} was searched with other settings than the protocol's ({differs}; the protocol: "
+                             f"safekeel.bench.preference_protocol): not a protocol to train with; rerun the search as is")
     chosen = data.get("chosen") or {}
     if not {"learning_rate", "batch_size"} <= set(chosen):
         raise ValueError(f"{path}: its 'chosen' entry has no learning_rate and batch_size (an unfinished search?)")
