@@ -285,7 +285,9 @@ def test_outputs_and_the_script_on_a_results_folder(tmp_path):
     assert "Outcome: **nominated**: `contrastive`, endpoint overrefusal" in text and "interim (0 of 24 pairs" in text
     empty = v2.analyse([])
     assert empty["nomination"]["outcome"] == "pending" and empty["confirm"]["status"] == "pending"
-    assert "Pending: waits for the nomination" in v2.render(empty)
+    from safekeel.bench.selection_v2_render import render
+
+    assert "Pending: waits for the nomination" in render(empty)
     script = [sys.executable, str(ROOT / "benchmarks" / "selection_v2.py")]
     done = subprocess.run(script + ["nominate", "--results-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and "outcome: nominated: contrastive (endpoint overrefusal)" in done.stdout
