@@ -111,3 +111,26 @@ def test_the_audit_measures_distances_in_the_models_own_hidden_states(tiny_model
     assert 0 <= hidden["lda"]["harmful_side_share"] <= 1
     bad = CliRunner().invoke(app, ["audit", str(data), "--hidden-states", "--model", str(tiny_model_dir), "--layer", "99"])
     assert bad.exit_code == 2 and "out of range" in bad.output
+
+
+def test_the_frechet_size_floor_takes_out_the_small_sample_bias():
+    """Sets drawn from the reference itself: the raw Frechet distance grows as the set shrinks (fewer rows than
+    dimensions), the size floor grows with it, and the excess over the floor stays near 0 at every size; a shifted
+    set keeps a clear excess."""
+    from safekeel.audit.distances import distance_report, frechet_size_null
+
+    reference = gaussian(400, 0.0, dim=40, seed=20)
+    small, large = gaussian(10, 0.0, dim=40, seed=21), gaussian(150, 0.0, dim=40, seed=22)
+    assert frechet_distance(small, reference) > 2 * frechet_distance(large, reference)
+    assert frechet_size_null(reference, 10) > 2 * frechet_size_null(reference, 150)
+    safe = gaussian(400, 1.0, dim=40, seed=23)
+    true_shift = 0.7 ** 2 * 40  # the squared mean distance of the shifted set below: its Frechet distance in the limit
+    for user in (small, large):  # raw: 43 (10 rows) and 4.3 (150 rows) for no shift at all
+        report = distance_report(user, reference, safe, n_permutations=50)
+        assert abs(report["harmful"]["frechet_excess"]) < 0.3 * true_shift
+    assert distance_report(small, reference, safe, n_permutations=10)["harmful"]["frechet"] > true_shift  # raw: size, not shift
+    shifted = distance_report(gaussian(10, 0.7, dim=40, seed=24), reference, safe, n_permutations=50)
+    assert 0.7 * true_shift < shifted["harmful"]["frechet_excess"] < 1.3 * true_shift
+    # one MMD kernel for both references and any user set: the bandwidth does not depend on the user set
+    assert shifted["harmful"]["mmd_bandwidth"] == shifted["safe"]["mmd_bandwidth"] == \
+        distance_report(large, reference, safe, n_permutations=10)["safe"]["mmd_bandwidth"]

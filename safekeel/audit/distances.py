@@ -6,9 +6,13 @@ works on plain arrays (rows are examples) and is checked against closed forms in
 - `frechet_distance`: the Frechet (2-Wasserstein) distance between Gaussians fitted to the two sets,
   ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) (as in FID); with fewer examples than dimensions the
   covariances are singular, so `eps` is added to their diagonals when the square root is not finite.
+- `frechet_size_null`: the Frechet distance a set of n rows drawn from the reference itself shows against the
+  rest of it (mean over seeded draws): the distance's finite-sample floor at that n. With fewer rows than
+  dimensions the estimate is biased upwards (two 100-row draws of one distribution are far from 0 in MiniLM's 384
+  dimensions), so sets of different sizes compare only after subtracting it (`frechet_excess` in the report).
 - `mmd`: the unbiased squared maximum mean discrepancy with a Gaussian kernel k(x, y) = exp(-||x - y||^2 /
-  (2 h^2)), bandwidth h by the median heuristic (the median pairwise distance of the pooled sample) unless
-  given, and a permutation p-value (the share of label permutations with MMD^2 at least the observed one,
+  (2 h^2)), bandwidth h by the median heuristic (the median of the positive pairwise distances of the pooled
+  sample) unless given, and a permutation p-value (the share of label permutations with MMD^2 at least the observed one,
   counting the observed labelling: (1 + hits) / (1 + permutations)).
 - `lda_side`: Fisher's linear discriminant between a harmful and a safe set (shrunk pooled covariance), and where
   a third set falls on it: the share on the harmful side of the midpoint, and the mean projection scaled so the
@@ -21,6 +25,8 @@ import numpy as np
 from scipy import linalg
 
 BANDWIDTH_RULE = "median pairwise Euclidean distance of the pooled sample (median heuristic)"
+REFERENCE_BANDWIDTH_RULE = ("median positive pairwise Euclidean distance of the harmful and safe references pooled (median "
+                            "heuristic; the same kernel for every user set)")
 
 
 def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,6 +52,20 @@ def frechet_from_moments(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, 
 def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
     """Frechet distance between Gaussians fitted to the rows of a and of b."""
     return frechet_from_moments(*_moments(a), *_moments(b), eps=eps)
+
+
+def frechet_size_null(reference: np.ndarray, n: int, draws: int = 10, seed: int = 0, eps: float = 1e-6) -> float:
+    """Mean Frechet distance between n rows drawn (seeded, without replacement) from `reference` and its other rows;
+    n is capped so at least 2 rows stay on each side."""
+    reference = np.asarray(reference, dtype=np.float64)
+    n = max(2, min(int(n), len(reference) - 2))
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        chosen = np.zeros(len(reference), dtype=bool)
+        chosen[rng.choice(len(reference), n, replace=False)] = True
+        values.append(frechet_distance(reference[chosen], reference[~chosen], eps=eps))
+    return float(np.mean(values))
 
 
 def _squared_distances(x: np.ndarray) -> np.ndarray:
@@ -123,11 +143,17 @@ def lda_side(x: np.ndarray, harmful: np.ndarray, safe: np.ndarray, shrinkage: fl
 
 def distance_report(user: np.ndarray, harmful: np.ndarray, safe: np.ndarray, n_permutations: int = 1000,
                     seed: int = 0) -> dict:
-    """Every distance of the user set to the harmful and to the safe reference, and the LDA side."""
-    out: dict = {"bandwidth_rule": BANDWIDTH_RULE}
+    """Every distance of the user set to the harmful and to the safe reference, and the LDA side. MMD's bandwidth is
+    the median heuristic over the two references together (REFERENCE_BANDWIDTH_RULE): one kernel for both references
+    and for every user set, so MMD^2 values compare across datasets. Frechet comes with its size floor at the user
+    set's n (frechet_size_null) and the excess over it."""
+    out: dict = {"bandwidth_rule": REFERENCE_BANDWIDTH_RULE}
+    bandwidth = median_bandwidth(np.vstack([np.asarray(harmful, dtype=np.float64), np.asarray(safe, dtype=np.float64)]))
     for name, reference in (("harmful", harmful), ("safe", safe)):
-        tested = mmd(user, reference, n_permutations=n_permutations, seed=seed)
-        out[name] = {"frechet": round(frechet_distance(user, reference), 4), "mmd2": round(tested["mmd2"], 5),
+        tested = mmd(user, reference, bandwidth=bandwidth, n_permutations=n_permutations, seed=seed)
+        frechet, floor = frechet_distance(user, reference), frechet_size_null(reference, len(user), seed=seed)
+        out[name] = {"frechet": round(frechet, 4), "frechet_size_null": round(floor, 4),
+                     "frechet_excess": round(frechet - floor, 4), "mmd2": round(tested["mmd2"], 5),
                      "mmd_p_value": round(tested["p_value"], 4), "mmd_bandwidth": round(tested["bandwidth"], 4)}
     out["lda"] = {k: round(v, 4) for k, v in lda_side(user, harmful, safe).items()}
     return out

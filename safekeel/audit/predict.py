@@ -36,7 +36,8 @@ from safekeel.provenance import sha256_json, write_json_atomic
 ASSET = "harm_predictor.json"
 FEATURES = ("gated_fraction", "harmful_request_fraction", "persona_override_fraction", "harmful_answer_fraction",
             "answer_mean_score", "mean_harmful_similarity", "harmful_centroid_similarity", "lda_harmful_side_share",
-            "lda_mean_projection", "frechet_harmful", "frechet_safe", "frechet_ratio", "mmd2_harmful", "mmd2_safe",
+            "lda_mean_projection", "frechet_harmful", "frechet_safe", "frechet_ratio", "frechet_harmful_excess",
+            "frechet_safe_excess", "mmd2_harmful", "mmd2_safe",
             "hidden_lda_harmful_side_share", "hidden_lda_mean_projection", "hidden_frechet_ratio")
 METRICS = {"complied": ("increase in compliance with harmful requests", "1 - refusal rate"),
            "harmful": ("harmful-rate increase", "harmful verdicts")}
@@ -84,6 +85,9 @@ def audit_features(report: dict) -> dict[str, float]:
             out["frechet_safe"] = float(distances["safe"]["frechet"])
             out["mmd2_harmful"] = float(distances["harmful"]["mmd2"])
             out["mmd2_safe"] = float(distances["safe"]["mmd2"])
+            for side in ("harmful", "safe"):  # reports from before the size floor have none
+                if "frechet_excess" in distances[side]:
+                    out[f"frechet_{side}_excess"] = float(distances[side]["frechet_excess"])
     return out
 
 

@@ -34,7 +34,9 @@ def audit_command(
     """Audit DATA before training, in sentence-embedding space, against a harmful reference (the pool's requests) and
     a safe one (the authored benign requests). Per example: flagged when nearer a harmful request than any safe one
     with cosine >= --flag-threshold (the report lists the most harmful-looking). As distributions: the Frechet
-    distance to each reference, MMD^2 with a permutation p-value (Gaussian kernel, median-heuristic bandwidth),
+    distance to each reference with its size floor (the distance a same-size draw of the reference itself shows; the
+    excess over it compares datasets of different sizes), MMD^2 with a permutation p-value (Gaussian kernel, bandwidth
+    by the median heuristic over the two references, the same kernel for every dataset),
     and the share of examples on the harmful side of an LDA direction between the references (mean projection:
     0 = the safe mean, 1 = the harmful mean). Flags per example, with reasons: harmful_request, harmful_answer (the
     content judge on the answer), persona_override, duplicate, empty_turn, long_turn. The predicted no-replay
@@ -84,7 +86,8 @@ def audit_command(
     if report.distances:
         for name in ("harmful", "safe"):
             d = report.distances[name]
-            typer.echo(f"  to {name:7s}: Frechet {d['frechet']:.3f}; MMD^2 {d['mmd2']:.5f} (p {d['mmd_p_value']:.4f}, "
+            floor = f" (size floor {d['frechet_size_null']:.3f}, excess {d['frechet_excess']:+.3f})" if "frechet_excess" in d else ""
+            typer.echo(f"  to {name:7s}: Frechet {d['frechet']:.3f}{floor}; MMD^2 {d['mmd2']:.5f} (p {d['mmd_p_value']:.4f}, "
                        f"bandwidth {d['mmd_bandwidth']:.3f})")
         lda = report.distances["lda"]
         typer.echo(f"  LDA: {lda['harmful_side_share']:.1%} on the harmful side, mean projection {lda['mean_projection']:.3f} "
