@@ -283,6 +283,12 @@ def test_outputs_and_the_script_on_a_results_folder(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{40}", data["plan_commit"] or "")
     text = md_path.read_text()
     assert "Outcome: **nominated**: `contrastive`, endpoint overrefusal" in text and "interim (0 of 24 pairs" in text
+    # once phase 2 has started, the report quotes the plan commit recorded then (a later edit does not replace it),
+    # and the start record is among the files to commit
+    (tmp_path / v2.CONFIRM_START).write_text(json.dumps({"plan_commit": "f" * 40}))
+    paths = v2.write_outputs(tmp_path, command="test")
+    assert json.loads(paths[0].read_text())["plan_commit"] == "f" * 40 and paths[2] == tmp_path / v2.CONFIRM_START
+    (tmp_path / v2.CONFIRM_START).unlink()
     empty = v2.analyse([])
     assert empty["nomination"]["outcome"] == "pending" and empty["confirm"]["status"] == "pending"
     from safekeel.bench.selection_v2_render import render

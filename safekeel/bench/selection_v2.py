@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
+import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -475,6 +476,12 @@ def _p(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}" if value >= 1e-4 else f"{value:.1e}"
 
 
+def plan_changed(root: str | Path = REPO_ROOT) -> bool:
+    """Whether the plan file differs from its last commit (False outside a git checkout)."""
+    result = subprocess.run(["git", "status", "--porcelain", "--", PLAN], cwd=root, capture_output=True, text=True)
+    return bool(result.stdout.strip())
+
+
 def plan_commit(root: str | Path = REPO_ROOT) -> str | None:
     """The last commit of the plan file (None outside a git checkout)."""
     result = subprocess.run(["git", "log", "-1", "--format=%H", "--", PLAN], cwd=root, capture_output=True, text=True)
@@ -515,15 +522,23 @@ def analyse(phase1: Sequence[dict], confirm: Sequence[dict] = (), kcurve: Sequen
 # ------------------------------------------------------------------------------------------------ outputs and commands
 
 
+CONFIRM_START = f"{CONFIRM_GRID}_plan.json"
+"""results_dir/<this>: the plan's commit when phase 2 first started (the report quotes it, not a later edit's)."""
+
+
 def write_outputs(results_dir: str | Path, command: str = "", census: Mapping[str, dict] | None = None) -> list[Path]:
-    """Analyse the three grids' records in results_dir and write results_dir/selection_v2.json + .md."""
+    """Analyse the three grids' records in results_dir and write results_dir/selection_v2.json + .md (and list the
+    phase-2 start record, when there is one, so it is committed with them). The plan commit is the one recorded when
+    phase 2 started, else the plan file's last commit."""
     results_dir = Path(results_dir)
+    start = results_dir / CONFIRM_START
+    recorded = json.loads(start.read_text())["plan_commit"] if start.is_file() else plan_commit()
     data = analyse(*(load_records(results_dir, g) for g in (PHASE1_GRID, CONFIRM_GRID, KCURVE_GRID)), census=census,
-                   plan_commit=plan_commit(), command=command)
+                   plan_commit=recorded, command=command)
     json_path = write_json_atomic(results_dir / f"{OUTPUT}.json", data)
     md_path = results_dir / f"{OUTPUT}.md"
     md_path.write_text(render(data))
-    return [json_path, md_path]
+    return [json_path, md_path] + ([start] if start.is_file() else [])
 
 
 def run_phase(phase: str, results_dir: str | Path, cache_dir: str | Path, commit: bool = False, command: str = "",
@@ -541,6 +556,12 @@ def run_phase(phase: str, results_dir: str | Path, cache_dir: str | Path, commit
             git_commit(paths, "selection_v2: no candidate by the plan's rule; no confirmatory grid")
         return paths[1]
     grid = confirm_grid(choice["method"]) if phase == "confirm" else k_curve_grid(choice["method"])
+    start = results_dir / CONFIRM_START
+    if phase == "confirm" and not start.is_file():
+        if plan_changed():
+            raise ValueError(f"{PLAN} has uncommitted changes: commit the plan (with its reason) before its confirmatory data")
+        write_json_atomic(start, {"plan": PLAN, "plan_commit": plan_commit(), "method": choice["method"],
+                                  "endpoint": choice["endpoint"], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     run_grid(grid, results_dir, cache_dir, commit=commit, command=command, commit_every=commit_every,
              writer=lambda records, final: write_outputs(results_dir, command, census))
     return results_dir / f"{OUTPUT}.md"
