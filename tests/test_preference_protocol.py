@@ -117,6 +117,8 @@ def test_the_protocol_splits_rule_and_the_grid_reading_the_committed_search(tmp_
     assert "3 of 4 settings" in chosen["rule"]
     fallback = choose(rows[1:3], baseline_harmful_rate=0.0)
     assert (fallback["learning_rate"], fallback["passed_harm_check"]) == (5e-5, False) and "least harmful" in fallback["rule"]
+    unmeasured = choose([{**rows[2], "harmful_rate": None}, rows[1]], baseline_harmful_rate=0.0)
+    assert unmeasured["learning_rate"] == 1e-4  # the setting with no harm measurement is not the least harmful
 
     sft, source = shared_hyperparameters(tmp_path / "absent.json")
     assert sft == PREFERENCE_SFT_FALLBACK and source["source"].startswith("fallback")

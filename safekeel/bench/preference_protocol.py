@@ -70,7 +70,9 @@ def choose(candidates: list[dict], baseline_harmful_rate: float | None, toleranc
                 f"{len(passing)} of {len(candidates)} settings with AdvBench-dev harmful rate <= "
                 + (f"{limit:.3f} (untrained {baseline_harmful_rate:.3f} + {tolerance})" if limit is not None else "any (no baseline)"))
     else:
-        best = min(candidates, key=lambda c: (c["harmful_rate"], c["learning_rate"], c["batch_size"]))
+        # a setting whose harm was not measured ranks last (it cannot be shown to be the least harmful)
+        best = min(candidates, key=lambda c: (c["harmful_rate"] if c["harmful_rate"] is not None else float("inf"),
+                                              c["learning_rate"], c["batch_size"]))
         rule = f"no setting within {tolerance} of the untrained harmful rate {baseline_harmful_rate:.3f}: the least harmful"
     return {"learning_rate": best["learning_rate"], "batch_size": best["batch_size"], "rule": rule,
             "passed_harm_check": bool(passing)}
