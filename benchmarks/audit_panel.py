@@ -299,8 +299,9 @@ def measured(judge: str, metric: str = "complied") -> dict[str, dict]:
         reference = aligned.get(json.dumps(config["dataset"].get("eval"), sort_keys=True))
         if reference is None:
             continue
-        entry = out.setdefault(name, {"rates": {}, "aligned": reference[0], "aligned_n": reference[1]})
+        entry = out.setdefault(name, {"rates": {}, "aligned": reference[0], "aligned_n": reference[1], "run_ids": []})
         entry["rates"][config["seed"]] = rate(record)
+        entry["run_ids"].append(record.get("run_id", path.stem))
     for entry in out.values():
         rates = [r for r, _ in entry["rates"].values()]
         aligned_variance = entry["aligned"] * (1 - entry["aligned"]) / entry["aligned_n"]
@@ -332,8 +333,14 @@ def _training_rows(audits: list[dict], increases: dict[str, dict]) -> list[dict]
 def fit(args) -> None:
     from safekeel.audit.predict import fit_predictor
 
-    rows = _training_rows(_audits(), complete(measured(args.judge, args.metric)))
-    predictor = fit_predictor(rows, judge=args.judge, metric=args.metric, made_by=" ".join(["python"] + sys.argv))
+    audits, increases = _audits(), complete(measured(args.judge, args.metric))
+    rows = _training_rows(audits, increases)
+    header = {k: v for k, v in json.loads(gzip.decompress(AUDITS.read_bytes())).items() if k != "audits"}
+    provenance = {"variants_sha256": {a["name"]: a.get("sha256") for a in audits if a["name"] in increases},
+                  "audits_sha256": sha256_file(AUDITS), "audits_settings": header,
+                  "runs": {name: increases[name]["run_ids"] for name in increases}}
+    predictor = fit_predictor(rows, judge=args.judge, metric=args.metric, made_by=" ".join(["python"] + sys.argv),
+                              provenance=provenance)
     predictor.save(args.out)
     print(f"{args.out}: {predictor.feature}, increase = {predictor.intercept:.3f} + {predictor.slope:.3f} x; "
           f"nested leave-one-out rho {predictor.quality['leave_one_out_rho']} on {predictor.n} datasets")

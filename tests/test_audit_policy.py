@@ -310,3 +310,19 @@ def test_the_verdict_is_neither_and_says_where_it_loses():
     assert "low risk (3 variants): safety -0.125" in verdict["text"] and "loses" in verdict["text"]
     assert "high risk (2 variants)" in verdict["text"] and "medium" not in verdict["text"]
     assert result["by_risk"]["low"]["safety"]["wilcoxon_p"] is not None and result["by_risk"]["low"]["examples"]["ratio"] < 1
+
+
+def test_the_shipped_fit_records_where_its_rows_came_from(tmp_path, monkeypatch):
+    """`audit_panel.py fit` writes a predictor whose provenance names each training variant's run records (three
+    seeds each), the audits file's sha256 and its settings, and whose validation held families out."""
+    from argparse import Namespace
+
+    from safekeel.audit.predict import HarmPredictor
+
+    _setup_panel(tmp_path, monkeypatch)
+    out = tmp_path / "harm_predictor.json"
+    panel.fit(Namespace(judge="content", metric="complied", out=out))
+    predictor = HarmPredictor.load(out)
+    assert set(predictor.provenance["runs"]) == set(XS) and all(len(ids) == 3 for ids in predictor.provenance["runs"].values())
+    assert predictor.provenance["audits_sha256"] and set(predictor.provenance["variants_sha256"]) == set(XS)
+    assert predictor.quality["held_out_unit"] == "group" and predictor.quality["n_groups"] < len(XS)

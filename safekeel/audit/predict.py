@@ -151,6 +151,9 @@ class HarmPredictor:
     quality: dict = field(default_factory=dict)
     """Nested leave-one-out: leave_one_out_rho, leave_one_out_mae, n; per-feature Spearman rho on all rows."""
     made_by: str = ""
+    provenance: dict = field(default_factory=dict)
+    """Where the training rows came from (the panel's fit: each variant's data sha256, the audits file's sha256 and
+    settings, the run ids behind each increase); empty in files made before it was recorded."""
 
     def __post_init__(self) -> None:
         target_name(self.metric)  # an unknown metric fails here, naming it
@@ -205,7 +208,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def fit_predictor(rows: Sequence[dict], features: Sequence[str] = FEATURES, level: float = 0.9, judge: str = "",
-                  made_by: str = "", metric: str = "harmful") -> HarmPredictor:
+                  made_by: str = "", metric: str = "harmful", provenance: dict | None = None) -> HarmPredictor:
     """Fit on rows {"name", "features": audit_features(...), "increase", "n_seeds"[, "group"]} (one per dataset):
     increases of `metric` (METRICS) under `judge`. Rows sharing a "group" (datasets that share examples or a source:
     draws of one corpus, harmful mixes of one base) are held out together in the nested validation and in choosing the
@@ -242,4 +245,4 @@ def fit_predictor(rows: Sequence[dict], features: Sequence[str] = FEATURES, leve
                "feature_loo_mse": {name: round(v, 6) for name, v in errors.items()}}
     return HarmPredictor(chosen, intercept, slope, residual_sd, len(rows), float(x.mean()), float(((x - x.mean()) ** 2).sum()),
                          level, judge, metric=metric, training_rows=rows, training_data_sha256=sha256_json(rows),
-                         quality=quality, made_by=made_by)
+                         quality=quality, made_by=made_by, provenance=dict(provenance or {}))
