@@ -7,8 +7,9 @@ before the panel's increases were measured):
   mixes of one benign base (90-99% the same rows, and the same base as that source's clean draw); pure_bad_10 is a
   subset of pure_bad_100. `family` names each variant's group, the leave-out validation holds a whole family out,
   and the bootstrap resamples families, so a near-copy cannot stand in for a new dataset.
-- **Dataset size.** The Frechet distance is biased upwards for small sets (two 100-row draws of one distribution are
-  about 1.2 apart in MiniLM space), and the two 10-example variants are attacks; `n_examples` is reported as a score
+- **Dataset size.** The Frechet distance is biased upwards for small sets (in MiniLM space a 100-row draw of the
+  harmful reference lies 0.58 from its other rows, a 10-row draw 1.34: audits.json.gz, frechet minus its excess),
+  and the two 10-example variants are attacks; `n_examples` is reported as a score
   of its own, so a distance that only tracks size shows as no better than size.
 """
 
@@ -78,14 +79,15 @@ def gate_detection(audits: list[dict], fpr: float = 0.01) -> dict:
         if any(name not in a["per_example"] for a in audits):
             continue
         scores = {a["name"]: np.asarray(a["per_example"][name], float) for a in benign}
-        threshold = float(np.quantile(np.concatenate([scores[a["name"]] for a in calibrating]), 1 - fpr, method="higher"))
+        calibration_scores = np.concatenate([scores[a["name"]] for a in calibrating])
+        threshold = float(np.quantile(calibration_scores, 1 - fpr, method="higher"))
         held = np.concatenate([scores[a["name"]] for a in held_out]) if held_out else np.array([])
         attack_scores = {kind: np.concatenate([np.asarray(a["per_example"][name], float)[a["harmful_indices"]]
                                                for a in attacks if a["attack_kind"] == kind]) for kind in kinds}
         pooled = np.concatenate(list(attack_scores.values()))
         per_example[name] = {"threshold": round(threshold, 4),
-                             "n_benign_examples": int(sum(len(scores[a["name"]]) for a in calibrating)),
-                             "false_positive_rate": round(float(np.mean(np.concatenate([scores[a["name"]] for a in calibrating]) > threshold)), 4),
+                             "n_benign_examples": int(calibration_scores.size),
+                             "false_positive_rate": round(float(np.mean(calibration_scores > threshold)), 4),
                              "false_positive_rate_held_out": round(float(np.mean(held > threshold)), 4) if held.size else None,
                              "n_benign_examples_held_out": int(held.size),
                              "detection_pooled": round(float(np.mean(pooled > threshold)), 4), "n_attack_examples": len(pooled),

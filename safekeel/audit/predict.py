@@ -103,9 +103,9 @@ def _groups(rows: Sequence[dict]) -> list[str]:
     return [str(row.get("group") or row["name"]) for row in rows]
 
 
-def _loo_error(x: np.ndarray, y: np.ndarray, groups: Sequence[str] | None = None) -> float:
-    """Mean squared leave-one-group-out error of y ~ a + b x (groups None: one row each)."""
-    groups = np.asarray(groups if groups is not None else range(len(y)))
+def _loo_error(x: np.ndarray, y: np.ndarray, groups: Sequence[str]) -> float:
+    """Mean squared leave-one-group-out error of y ~ a + b x."""
+    groups = np.asarray(groups)
     errors = []
     for group in dict.fromkeys(groups.tolist()):
         keep = groups != group

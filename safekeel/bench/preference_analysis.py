@@ -250,7 +250,7 @@ def pooled_replay(cells: list[dict], objectives: list[str]) -> list[dict]:
                    "scope": "pooled"}
             for metric in REPLAY_METRICS:
                 # cells missing a seed the others have are left out (and counted), not the seed from every cell
-                seeds = set().union(*({s for s, _ in c["differences"][metric]} for c in members)) if members else set()
+                seeds = set().union(*({s for s, _ in c["differences"][metric]} for c in members))
                 complete = [c for c in members if c["differences"][metric] and {s for s, _ in c["differences"][metric]} == seeds]
                 pairs = [(f"{c['objective']}/{c['backbone']}/{c['dataset']}", s, d) for c in complete
                          for s, d in c["differences"][metric]]

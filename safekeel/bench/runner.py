@@ -32,6 +32,7 @@ from safekeel.bench.grids import REFERENCE_SELECTOR, DatasetSpec, GridSpec, expa
 from safekeel.bench.preference_report import write_preference_outputs
 from safekeel.bench.report import write_outputs
 from safekeel.data.benign_preference import derived_dataset
+from safekeel.data.jsonl import read_jsonl, read_text, write_jsonl
 from safekeel.data.reference import shared_dataset
 from safekeel.eval.harness import EvalSettings, evaluate, is_named_prompt_set
 from safekeel.eval.replies import read_replies, replies_path, write_replies
@@ -71,16 +72,18 @@ def slice_file(source: str | Path, start: int, stop: int | None) -> Path:
     digest = sha256_file(source)
     target = safekeel_home() / "derived" / "slices" / f"{source.stem}-{start}-{'' if stop is None else stop}-{digest[:12]}.jsonl"
     if not target.is_file():
-        text = source.read_text(encoding="utf-8")
-        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = _records(source)
         part = records[start:stop]
         if not part:
             raise ValueError(f"{source}[{start}:{'' if stop is None else stop}] is empty: the file has {len(records)} records")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
-        tmp.replace(target)
+        write_jsonl(target, part, ensure_ascii=False)
     return target
+
+
+def _records(path: str | Path) -> list:
+    """The records of a dataset file: a JSON list, or JSON Lines."""
+    text = read_text(path)
+    return json.loads(text) if text.lstrip().startswith("[") else read_jsonl(path)
 
 
 def prepare_dataset(path: str, template: dict | None, cache_dir: Path) -> str:
@@ -91,14 +94,8 @@ def prepare_dataset(path: str, template: dict | None, cache_dir: Path) -> str:
         return source
     target = Path(cache_dir) / "data" / f"{Path(source).stem}-{sha256_json([source, template])[:8]}.jsonl"
     if not target.is_file():
-        text = Path(source).read_text(encoding="utf-8")
-        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
-        lines = [json.dumps({"prompt": template["prompt"].format(**r), "completion": template["completion"].format(**r)})
-                 for r in records]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        tmp.replace(target)
+        write_jsonl(target, [{"prompt": template["prompt"].format(**r), "completion": template["completion"].format(**r)}
+                             for r in _records(source)])
     return str(target)
 
 

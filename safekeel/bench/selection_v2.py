@@ -27,7 +27,7 @@ from safekeel.bench.grids import REFERENCE_SELECTOR, DatasetSpec, GridSpec, expa
 from safekeel.bench.presets import load_grid
 from safekeel.bench.grids_v2 import selection_v2_grid
 from safekeel.bench.runner import run_grid
-from safekeel.bench.selection_v2_render import render
+from safekeel.bench.selection_v2_render import _p, render
 from safekeel.eval.stats import bootstrap_ci, mean_ci, paired_test, seed_clustered_test, wilcoxon_signed_rank, wilson_interval
 from safekeel.paths import REPO_ROOT
 from safekeel.provenance import library_versions, write_json_atomic
@@ -242,14 +242,14 @@ def choose_method(records: Sequence[dict]) -> dict:
     table = []
     for method in methods:
         datasets = [d for d in BENIGN if (d, method) in ran]
-        per = {d: {m: _difference(_pairs(index, d, method, K, PHASE1_SEEDS, m)) for m in "ROL"} for d in datasets}
-        entry = {"method": method, "datasets": per, "n_datasets": len(datasets), "n_seeds": len(PHASE1_SEEDS),
-                 # decided on unrounded means (per[d][m]["mean"] is rounded for display)
-                 **{f"d{m}": _r(statistics.mean(_raw_mean(_pairs(index, d, method, K, PHASE1_SEEDS, m)) for d in datasets))
-                    for m in "ROL"},
+        pairs = {d: {m: _pairs(index, d, method, K, PHASE1_SEEDS, m) for m in "ROL"} for d in datasets}
+        entry = {"method": method, "datasets": {d: {m: _difference(pairs[d][m]) for m in "ROL"} for d in datasets},
+                 "n_datasets": len(datasets), "n_seeds": len(PHASE1_SEEDS),
+                 # decided on unrounded means (the per-dataset means above are rounded for display)
+                 **{f"d{m}": _r(statistics.mean(_raw_mean(pairs[d][m]) for d in datasets)) for m in "ROL"},
                  # an interval for each, over the seed means (bootstrap, seeds resampled; reported, not deciding)
-                 **{f"d{m}_ci95": seed_clustered_test([(d, s, a - b) for d in datasets for _, s, a, b in
-                                                       _pairs(index, d, method, K, PHASE1_SEEDS, m)])["ci95"] for m in "ROL"}}
+                 **{f"d{m}_ci95": seed_clustered_test([(d, s, a - b) for d in datasets for _, s, a, b in pairs[d][m]])["ci95"]
+                    for m in "ROL"}}
         entry["eligible"] = entry["dR"] >= ELIGIBLE_R and entry["dL"] <= ELIGIBLE_L
         table.append(entry)
     eligible = [e for e in table if e["eligible"]]
@@ -302,7 +302,8 @@ def confirm_grid(method: str) -> GridSpec:
     + the aligned evaluation, phase 1's record: the same configuration)."""
     selector, replay_format = _split(method)
     base = selection_v2_grid([K], CONFIRM_GRID, list(CONFIRM_SEEDS))
-    return GridSpec(name=CONFIRM_GRID, output=CONFIRM_GRID, datasets=[d for d in base.datasets if d.label in method_datasets(method)],
+    mine = method_datasets(method)
+    return GridSpec(name=CONFIRM_GRID, output=CONFIRM_GRID, datasets=[d for d in base.datasets if d.label in mine],
                     k_values=[K], pools=list(base.pools), selectors=[selector], modes=["replay"], seeds=list(CONFIRM_SEEDS),
                     eval=base.eval, model=base.model, selector_formats=_selector_formats(selector, replay_format))
 
@@ -313,7 +314,8 @@ def k_curve_grid(method: str | None) -> GridSpec:
     (+ the aligned evaluation, phase 1's record)."""
     selector, replay_format = _split(method or KCURVE_FALLBACK)
     base = selection_v2_grid(list(KCURVE_K), KCURVE_GRID, list(KCURVE_SEEDS))
-    return GridSpec(name=KCURVE_GRID, output=KCURVE_GRID, datasets=[d for d in base.datasets if d.label in kcurve_datasets(method)],
+    mine = kcurve_datasets(method)
+    return GridSpec(name=KCURVE_GRID, output=KCURVE_GRID, datasets=[d for d in base.datasets if d.label in mine],
                     k_values=list(KCURVE_K), pools=list(base.pools), selectors=[selector], modes=["replay"],
                     seeds=list(KCURVE_SEEDS), eval=base.eval, model=base.model, none_runs=False,
                     selector_formats=_selector_formats(selector, replay_format))
@@ -470,10 +472,6 @@ def analyse_confirm(rows: Sequence[dict], method: str, endpoint: str, plan_commi
                           "pending" if any(g["goal"] == "pending" for g in goal_rows) else
                           "met" if n_met >= 2 and p is not None and p < ALPHA else "not met"),
                           "note": "the issue's goal: both per-dataset goals on at least two datasets, with the test significant"}}
-
-
-def _p(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}" if value >= 1e-4 else f"{value:.1e}"
 
 
 def plan_changed(root: str | Path = REPO_ROOT) -> bool:

@@ -86,8 +86,8 @@ def audit_command(
     if report.distances:
         for name in ("harmful", "safe"):
             d = report.distances[name]
-            floor = f" (size floor {d['frechet_size_null']:.3f}, excess {d['frechet_excess']:+.3f})" if "frechet_excess" in d else ""
-            typer.echo(f"  to {name:7s}: Frechet {d['frechet']:.3f}{floor}; MMD^2 {d['mmd2']:.5f} (p {d['mmd_p_value']:.4f}, "
+            typer.echo(f"  to {name:7s}: Frechet {d['frechet']:.3f} (size floor {d['frechet_size_null']:.3f}, excess "
+                       f"{d['frechet_excess']:+.3f}); MMD^2 {d['mmd2']:.5f} (p {d['mmd_p_value']:.4f}, "
                        f"bandwidth {d['mmd_bandwidth']:.3f})")
         lda = report.distances["lda"]
         typer.echo(f"  LDA: {lda['harmful_side_share']:.1%} on the harmful side, mean projection {lda['mean_projection']:.3f} "
