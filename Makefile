@@ -56,6 +56,12 @@ bench-queue: install
 	@# '-': a grid whose runs partly failed (recorded apart in bench_runs/<grid>/failed/, retried at the next start)
 	@# does not stop the grids after it; the preference grid waits for its search, so no '-' before the search
 	-$(BIN)/safekeel bench --grid benchmarks/audit_panel_grid.yaml --commit --commit-every 4
+	@# issue 30's policy runs: policy-grid refuses (non-zero) until every panel variant has all its seeds, and then the
+	@# policy bench does not start; the choices and the grid are committed before their runs (benchmarks/audit_policy_plan.md)
+	-$(BIN)/python benchmarks/audit_panel.py policy-grid \
+	  && git add benchmarks/audit_policy_grid.yaml benchmarks/results/audit_panel/policy_choices.json \
+	  && (git diff --cached --quiet || git commit -q -m "audit policy: the adaptive choices and the policy grid, from the complete panel (make bench-queue)") \
+	  && $(BIN)/safekeel bench --grid benchmarks/audit_policy_grid.yaml --commit --commit-every 4
 	-$(BIN)/safekeel bench --grid selection_v2_k10 --commit --commit-every 4
 	$(BIN)/python benchmarks/preference_search.py
 	git add benchmarks/results/preference_search.json benchmarks/results/preference_search.md benchmarks/results/preference_search_runs \
