@@ -63,6 +63,13 @@ bench-queue: install
 	  && (git diff --cached --quiet || git commit -q -m "audit policy: the adaptive choices and the policy grid, from the complete panel (make bench-queue)") \
 	  && $(BIN)/safekeel bench --grid benchmarks/audit_policy_grid.yaml --commit --commit-every 4
 	-$(BIN)/safekeel bench --grid selection_v2_k10 --commit --commit-every 4
+	@# issue 31's phases 2 and 3 (benchmarks/selection_v2_plan.md): each refuses (exit 2) until phase 1 is complete
+	-$(BIN)/python benchmarks/selection_v2.py confirm --commit --commit-every 4
+	-$(BIN)/python benchmarks/selection_v2.py kcurve --commit --commit-every 4
+	@# issue 31's demonstrations (item 6): throughput and over-refusal of every guard against the unguarded model, one run
+	-test -f benchmarks/results/guard_overhead_icl.json || ($(BIN)/python benchmarks/guard_overhead.py --out benchmarks/results/guard_overhead_icl \
+	  && git add benchmarks/results/guard_overhead_icl.json benchmarks/results/guard_overhead_icl.md benchmarks/results/guard_overhead_icl_replies.jsonl.gz \
+	  && git commit -q -m "guard_overhead_icl: every test-time guard's serving cost and over-refusal against the unguarded model (make bench-queue)")
 	$(BIN)/python benchmarks/preference_search.py
 	git add benchmarks/results/preference_search.json benchmarks/results/preference_search.md benchmarks/results/preference_search_runs \
 	  && git commit -q -m "preference_search: the lr and batch the preference grid trains with (make bench-queue)" || true

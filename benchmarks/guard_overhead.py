@@ -9,7 +9,7 @@ guard differs), then sends the same prompts through each, interleaved in rounds 
 alike. Streaming requests give time to first token; wall time per round gives throughput. Then (unless
 --no-quality) every guard answers the safe sets (over-refusal: XSTest safe test split, OR-Bench-Hard-1K
 test split) and a harmful set, judged after the server stops with the content judge and the classifier
-(benchmarks/guard_quality.py); every reply is kept in <out>_replies.jsonl.
+(benchmarks/guard_quality.py); every reply is kept in <out>_replies.jsonl.gz.
 
     python benchmarks/guard_overhead.py            # writes benchmarks/results/guard_overhead.{json,md}
     python benchmarks/guard_overhead.py --guards none,static_demos_3,contrastive_demos_3,clustered_demos_3 --out ...
@@ -199,7 +199,7 @@ def main() -> None:
     judges = split(args.judges)
     if replies:  # judged after the server stops, so the judges do not compete with vLLM for the CPU
         guard_quality.judge(replies, judges)
-        guard_quality.write_replies(Path(f"{args.out}_replies.jsonl"), replies)
+        guard_quality.write_replies(Path(f"{args.out}_replies.jsonl.gz"), replies)
 
     rows = []
     base = per_guard["none"]
@@ -227,7 +227,7 @@ def main() -> None:
                          | {"demonstration_ids": [d["id"] for d in g.static_demonstrations]} for name, g in built.items()}}
     if replies:
         result["quality"] = {"judges": judges, "max_tokens": args.quality_max_tokens, "sets": [s[1] for s in sets],
-                             "replies_file": Path(f"{args.out}_replies.jsonl").name,
+                             "replies_file": Path(f"{args.out}_replies.jsonl.gz").name,
                              "rows": guard_quality.summarise(replies, judges)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

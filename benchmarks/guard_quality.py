@@ -7,7 +7,6 @@ content judge and the refusal classifier; safekeel.eval.judges). Every reply is 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import time
 from pathlib import Path
 
@@ -103,4 +102,7 @@ def render(rows: list[dict]) -> list[str]:
 
 
 def write_replies(path: Path, replies: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in replies))
+    """Every reply with its judgements, gzip-compressed by a `.gz` name (reproducibly: no timestamp inside)."""
+    from safekeel.data.jsonl import write_jsonl
+
+    write_jsonl(path, replies)
