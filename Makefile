@@ -73,6 +73,8 @@ bench-queue: install
 	$(BIN)/python benchmarks/preference_search.py
 	git add benchmarks/results/preference_search.json benchmarks/results/preference_search.md benchmarks/results/preference_search_runs \
 	  && git commit -q -m "preference_search: the lr and batch the preference grid trains with (make bench-queue)" || true
+	@# DPO and IPO first (the issue's questions), then hinge and robust; the full grid shares the core's records
+	$(BIN)/safekeel bench --grid preference_core --commit --commit-every 4
 	$(BIN)/safekeel bench --grid preference --commit --commit-every 4
 
 lock: install

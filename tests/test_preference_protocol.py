@@ -153,6 +153,17 @@ def test_the_protocol_splits_rule_and_the_grid_reading_the_committed_search(tmp_
     assert {c["preference_eval"]["skip"] for c in runs if c["dataset"]["name"] == "hh_harmless"} == {GRID_HELD_OUT[0]}
     assert all("preference_eval" not in c["dataset"] for c in runs)  # a run's dataset config stays as it was
 
+    # preference_core is the DPO and IPO part of the same grid: the same configurations (so the same run ids and records)
+    from safekeel.bench.grids import run_id
+
+    core = expand(load_grid("preference_core"))
+    full = {run_id(c): c for c in expand(grid)}
+    assert {run_id(c) for c in core} <= set(full)
+    assert {"+".join(c["method"]["loss_type"]) for c in core if c["kind"] == "finetune"} == {"sigmoid", "ipo"}
+    assert len([c for c in core if c["kind"] == "finetune"]) * 2 == len(runs)
+    assert {run_id(c) for c in full.values() if c["kind"] == "finetune" and c["method"]["loss_type"] in (["sigmoid"], ["ipo"])} \
+        == {run_id(c) for c in core if c["kind"] == "finetune"}
+
 
 def test_the_search_smoke_runs_records_resumes_and_writes_its_choice(tiny_model_dir, tmp_path, shared_data):
     command = [sys.executable, str(ROOT / "benchmarks" / "preference_search.py"), "--smoke", "--backbone", str(tiny_model_dir),

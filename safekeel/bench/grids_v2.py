@@ -60,12 +60,15 @@ def selection_v2_grid(k_values: list[int] | None = None, name: str = "selection_
 
 
 PREFERENCE_OBJECTIVES = ("sigmoid", "ipo", "hinge", "robust")
+PREFERENCE_CORE_OBJECTIVES = ("sigmoid", "ipo")
+"""The objectives the issue's questions name (DPO, IPO): `preference_core` runs them first, so the convergence and
+replay answers do not wait for hinge and robust (a preference run costs tens of minutes on this CPU)."""
 PREFERENCE_BACKBONES = ["smollm2-135m-instruct", "smollm2-135m-safe", "smollm2-135m-safe-full"]
 """The raw model, the LoRA-aligned organism and the full-fine-tuned one (organism v9, trained on first use: ~18 min);
 any local model folder can join."""
 
 
-def preference_grid() -> GridSpec:
+def preference_grid(objectives: tuple[str, ...] = PREFERENCE_OBJECTIVES, name: str = "preference") -> GridSpec:
     """Issue 32's grid (not run yet): objectives (DPO, IPO, hinge, robust, each at its paper's beta, recorded resolved
     in the run configuration) x backbones x {no replay, random k=10, forgetting k=10 (BEST_SELECTOR)} x two preference sets:
     the first 200 hh-rlhf harmless pairs (held out: 2000-2199) and the first 200 pairs of the benign GSM8K preference
@@ -73,19 +76,20 @@ def preference_grid() -> GridSpec:
     harmful rate under the content and classifier judges, over-refusal on XSTest test. One lr and batch size for all
     (safekeel.bench.preference_protocol: the committed search's, else the fallback; `hyperparameters_source`). Safety
     replay is pairs: the authored pool's refusal chosen over the raw model's greedy compliance
-    (safekeel.training.safety_pairs). 3 aligned evaluations + 216 fine-tunes."""
+    (safekeel.training.safety_pairs). 3 aligned evaluations + 216 fine-tunes. `preference_core` is its DPO and IPO part
+    (3 + 108 runs; the same configurations, so its records are this grid's, as selection_v2_k10's are selection_v2's)."""
     from safekeel.training.preference import PreferenceConfig
 
     sft, source = shared_hyperparameters()
     held = {"path": PREFERENCE_DATA, "skip": GRID_HELD_OUT[0], "n": GRID_HELD_OUT[1]}
     return GridSpec(
-        name="preference", output="preference_bench", hyperparameters_source=source,
+        name=name, output=f"{name}_bench", hyperparameters_source=source,
         # the training splits are the first pairs of each file (max_examples): GRID_TRAIN and GSM8K_PREF_TRAIN start at 0
         datasets=[DatasetSpec("hh_harmless", PREFERENCE_DATA, max_examples=GRID_TRAIN[1], sft=dict(sft)),
                   DatasetSpec("gsm8k_pref", GSM8K_PREFERENCE, max_examples=GSM8K_PREF_TRAIN[1], sft=dict(sft),
                               preference_eval={"path": GSM8K_PREFERENCE, "skip": GSM8K_PREF_HELD_OUT[0], "n": GSM8K_PREF_HELD_OUT[1]})],
         k_values=[10], pools=["authored"], selectors=[REFERENCE_SELECTOR, BEST_SELECTOR], modes=["replay"], seeds=[0, 1, 2],
-        backbones=list(PREFERENCE_BACKBONES), methods=[PreferenceConfig(loss).to_dict() for loss in PREFERENCE_OBJECTIVES],
+        backbones=list(PREFERENCE_BACKBONES), methods=[PreferenceConfig(loss).to_dict() for loss in objectives],
         preference_eval=held, model=PREFERENCE_BACKBONES[0],
         eval=EvalSettings(harmful_set="advbench-test", overrefusal_set="xstest-test", max_new_tokens=48,
                           judges=("content", "classifier", "keyword"), utility="gsm8k", n_utility_loss=25,
@@ -95,4 +99,5 @@ def preference_grid() -> GridSpec:
 PRESETS_V2: dict[str, Callable[[], GridSpec]] = {
     "selection_v2": selection_v2_grid,
     "selection_v2_k10": lambda: selection_v2_grid([10], "selection_v2_k10", [0, 1, 2]),
-    "preference": preference_grid}
+    "preference": preference_grid,
+    "preference_core": lambda: preference_grid(PREFERENCE_CORE_OBJECTIVES, "preference_core")}

@@ -1,6 +1,6 @@
 """Every named grid (PRESETS) and load_grid: a preset name or a grid file. The presets live in safekeel.bench.grids
 (the selector benchmark's: quick, selectors, full, modes, identity) and safekeel.bench.grids_v2 (issues 31 and 32:
-selection_v2, selection_v2_k10, preference)."""
+selection_v2, selection_v2_k10, preference, preference_core)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ PRESETS: dict[str, Callable[[], GridSpec]] = {"quick": quick_grid, "selectors": 
 
 
 def load_grid(source: str | Path) -> GridSpec:
-    """A preset name (PRESETS: quick, selectors, modes, identity, full, selection_v2, selection_v2_k10, preference) or a grid file
+    """A preset name (PRESETS: quick, selectors, modes, identity, full, selection_v2, selection_v2_k10, preference, preference_core) or a grid file
     (.json, .yaml, .yml)."""
     if str(source) in PRESETS:
         return PRESETS[str(source)]()
