@@ -902,6 +902,17 @@ def test_retention_uses_the_aligned_reference_served_like_the_run():
     assert summary["aligned"]["harmful"]["classifier"]["rate"] == 0.1
     assert [(a["datasets"], a["harmful"]["classifier"]["rate"]) for a in summary["aligned_by_dataset"]] == [(["aoa"], 0.3)]
 
+def test_a_partial_grid_names_the_reference_of_datasets_not_run_yet(tmp_path):
+    grid = GridSpec(name="hand", datasets=[DatasetSpec("toy", "toy.jsonl"), DatasetSpec("aoa", "aoa.jsonl", eval=dict(AOA_EVAL))],
+                    selectors=["random"], seeds=[0, 1, 2], eval=EvalSettings(judges=("classifier", "keyword")))
+    records = hand_made_records(grid)
+    text = write_outputs(grid, records, tmp_path / "all", command="pytest", plots=False)[1].read_text()
+    assert "Served as the runs on aoa are (the reference of their retention" in text
+    # the AOA reference is in, no AOA fine-tune yet: the text names no empty list of datasets
+    partial = [r for r in records if r["config"]["kind"] == "aligned" or r["config"]["dataset"]["name"] != "aoa"]
+    text = write_outputs(grid, partial, tmp_path / "partial", command="pytest", plots=False)[1].read_text()
+    assert "runs on  are" not in text and "Served as the runs under these overrides will be (none has run yet)" in text
+
 
 def test_prompt_template_wraps_what_is_sent_and_judges_see_the_prompt(tiny_model_dir, files, tmp_path):
     from safekeel.eval.harness import build_chat, evaluate

@@ -121,8 +121,9 @@ def render(json_path: str | Path, plots: bool = True) -> list[Path]:
     for other in summary.get("aligned_by_dataset", []):
         if other["eval_overrides"] == aligned.get("eval_overrides"):  # the table above already
             continue
-        lines += [f"Served as the runs on {', '.join(other['datasets'])} are (the reference of their retention; "
-                  f"evaluation overrides {json.dumps(other['eval_overrides'])}):", "",
+        served = (f"Served as the runs on {', '.join(other['datasets'])} are" if other["datasets"]
+                  else "Served as the runs under these overrides will be (none has run yet)")
+        lines += [f"{served} (the reference of their retention; evaluation overrides {json.dumps(other['eval_overrides'])}):", "",
                   "| judge | harmful rate [Wilson 95% CI] (n prompts) | over-refusal [Wilson 95% CI] (n prompts) |", "| --- | --- | --- |"]
         for j in judges:
             lines.append(f"| {j} | {_wilson(other['harmful'][j])} | {_wilson(other['overrefusal'][j])} |")
