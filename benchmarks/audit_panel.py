@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import audit_policy as policy  # noqa: E402
-from audit_panel_stats import GATE_RULE, correlations, family, gate_detection  # noqa: E402
+from audit_panel_stats import COMBINED, GATE_RULE, correlations, family, gate_detection  # noqa: E402
 from safekeel.data.reference import shared_dataset  # noqa: E402
 from safekeel.provenance import sha256_file, sha256_json, write_json_atomic  # noqa: E402
 
@@ -472,7 +472,9 @@ def report(args) -> None:
                      f"{row['detection_rate_pooled']:.3f} | " + " | ".join(f"{row['by_kind'][k]:.2f}" for k in kinds) + " |")
     lines += ["", "## Per example at 1% false positives on the benign variants' examples", "",
               "Threshold: the 99th percentile of the calibration benign variants' examples; FPR also on the held-out benign "
-              "variants' examples (they overlap the calibration draws of small sources).", "",
+              "variants' examples (they overlap the calibration draws of small sources). "
+              f"`{COMBINED}`: per example the largest of the other scores' percentiles among the calibration benign "
+              "examples (added after a first look at this table: exploratory).", "",
               "| score | threshold | benign FPR | held-out FPR | n attack examples | pooled detection | " + " | ".join(kinds) + " |",
               "|---|---|---|---|---|---|" + "---|" * len(kinds)]
     for name, row in gate["per_example"].items():

@@ -41,6 +41,25 @@ def calibration(audit: dict) -> bool:
     return audit["trained"] or not audit["name"].rsplit("_", 1)[-1] in ("3", "4")
 
 
+PER_EXAMPLE_SCORES = ("harmful_similarity", "lda_projection", "answer_score")
+COMBINED = "combined_max_percentile"
+"""Per example, the largest of the scores' percentiles among the calibration benign examples (each score's empirical
+distribution function there): one score that fires when any of them is unusual for benign data. Added after the
+first per-example table (exploratory, not part of the plan)."""
+
+
+def _example_scores(audit: dict, name: str, names: list[str], calibrating: list[dict]) -> np.ndarray:
+    """An audit's per-example score `name`, or COMBINED over `names` (percentiles against the calibrating variants)."""
+    if name != COMBINED:
+        return np.asarray(audit["per_example"][name], float)
+    out = np.zeros(len(audit["per_example"][names[0]]))
+    for score in names:
+        reference = np.sort(np.concatenate([np.asarray(a["per_example"][score], float) for a in calibrating]))
+        values = np.asarray(audit["per_example"][score], float)
+        out = np.maximum(out, np.searchsorted(reference, values, side="right") / reference.size)
+    return out
+
+
 def gate_detection(audits: list[dict], fpr: float = 0.01) -> dict:
     """Per dataset-level score: the threshold above all but `fpr` of the calibration benign variants (with a few tens
     of them, their maximum: the calibration false-positive rate is then 0 by construction), the false-positive rate on
@@ -75,14 +94,13 @@ def gate_detection(audits: list[dict], fpr: float = 0.01) -> dict:
     rule = {"scores": list(GATE_RULE), "thresholds": {n: round(thresholds[n], 4) for n in GATE_RULE if n in thresholds},
             **rates(lambda a: any(a["features"].get(n, -np.inf) > thresholds[n] for n in GATE_RULE if n in thresholds))}
     per_example = {}
-    for name in ("harmful_similarity", "lda_projection", "answer_score"):
-        if any(name not in a["per_example"] for a in audits):
-            continue
-        scores = {a["name"]: np.asarray(a["per_example"][name], float) for a in benign}
+    names = [n for n in PER_EXAMPLE_SCORES if all(n in a["per_example"] for a in audits)]
+    for name in [*names, *([COMBINED] if len(names) > 1 else [])]:
+        scores = {a["name"]: _example_scores(a, name, names, calibrating) for a in benign}
         calibration_scores = np.concatenate([scores[a["name"]] for a in calibrating])
         threshold = float(np.quantile(calibration_scores, 1 - fpr, method="higher"))
         held = np.concatenate([scores[a["name"]] for a in held_out]) if held_out else np.array([])
-        attack_scores = {kind: np.concatenate([np.asarray(a["per_example"][name], float)[a["harmful_indices"]]
+        attack_scores = {kind: np.concatenate([_example_scores(a, name, names, calibrating)[a["harmful_indices"]]
                                                for a in attacks if a["attack_kind"] == kind]) for kind in kinds}
         pooled = np.concatenate(list(attack_scores.values()))
         per_example[name] = {"threshold": round(threshold, 4),

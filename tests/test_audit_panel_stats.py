@@ -68,3 +68,25 @@ def test_correlations_hold_families_out_and_report_size_and_the_selected_score()
     assert any(r["score"] == stats.SIZE_SCORE for r in out["scores"])  # the dataset's size, as a score of its own
     assert out["selected"]["n_families"] == 4 and out["selected"]["held_out_unit"] == "family"
     assert out["families"]["src2_1"] == "src2"
+
+
+def test_the_combined_per_example_score_fires_when_any_score_is_unusual_for_benign_data():
+    """Benign examples spread over [0, 1) in two scores; one attack is extreme in the first score only, the other in
+    the second only: each single score catches half, their max-percentile combination catches both, and its
+    calibration false-positive rate stays at most the target."""
+    rng = np.random.default_rng(0)
+
+    def audit(name, kind, sim, answer, attack_kind=None):
+        a = _audit(name, kind, 0.0, list(sim), attack_kind=attack_kind)
+        a["per_example"]["answer_score"] = list(answer)
+        return a
+
+    benign = [audit(f"fpr_src_{d}", "benign", rng.random(400), rng.random(400)) for d in range(3)]
+    attacks = [audit("attack_a", "attack", [5.0] * 10, [0.5] * 10, attack_kind="harmful"),
+               audit("attack_b", "attack", [0.5] * 10, [5.0] * 10, attack_kind="harmful_mix")]
+    gate = stats.gate_detection(benign + attacks)
+    assert gate["per_example"]["harmful_similarity"]["by_kind"] == {"harmful": 1.0, "harmful_mix": 0.0}
+    assert gate["per_example"]["answer_score"]["by_kind"] == {"harmful": 0.0, "harmful_mix": 1.0}
+    combined = gate["per_example"][stats.COMBINED]
+    assert combined["by_kind"] == {"harmful": 1.0, "harmful_mix": 1.0} and combined["false_positive_rate"] <= 0.01
+    assert "lda_projection" not in gate["per_example"]  # a score some audit lacks is left out, not combined
