@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from safekeel.bench.preference_protocol import (HARM_TOLERANCE, PREFERENCE_DATA, PREFERENCE_SFT_FALLBACK,  # noqa: E402
                                                 SEARCH_BACKBONE, SEARCH_BATCH_SIZES, SEARCH_DEV, SEARCH_LEARNING_RATES,
                                                 SEARCH_OBJECTIVE, SEARCH_TRAIN, check_splits, choose)
-from safekeel.bench.runner import resolve_data_path  # noqa: E402
+from safekeel.bench.runner import REFERENCE_CACHE, resolve_data_path  # noqa: E402
 from safekeel.data.preference import load_preferences  # noqa: E402
 from safekeel.eval.harness import EvalSettings, evaluate  # noqa: E402
 from safekeel.eval.preference import preference_metrics  # noqa: E402
@@ -45,6 +45,7 @@ from safekeel.models.lora import LoraSFTConfig  # noqa: E402
 from safekeel.models.registry import base_model_provenance, load_model_and_tokenizer  # noqa: E402
 from safekeel.provenance import library_versions, machine_info, sha256_json, write_json_atomic  # noqa: E402
 from safekeel.training.preference import PreferenceConfig, train_preference  # noqa: E402
+from safekeel.training.reference_cache import ReferenceCache  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / "cache" / "preference_search"
@@ -106,13 +107,15 @@ def execute(config: dict, cache_dir: Path) -> dict:
         sft = LoraSFTConfig(**config["sft"])
         objective = PreferenceConfig(**config["objective"])
         print(f"[{record['run_id']}] DPO lr {sft.learning_rate:g}, batch {sft.batch_size} on {config['train'][1]} pairs", flush=True)
-        trained = train_preference(model, tokenizer, _pairs(config["train"]), sft, objective, folder / "adapter", show_progress=True)
+        cache = ReferenceCache(cache_dir / REFERENCE_CACHE)  # the 8 settings train one backbone on the same pairs
+        trained = train_preference(model, tokenizer, _pairs(config["train"]), sft, objective, folder / "adapter", show_progress=True,
+                                   reference_cache=cache)
         model, adapter = trained.model, str(folder / "adapter")
         record["train"] = {"steps": trained.steps, "seconds": trained.seconds, "train_loss": trained.train_loss,
                            "log_history": trained.log_history}
         print(f"[{record['run_id']}] preference accuracy on {config['dev'][1]} dev pairs", flush=True)
         record["preference_eval"] = {**preference_metrics(model, tokenizer, _pairs(config["dev"]), objective.beta, sft.max_length,
-                                                                objective.loss_type),
+                                                                objective.loss_type, cache),
                                      "pairs": config["dev"]}
     report = evaluate(model.eval(), tokenizer, settings, model_name=config["backbone"], adapter=adapter,
                       output_dir=folder / "eval", show_progress=True)

@@ -40,11 +40,15 @@ from safekeel.models.registry import load_model_and_tokenizer
 from safekeel.paths import safekeel_home
 from safekeel.provenance import library_versions, machine_info, sha256_file, sha256_json, write_json_atomic
 from safekeel.training.config import LoraSFTConfig
+from safekeel.training.reference_cache import ReferenceCache
 from safekeel.pipeline import GuardSpec, JobSpec, MethodSpec, run_pipeline
 
 log = logging.getLogger(__name__)
 
 
+REFERENCE_CACHE = "reference_logps.sqlite"
+"""Preference runs' reference log-probabilities, under the cache dir: shared by every run of a backbone
+(safekeel.training.reference_cache)."""
 SLICE = re.compile(r"^(?P<path>.+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
 """`path[start:stop]`: records start .. stop - 1 of a dataset file (a JSON list or JSONL), e.g. a held-out part of the
 file a grid trains on the first records of (`max_examples`)."""
@@ -138,14 +142,15 @@ def execute(config: dict, cache_dir: str | Path, show_progress: bool = False) ->
                             sft=LoraSFTConfig(**dataset.sft), eval=settings, replay_format=config.get("replay_format", "plain"),
                             method=method_of(config), guard=GuardSpec(**config.get("guard", {})))
         result = run_pipeline(spec, show_progress=show_progress, adapter_cache=cache_dir / "adapters",
-                              selection_store=cache_dir / "selection")
+                              selection_store=cache_dir / "selection", reference_cache=cache_dir / REFERENCE_CACHE)
         report = result.report
         provenance = result.provenance
         extra = {key: provenance[key] for key in ("selected_ids", "train", "adapter_key", "mode_effect", "data_sha256",
                                                   "n_user_examples", "n_training_examples")}
         extra["adapter_cache_hit"] = bool(provenance["train"].get("cached"))
         if config.get("preference_eval"):
-            extra["preference_eval"] = held_out_preference(config, result.adapter_dir, spec.sft.max_length)
+            extra["preference_eval"] = held_out_preference(config, result.adapter_dir, spec.sft.max_length,
+                                                           cache_dir / REFERENCE_CACHE)
         if "method" in config:
             extra["safety_pairs"] = (result.selection or {}).get("preference_pairs")
     return {"run_id": identifier, "config": config, "report": report.to_dict(), **extra,
@@ -159,9 +164,10 @@ def method_of(config: dict) -> MethodSpec:
     return MethodSpec(type="dpo", dpo={k: v for k, v in config["method"].items() if k != "type"})
 
 
-def held_out_preference(config: dict, adapter_dir: Path, max_length: int) -> dict:
+def held_out_preference(config: dict, adapter_dir: Path, max_length: int, reference_cache: Path | None = None) -> dict:
     """Preference accuracy and reward margin of a run's adapter on the held-out pairs of its `preference_eval`
-    ({path, skip, n}: the n pairs after the first `skip` of the file; safekeel.eval.preference)."""
+    ({path, skip, n}: the n pairs after the first `skip` of the file; safekeel.eval.preference); the reference's
+    log-probabilities from `reference_cache` where stored."""
     from peft import PeftModel  # deferred on purpose: heavy
 
     from safekeel.data.preference import load_preferences
@@ -172,7 +178,9 @@ def held_out_preference(config: dict, adapter_dir: Path, max_length: int) -> dic
     model, tokenizer = load_model_and_tokenizer(config["model"])
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     objective = method_of(config).dpo
-    return {**preference_metrics(model, tokenizer, pairs, objective.beta, max_length, objective.loss_type), "held_out": dict(held)}
+    cache = ReferenceCache(reference_cache) if reference_cache is not None else None
+    return {**preference_metrics(model, tokenizer, pairs, objective.beta, max_length, objective.loss_type, cache),
+            "held_out": dict(held)}
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from safekeel.data.conversation import PreferenceExample
 from safekeel.eval.stats import wilson_interval
+from safekeel.training.reference_cache import ReferenceCache, reference_sha256, reply_key
 
 LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
 """trl 1.16 losses whose reward is the per-token mean log-ratio (DPOTrainer: chosen_scores / completion tokens)."""
@@ -51,24 +52,41 @@ def _summary(margins: list[float]) -> dict:
 
 
 def preference_metrics(model, tokenizer, pairs: Sequence[PreferenceExample], beta: float, max_length: int = 512,
-                       loss_type: str | Sequence[str] = "sigmoid") -> dict:
+                       loss_type: str | Sequence[str] = "sigmoid", reference_cache: ReferenceCache | None = None) -> dict:
     """Accuracy and reward margin of `model` (a peft model: the reference is its base, adapter disabled) on `pairs`,
     by the reward of `loss_type` (its first loss when a list: summed log-ratio, or the per-token mean for
-    LENGTH_NORMALISED), with both forms under `summed` and `per_token`."""
+    LENGTH_NORMALISED), with both forms under `summed` and `per_token`. With `reference_cache`, the reference's
+    log-probabilities are read from it where stored (and stored where computed)."""
     primary = loss_type if isinstance(loss_type, str) else loss_type[0]
     model.eval()
+    prompts = [[m.to_dict() for m in pair.prompt] for pair in pairs]
+    cached: dict = {}
+    if reference_cache is not None:
+        reference_id = reference_sha256(model)
+        keys = {(i, reply): reply_key(reference_id, max_length, prompts[i], reply)
+                for i, pair in enumerate(pairs) for reply in (pair.chosen, pair.rejected)}
+        found = reference_cache.get_replies(list(keys.values()))
+        cached = {where: found[key] for where, key in keys.items() if key in found}
+    computed = []
     summed, per_token, skipped = [], [], 0
-    for pair in pairs:
-        prompt = [m.to_dict() for m in pair.prompt]
+    for i, pair in enumerate(pairs):
+        prompt = prompts[i]
         policy = [_reply_logprob(model, tokenizer, prompt, reply, max_length) for reply in (pair.chosen, pair.rejected)]
         if None in policy:
             skipped += 1
             continue
-        with model.disable_adapter():
-            reference = [_reply_logprob(model, tokenizer, prompt, reply, max_length) for reply in (pair.chosen, pair.rejected)]
+        if all((i, reply) in cached for reply in (pair.chosen, pair.rejected)):
+            reference = [cached[(i, reply)] for reply in (pair.chosen, pair.rejected)]
+        else:
+            with model.disable_adapter():
+                reference = [_reply_logprob(model, tokenizer, prompt, reply, max_length) for reply in (pair.chosen, pair.rejected)]
+            if reference_cache is not None:
+                computed += [(keys[(i, reply)], value) for reply, value in zip((pair.chosen, pair.rejected), reference)]
         ratio = [(p[0] - r[0], p[1]) for p, r in zip(policy, reference)]
         summed.append(beta * (ratio[0][0] - ratio[1][0]))
         per_token.append(beta * (ratio[0][0] / max(ratio[0][1], 1) - ratio[1][0] / max(ratio[1][1], 1)))
+    if computed:
+        reference_cache.put_replies(computed)
     normalised = primary in LENGTH_NORMALISED
     return {"n": len(summed), "n_skipped": skipped, "beta": beta, "loss_type": primary,
             "reward": "beta x per-token mean log-ratio" if normalised else "beta x summed log-ratio",

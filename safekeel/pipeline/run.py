@@ -123,18 +123,20 @@ def run_pipeline(spec: JobSpec, *, on_event: Callable[[str, dict], None] | None 
                  should_stop: Callable[[], bool] | None = None, show_progress: bool = True,
                  adapter_cache: str | Path | None = None, selection_store: str | Path | None = None,
                  baseline_cache: str | Path | None = None, monitor_dir: str | Path | None = None,
-                 publish: Callable[[PipelineResult], Any] | None = None) -> PipelineResult:
+                 publish: Callable[[PipelineResult], Any] | None = None,
+                 reference_cache: str | Path | None = None) -> PipelineResult:
     """Run every stage of `spec`. `adapter_cache`: reuse/keep adapters by training inputs; `selection_store`:
     selectors keep k-independent results there; `baseline_cache`: the base model's gate replies, per model build
     and gate settings (default: <output>/gate/baseline); `monitor_dir`: hidden-state monitors for the drift
-    check; `publish(result)`: deploy, called only when the gate passed (or is off)."""
+    check; `publish(result)`: deploy, called only when the gate passed (or is off); `reference_cache`: preference
+    training's reference log-probabilities, kept across jobs of one backbone (safekeel.training.reference_cache)."""
     return _Pipeline(spec, on_event, should_stop, show_progress, adapter_cache, selection_store, baseline_cache,
-                     monitor_dir).run(publish)
+                     monitor_dir, reference_cache).run(publish)
 
 
 class _Pipeline:
     def __init__(self, spec: JobSpec, on_event, should_stop, show_progress: bool, adapter_cache, selection_store,
-                 baseline_cache, monitor_dir) -> None:
+                 baseline_cache, monitor_dir, reference_cache=None) -> None:
         self.spec = spec
         self.emit = on_event or (lambda kind, payload: None)
         self.should_stop = should_stop or (lambda: False)
@@ -144,6 +146,7 @@ class _Pipeline:
         self.baseline_cache = Path(baseline_cache) if baseline_cache is not None else self.out / "gate" / "baseline"
         self.timings: dict[str, float] = {}
         self._model: tuple | None = None
+        self.reference_cache = reference_cache
 
     # ------------------------------------------------------------------ helpers
     def check(self) -> None:
@@ -325,7 +328,8 @@ class _Pipeline:
             trained = train_adapter(model, tokenizer, training_data, spec.sft, model_name=spec.model,
                                     base_provenance=base_provenance, output_dir=self.out, cache=self.adapter_cache,
                                     should_stop=self.should_stop, on_event=self.emit, show_progress=self.show_progress,
-                                    checkpoint_steps=spec.checkpoint_steps, preference=spec.method.preference)
+                                    checkpoint_steps=spec.checkpoint_steps, preference=spec.method.preference,
+                                    reference_cache=self.reference_cache)
         except TrainingCancelled as stop:
             raise Cancelled() from stop
         self.timings["training_seconds"] = trained.train["seconds"]

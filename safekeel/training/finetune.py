@@ -20,6 +20,7 @@ from safekeel.data.conversation import Conversation, PreferenceExample
 from safekeel.provenance import sha256_json, write_json_atomic
 from safekeel.training.config import LoraSFTConfig
 from safekeel.training.preference import PreferenceConfig, train_preference
+from safekeel.training.reference_cache import ReferenceCache
 from safekeel.training.sft import train_lora
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,10 @@ def train_adapter(model, tokenizer, training_data: Sequence[Conversation] | Sequ
                   model_name: str, base_provenance: dict | None, output_dir: Path, cache: str | Path | None = None,
                   should_stop: Callable[[], bool] | None = None, on_event: Callable[[str, dict], None] | None = None,
                   show_progress: bool = True, checkpoint_steps: int | None = None,
-                  preference: PreferenceConfig | None = None) -> TrainedAdapter:
+                  preference: PreferenceConfig | None = None, reference_cache: str | Path | None = None) -> TrainedAdapter:
     """LoRA SFT of `model` (the loaded base) on the mixed training data (with `preference`: preference training on
-    pairs), into output_dir/adapter, or into cache/<adapter_key> with `cache` (reused when it is there: no training)."""
+    pairs), into output_dir/adapter, or into cache/<adapter_key> with `cache` (reused when it is there: no training).
+    `reference_cache`: preference training reads the reference log-probabilities from this file (ReferenceCache)."""
     emit = on_event or (lambda kind, payload: None)
     training_sha = training_data_sha256(training_data)
     key = adapter_key(model_name, training_sha, sft, base_provenance, preference)
@@ -76,7 +78,8 @@ def train_adapter(model, tokenizer, training_data: Sequence[Conversation] | Sequ
                  checkpoint_dir=output_dir / "checkpoints" if checkpoint_steps else None, checkpoint_steps=checkpoint_steps,
                  on_checkpoint=lambda step, path: emit("checkpoint", {"step": step, "path": str(path)}))
     if preference is not None:
-        result = train_preference(model, tokenizer, training_data, sft, preference, adapter_dir, **hooks)
+        result = train_preference(model, tokenizer, training_data, sft, preference, adapter_dir, **hooks,
+                                  reference_cache=ReferenceCache(reference_cache) if reference_cache is not None else None)
     else:
         result = train_lora(model, tokenizer, training_data, sft, adapter_dir, **hooks)
     shutil.rmtree(adapter_dir / "trainer", ignore_errors=True)

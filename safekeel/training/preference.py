@@ -34,6 +34,7 @@ from safekeel.data.conversation import PreferenceExample
 from safekeel.models.lora import LoraSFTConfig, lora_config
 from safekeel.provenance import bf16_emulation_warning
 from safekeel.training.sft import TrainingCancelled, TrainResult, latest_checkpoint, training_hooks
+from safekeel.training.reference_cache import ReferenceCache, pair_key, reference_sha256
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +118,13 @@ def train_preference(model, tokenizer, pairs: Sequence, config: LoraSFTConfig, p
                      output_dir: str | Path, should_stop: Callable[[], bool] | None = None,
                      on_log: Callable[[dict], None] | None = None, show_progress: bool = True,
                      checkpoint_dir: str | Path | None = None, checkpoint_steps: int | None = None,
-                     on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainResult:
+                     on_checkpoint: Callable[[int, Path], None] | None = None,
+                     reference_cache: ReferenceCache | None = None) -> TrainResult:
     """Train a LoRA adapter on preference pairs (PreferenceExample, or anything with trl's `to_row()`) with trl's
     DPOTrainer and save it (vLLM-servable: no modules_to_save, no DoRA). Checkpoints, resume and the stop hook as
-    safekeel.training.sft.train_lora; raises TrainingCancelled when `should_stop()` stopped it."""
+    safekeel.training.sft.train_lora; raises TrainingCancelled when `should_stop()` stopped it. With
+    `reference_cache`, the reference log-probabilities are read from it (computed once per pair and backbone and
+    stored) instead of computed in every step (safekeel.training.reference_cache)."""
     import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -162,11 +166,14 @@ def train_preference(model, tokenizer, pairs: Sequence, config: LoraSFTConfig, p
         dataloader_num_workers=0,
         disable_tqdm=not show_progress,
         dataset_num_proc=None,
+        precompute_ref_log_probs=reference_cache is not None,
     )
     if warning := bf16_emulation_warning(config.bf16, torch.cuda.is_available()):
         log.warning(warning)
     started = time.time()
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list([p.to_row() for p in pairs]),
+    trainer_class = DPOTrainer if reference_cache is None else \
+        cached_reference_trainer(DPOTrainer, reference_cache, reference_sha256(model), show_progress)
+    trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list([p.to_row() for p in pairs]),
                          processing_class=tokenizer, peft_config=lora_config(config),
                          callbacks=[training_hooks(should_stop, on_log, on_checkpoint, saving)])
     if len(trainer.train_dataset) < len(pairs):
@@ -184,6 +191,34 @@ def train_preference(model, tokenizer, pairs: Sequence, config: LoraSFTConfig, p
     return TrainResult(adapter_dir=output_dir, steps=trainer.state.global_step, seconds=round(time.time() - started, 1),
                        train_loss=getattr(output, "training_loss", None), log_history=list(trainer.state.log_history),
                        resumed_from=str(resume_from) if resume_from else None, model=trainer.model)
+
+
+def cached_reference_trainer(base: type, cache: ReferenceCache, reference: str, show_progress: bool = True) -> type:
+    """A DPOTrainer subclass whose precomputed reference log-probabilities (precompute_ref_log_probs) come from
+    `cache`: each pair missing there is computed alone (one pair per forward, so no other pair's padding enters its
+    value) with trl's own collator and reference forward, and stored; `reference` is the weights' reference_sha256."""
+    from tqdm.auto import tqdm
+
+    class CachedReferenceDPOTrainer(base):
+        def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+            keys = [pair_key(reference, self.args.max_length, self.args.truncation_mode, row["prompt_ids"], row["chosen_ids"],
+                             row["rejected_ids"]) for row in dataset]
+            values = cache.get_pairs(keys)
+            missing = [i for i, key in enumerate(keys) if key not in values]
+            log.info("reference log-probs of %d %s pairs: %d cached, %d to compute", len(keys), name, len(keys) - len(missing),
+                     len(missing))
+            model = self.ref_model or self.model
+            computed = []
+            for i in tqdm(missing, desc=f"reference log-probs ({name}, not cached)", disable=not show_progress):
+                batch = {k: v.to(self.accelerator.device) for k, v in self.data_collator([dataset[i]]).items()}
+                chosen, rejected = self.compute_ref_log_probs(model, batch)
+                computed.append((keys[i], float(chosen[0]), float(rejected[0])))
+            cache.put_pairs(computed)
+            values.update({key: (chosen, rejected) for key, chosen, rejected in computed})
+            dataset = dataset.add_column("ref_chosen_logps", [values[key][0] for key in keys])
+            return dataset.add_column("ref_rejected_logps", [values[key][1] for key in keys])
+
+    return CachedReferenceDPOTrainer
 
 
 # ---------------------------------------------------------------- the organism experiments' interface (kept as it was)
