@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from safekeel.bench.preference_protocol import (HARM_TOLERANCE, PREFERENCE_DATA, PREFERENCE_SFT_FALLBACK,  # noqa: E402
                                                 SEARCH_BACKBONE, SEARCH_BATCH_SIZES, SEARCH_DEV, SEARCH_LEARNING_RATES,
                                                 SEARCH_OBJECTIVE, SEARCH_TRAIN, check_splits, choose)
-from safekeel.bench.runner import REFERENCE_CACHE, resolve_data_path  # noqa: E402
+from safekeel.bench.runner import resolve_data_path  # noqa: E402
 from safekeel.data.preference import load_preferences  # noqa: E402
 from safekeel.eval.harness import EvalSettings, evaluate  # noqa: E402
 from safekeel.eval.preference import preference_metrics  # noqa: E402
@@ -45,7 +45,7 @@ from safekeel.models.lora import LoraSFTConfig  # noqa: E402
 from safekeel.models.registry import base_model_provenance, load_model_and_tokenizer  # noqa: E402
 from safekeel.provenance import library_versions, machine_info, sha256_json, write_json_atomic  # noqa: E402
 from safekeel.training.preference import PreferenceConfig, train_preference  # noqa: E402
-from safekeel.training.reference_cache import ReferenceCache  # noqa: E402
+from safekeel.training.reference_cache import REFERENCE_CACHE, ReferenceCache  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / "cache" / "preference_search"

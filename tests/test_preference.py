@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,12 @@ def test_the_cli_trains_each_objective_on_the_tiny_model(losses, tiny_model_dir,
     assert provenance["train"]["steps"] == 2 and provenance["n_training_examples"] == 8
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert "trained 2 steps" in result.output
+    # the reference log-probabilities: precomputed per pair into the home's cache (the same values as trl's in-step ones)
+    home_cache = Path(os.environ["SAFEKEEL_HOME"]) / "reference_logps.sqlite"
+    assert provenance["train"]["reference_logps"] == f"precomputed per pair, cached in {home_cache}"
+    from safekeel.training.reference_cache import ReferenceCache
+
+    assert ReferenceCache(home_cache).counts()["pairs"] == 8
 
 
 def test_preference_options_need_method_dpo_and_dpo_needs_preference_data(tiny_model_dir, tmp_path):

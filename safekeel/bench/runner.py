@@ -40,15 +40,12 @@ from safekeel.models.registry import load_model_and_tokenizer
 from safekeel.paths import safekeel_home
 from safekeel.provenance import library_versions, machine_info, sha256_file, sha256_json, write_json_atomic
 from safekeel.training.config import LoraSFTConfig
-from safekeel.training.reference_cache import ReferenceCache
+from safekeel.training.reference_cache import REFERENCE_CACHE, ReferenceCache
 from safekeel.pipeline import GuardSpec, JobSpec, MethodSpec, run_pipeline
 
 log = logging.getLogger(__name__)
 
 
-REFERENCE_CACHE = "reference_logps.sqlite"
-"""Preference runs' reference log-probabilities, under the cache dir: shared by every run of a backbone
-(safekeel.training.reference_cache)."""
 SLICE = re.compile(r"^(?P<path>.+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
 """`path[start:stop]`: records start .. stop - 1 of a dataset file (a JSON list or JSONL), e.g. a held-out part of the
 file a grid trains on the first records of (`max_examples`)."""

@@ -44,9 +44,11 @@ from safekeel.eval.replies import read_replies
 from safekeel.guard import Guard, build_guard
 from safekeel.models.registry import base_model_provenance, load_model_and_tokenizer, resolve_model
 from safekeel.pipeline.spec import JobSpec
+from safekeel.paths import safekeel_home
 from safekeel.provenance import library_versions, machine_info, sha256_file, write_json_atomic
 from safekeel.selectors.format_match import match_format
 from safekeel.selectors.select import select_safety
+from safekeel.training.reference_cache import REFERENCE_CACHE
 from safekeel.training.finetune import TrainedAdapter, train_adapter
 from safekeel.training.mixing import SELECTING_MODES, TRAINING_MODES, backdoor_prefix, mix
 from safekeel.training.safety_pairs import ComplianceCache, build_safety_pairs
@@ -129,7 +131,9 @@ def run_pipeline(spec: JobSpec, *, on_event: Callable[[str, dict], None] | None 
     selectors keep k-independent results there; `baseline_cache`: the base model's gate replies, per model build
     and gate settings (default: <output>/gate/baseline); `monitor_dir`: hidden-state monitors for the drift
     check; `publish(result)`: deploy, called only when the gate passed (or is off); `reference_cache`: preference
-    training's reference log-probabilities, kept across jobs of one backbone (safekeel.training.reference_cache)."""
+    training's reference log-probabilities, kept across jobs of one backbone (safekeel.training.reference_cache;
+    default $SAFEKEEL_HOME/reference_logps.sqlite: computed one pair at a time and read back, it trains faster than
+    trl's in-step reference even on first use, benchmarks/results/reference_cache.md)."""
     return _Pipeline(spec, on_event, should_stop, show_progress, adapter_cache, selection_store, baseline_cache,
                      monitor_dir, reference_cache).run(publish)
 
@@ -146,7 +150,7 @@ class _Pipeline:
         self.baseline_cache = Path(baseline_cache) if baseline_cache is not None else self.out / "gate" / "baseline"
         self.timings: dict[str, float] = {}
         self._model: tuple | None = None
-        self.reference_cache = reference_cache
+        self.reference_cache = reference_cache if reference_cache is not None else safekeel_home() / REFERENCE_CACHE
 
     # ------------------------------------------------------------------ helpers
     def check(self) -> None:

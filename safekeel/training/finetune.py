@@ -85,6 +85,8 @@ def train_adapter(model, tokenizer, training_data: Sequence[Conversation] | Sequ
     shutil.rmtree(adapter_dir / "trainer", ignore_errors=True)
     train = {"steps": result.steps, "seconds": result.seconds, "train_loss": result.train_loss,
              "resumed_from": result.resumed_from}
+    if preference is not None:  # where the reference log-probabilities came from (the same values either way)
+        train["reference_logps"] = f"precomputed per pair, cached in {reference_cache}" if reference_cache is not None else "in-step (trl)"
     if cached is not None:
         record = {"model": model_name, "training_data_sha256": training_sha, "sft": sft.to_dict(), "train": train}
         if preference is not None:

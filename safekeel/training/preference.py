@@ -2,7 +2,9 @@
 
 No second model is held in memory: with a peft model, trl computes the reference log-probabilities with the adapter
 disabled, i.e. the base model the adapter starts from (the "PEFT reference trick"). Training gets the same machinery
-as LoRA SFT (safekeel.training.sft): progress logs, resumable checkpoints, a stop at the end of a step.
+as LoRA SFT (safekeel.training.sft): progress logs, resumable checkpoints, a stop at the end of a step. Runs that train
+one backbone on the same pairs again (a benchmark grid, the lr search) pass a ReferenceCache: each pair's reference
+log-probabilities are then computed once and read back (safekeel.training.reference_cache).
 
 What beta means depends on the objective. With Delta = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]
 (sums over the reply's tokens), trl's losses are:

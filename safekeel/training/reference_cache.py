@@ -22,6 +22,8 @@ import sqlite3
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+REFERENCE_CACHE = "reference_logps.sqlite"
+"""The cache's file name: under $SAFEKEEL_HOME for jobs (CLI, service), under the cache dir for benchmarks."""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairs (key TEXT PRIMARY KEY, chosen REAL NOT NULL, rejected REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, logprob REAL, n_tokens INTEGER);
