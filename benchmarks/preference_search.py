@@ -16,7 +16,9 @@ an interrupted search resumes where it stopped, and Ctrl-C stops it between step
 setting has a record, <results-dir>/preference_search.{json,md} are written with the chosen lr and batch, which
 `safekeel bench --grid preference` then trains every run with (`hyperparameters_source` in each run's configuration).
 --smoke writes under --cache-dir (never the committed results) and marks its result so the grid refuses it.
-Cost on this 2-core CPU (estimated, not measured): 5-10 min per setting, about 1-1.5 h for the 8 settings.
+Cost on this 2-core CPU (estimated from benchmarks/results/reference_cache.md: 11 s a step of 4 pairs at max_length
+512 with the reference log-probabilities cached, which every setting but the first reads): about 10 min of training
+and a few of evaluation per setting, 1.5-2 h for the 8 settings.
 """
 
 from __future__ import annotations
