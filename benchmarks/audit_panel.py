@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import audit_policy as policy  # noqa: E402
-from audit_panel_stats import COMBINED, GATE_RULE, correlations, family, gate_detection  # noqa: E402
+from audit_panel_stats import COMBINED, GATE_RULE, correlations, family, gate_detection, goals, render_goals  # noqa: E402
 from safekeel.data.reference import shared_dataset  # noqa: E402
 from safekeel.provenance import sha256_file, sha256_json, write_json_atomic  # noqa: E402
 
@@ -447,10 +447,12 @@ def report(args) -> None:
         out["pending"] = (f"measured on all {len(SEEDS)} seeds: {n_measured} of {trained} trained variants so far (correlations "
                           f"use only those; the rest of the no-replay runs of benchmarks/audit_panel_grid.yaml are to come)")
     out["policy"] = policy_section()
+    out["goals"] = goals(out)
     write_json_atomic(RESULTS / "audit.json", out)
     lines = ["# Audit panel (issue 30)", "", f"`{out['command']}`; audits: `{AUDITS.relative_to(ROOT)}`.", "",
              f"{out['n_variants']} variants: {out['n_benign_variants']} benign ({sum(a['kind'] == 'benign' and a['trained'] for a in audits)} "
              f"in the training panel, the rest audit-only draws for the false-positive rate), {out['n_attack_variants']} attacks.", "",
+             *render_goals(out["goals"]),
              "## The data gate at 1% false positives on benign variants (dataset level)", "",
              "Thresholds: the 99th percentile of each score over the calibration benign variants "
              f"({gate['dataset_level'][GATE_RULE[0]]['n_benign_calibration']}: the panel's and audit-only draws 0-2), which with "
