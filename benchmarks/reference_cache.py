@@ -92,8 +92,9 @@ def main() -> None:
         lines.append(f"| {name} | {run['train_runtime']} | {run['seconds_per_step']} | {run['seconds_per_step_ratio']} | "
                      f"{run['seconds_total']} | {run['seconds_total_ratio']} | {run['max_abs_loss_difference']:.2e} |")
     lines += ["", "cache_empty's setup includes computing every pair's reference once (one pair per forward); cache_full "
-              "reads them. A benchmark grid trains each backbone on the same pairs in every objective, seed and replay "
-              "arm, so all its runs but the first are cache_full runs."]
+              "reads them. A benchmark grid trains each backbone on the same user pairs (at one max_length and precision) "
+              "in every objective, seed and replay arm, so after a backbone's first run only the few pairs new to a run "
+              "(its safety pairs) are computed. One measurement on one machine: the two in-step runs show its noise."]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps({k: v["seconds_per_step_ratio"] for k, v in runs.items()}))

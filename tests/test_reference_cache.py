@@ -15,7 +15,8 @@ from safekeel.data.preference import load_preferences
 from safekeel.models.registry import load_model_and_tokenizer
 from safekeel.training.config import LoraSFTConfig
 from safekeel.training.preference import PreferenceConfig, train_preference
-from safekeel.training.reference_cache import ReferenceCache, reference_sha256
+from safekeel.training.reference_cache import ReferenceCache, open_reference_cache, reference_identity, reference_sha256
+from safekeel.training.sft import TrainingCancelled
 
 
 def _pairs(tmp_path: Path, n: int = 8):
@@ -27,11 +28,11 @@ def _pairs(tmp_path: Path, n: int = 8):
     return load_preferences(path, strict=True).pairs
 
 
-def _train(tiny_model_dir, pairs, out: Path, cache: ReferenceCache | None):
+def _train(tiny_model_dir, pairs, out: Path, cache: ReferenceCache | None, should_stop=None):
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
     config = LoraSFTConfig(max_steps=3, batch_size=2, lora_r=8, learning_rate=1e-2, logging_steps=1, seed=0)
     return train_preference(model, tokenizer, pairs, config, PreferenceConfig(("sigmoid",)), out, show_progress=False,
-                            reference_cache=cache)
+                            reference_cache=cache, should_stop=should_stop)
 
 
 def _losses(result) -> list[float]:
@@ -93,3 +94,38 @@ def test_the_held_out_evaluation_reads_the_reference_from_the_cache(tiny_model_d
     with torch.no_grad():  # other base weights: another reference, so nothing stored applies
         next(p for n, p in model.named_parameters() if "lora_" not in n).add_(1.0)
     assert reference_sha256(model) != base_sha
+
+
+def test_a_stop_while_the_cache_fills_keeps_what_was_computed_and_a_bad_path_falls_back(tiny_model_dir, tmp_path, caplog):
+    pairs = _pairs(tmp_path)
+    cache = ReferenceCache(tmp_path / "ref.sqlite")
+    asked = []
+
+    def stop_on_third_question():
+        asked.append(1)
+        return len(asked) >= 3
+
+    with pytest.raises(TrainingCancelled, match="2 of 8 pairs"):
+        _train(tiny_model_dir, pairs, tmp_path / "stopped", cache, should_stop=stop_on_third_question)
+    assert cache.counts()["pairs"] == 2  # the two computed before the stop are kept
+    (tmp_path / "a_file").write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger="safekeel.training.reference_cache"):
+        assert open_reference_cache(tmp_path / "a_file" / "ref.sqlite") is None
+    assert "the reference is computed in every step" in caplog.text
+
+
+def test_the_identity_separates_precision_configuration_and_device(tiny_model_dir):
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    float32 = reference_identity(model, "float32")
+    assert float32 == reference_identity(model, "float32", "cpu") != reference_identity(model, "bfloat16 autocast")
+    assert float32 != reference_identity(model, "float32", "cuda")
+    model.config.rms_norm_eps = model.config.rms_norm_eps * 10  # same weights, another model
+    assert reference_identity(model, "float32") != float32
+
+
+def test_the_service_keeps_one_reference_cache_per_tenant(tmp_path):
+    from safekeel.service.settings import ServiceSettings
+
+    settings = ServiceSettings(service_dir=tmp_path / "service")
+    assert settings.reference_cache("acme") != settings.reference_cache("globex")
+    assert settings.reference_cache("acme").parent == settings.files_root / "reference_logps"

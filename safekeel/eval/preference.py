@@ -12,26 +12,35 @@ skipped, as trl drops it, and counted).
 
 from __future__ import annotations
 
+import logging
 import math
+import sqlite3
 from typing import Sequence
 
 from safekeel.data.conversation import PreferenceExample
 from safekeel.eval.stats import wilson_interval
-from safekeel.training.reference_cache import ReferenceCache, reference_sha256, reply_key
+from safekeel.training.reference_cache import ReferenceCache, reference_identity, reply_key
+
+log = logging.getLogger(__name__)
 
 LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
 """trl 1.16 losses whose reward is the per-token mean log-ratio (DPOTrainer: chosen_scores / completion tokens)."""
 
 
-def _reply_logprob(model, tokenizer, prompt: list[dict], reply: str, max_length: int) -> tuple[float, int] | None:
-    """(log p(reply | prompt), reply tokens scored) under the chat template, the sequence cut to its first max_length
-    tokens; None when the prompt alone fills max_length."""
-    import torch  # deferred on purpose: heavy
-
+def _reply_ids(tokenizer, prompt: list[dict], reply: str) -> tuple[list[int], int]:
+    """The conversation's token ids under the chat template, and the position where the reply starts."""
     prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
     full_ids = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=True,
                                              return_dict=False)
     start = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), min(len(prompt_ids), len(full_ids)))
+    return list(full_ids), start
+
+
+def _reply_logprob(model, full_ids: list[int], start: int, max_length: int) -> tuple[float, int] | None:
+    """(log p(reply | prompt), reply tokens scored), the sequence cut to its first max_length tokens; None when the
+    prompt alone fills max_length."""
+    import torch  # deferred on purpose: heavy
+
     if start >= max_length:
         return None
     ids = torch.tensor([full_ids[:max_length]])
@@ -59,34 +68,38 @@ def preference_metrics(model, tokenizer, pairs: Sequence[PreferenceExample], bet
     log-probabilities are read from it where stored (and stored where computed)."""
     primary = loss_type if isinstance(loss_type, str) else loss_type[0]
     model.eval()
-    prompts = [[m.to_dict() for m in pair.prompt] for pair in pairs]
-    cached: dict = {}
+    encoded = [[_reply_ids(tokenizer, [m.to_dict() for m in pair.prompt], reply) for reply in (pair.chosen, pair.rejected)]
+               for pair in pairs]
+    keys: list[list[str]] = []
+    cached: dict[str, tuple[float, int]] = {}
     if reference_cache is not None:
-        reference_id = reference_sha256(model)
-        keys = {(i, reply): reply_key(reference_id, max_length, prompts[i], reply)
-                for i, pair in enumerate(pairs) for reply in (pair.chosen, pair.rejected)}
-        found = reference_cache.get_replies(list(keys.values()))
-        cached = {where: found[key] for where, key in keys.items() if key in found}
+        reference = reference_identity(model, str(next(model.parameters()).dtype).replace("torch.", ""))
+        keys = [[reply_key(reference, max_length, ids, start) for ids, start in both] for both in encoded]
+        try:
+            cached = reference_cache.get_replies([key for both in keys for key in both])
+        except sqlite3.Error as error:
+            log.warning("reference cache %s unreadable (%s): computing the held-out references", reference_cache.path, error)
     computed = []
     summed, per_token, skipped = [], [], 0
-    for i, pair in enumerate(pairs):
-        prompt = prompts[i]
-        policy = [_reply_logprob(model, tokenizer, prompt, reply, max_length) for reply in (pair.chosen, pair.rejected)]
+    for i, both in enumerate(encoded):
+        policy = [_reply_logprob(model, ids, start, max_length) for ids, start in both]
         if None in policy:
             skipped += 1
             continue
-        if all((i, reply) in cached for reply in (pair.chosen, pair.rejected)):
-            reference = [cached[(i, reply)] for reply in (pair.chosen, pair.rejected)]
+        if keys and all(key in cached for key in keys[i]):
+            reference_logps = [cached[key] for key in keys[i]]
         else:
             with model.disable_adapter():
-                reference = [_reply_logprob(model, tokenizer, prompt, reply, max_length) for reply in (pair.chosen, pair.rejected)]
-            if reference_cache is not None:
-                computed += [(keys[(i, reply)], value) for reply, value in zip((pair.chosen, pair.rejected), reference)]
-        ratio = [(p[0] - r[0], p[1]) for p, r in zip(policy, reference)]
+                reference_logps = [_reply_logprob(model, ids, start, max_length) for ids, start in both]
+            computed += list(zip(keys[i], reference_logps)) if keys else []
+        ratio = [(p[0] - r[0], p[1]) for p, r in zip(policy, reference_logps)]
         summed.append(beta * (ratio[0][0] - ratio[1][0]))
         per_token.append(beta * (ratio[0][0] / max(ratio[0][1], 1) - ratio[1][0] / max(ratio[1][1], 1)))
     if computed:
-        reference_cache.put_replies(computed)
+        try:
+            reference_cache.put_replies(computed)
+        except sqlite3.Error as error:
+            log.warning("reference cache %s not writable (%s): held-out references not kept", reference_cache.path, error)
     normalised = primary in LENGTH_NORMALISED
     return {"n": len(summed), "n_skipped": skipped, "beta": beta, "loss_type": primary,
             "reward": "beta x per-token mean log-ratio" if normalised else "beta x summed log-ratio",

@@ -132,8 +132,8 @@ def run_pipeline(spec: JobSpec, *, on_event: Callable[[str, dict], None] | None 
     and gate settings (default: <output>/gate/baseline); `monitor_dir`: hidden-state monitors for the drift
     check; `publish(result)`: deploy, called only when the gate passed (or is off); `reference_cache`: preference
     training's reference log-probabilities, kept across jobs of one backbone (safekeel.training.reference_cache;
-    default $SAFEKEEL_HOME/reference_logps.sqlite: computed one pair at a time and read back, it trains faster than
-    trl's in-step reference even on first use, benchmarks/results/reference_cache.md)."""
+    default $SAFEKEEL_HOME/reference_logps.sqlite; on this CPU it trained at 0.65x a step with the pairs cached and
+    0.81x in total on first use, benchmarks/results/reference_cache.md)."""
     return _Pipeline(spec, on_event, should_stop, show_progress, adapter_cache, selection_store, baseline_cache,
                      monitor_dir, reference_cache).run(publish)
 

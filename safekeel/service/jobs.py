@@ -312,7 +312,8 @@ def execute_job(store: Store, settings: ServiceSettings, job: dict, should_abort
         try:
             result = run_pipeline(spec, on_event=emit, should_stop=should_stop, show_progress=False,
                                   selection_store=settings.selection_store, baseline_cache=settings.gate_baselines_dir,
-                                  monitor_dir=_monitor_dir(settings, spec), publish=publish)
+                                  monitor_dir=_monitor_dir(settings, spec), publish=publish,
+                                  reference_cache=settings.reference_cache(job["tenant"]))
         except DatasetError as error:
             raise JobFailed("invalid_training_file", str(error).replace(spec.data, job["training_file"]), "training_file")
         except DataRejected as rejected:

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from safekeel.defaults import DEFAULT_MODEL
 from safekeel.monitors.runtime import POLICIES
 from safekeel.paths import safekeel_home
+from safekeel.provenance import sha256_json
 
 DEFAULT_API_KEY = "sk-safekeel-local"
 
@@ -174,6 +175,11 @@ class ServiceSettings(BaseSettings):
     def gate_baselines_dir(self) -> Path:
         """The base model's gate replies, per model build and gate settings, shared by jobs."""
         return self.files_root / "gate_baselines"
+
+    def reference_cache(self, tenant: str) -> Path:
+        """Preference jobs' reference log-probabilities (safekeel.training.reference_cache), one file per tenant: a job
+        whose pairs another tenant trained before must not run faster for it (a timing side channel)."""
+        return self.files_root / "reference_logps" / f"{sha256_json(tenant)[:16]}.sqlite"
 
     @property
     def blobs_dir(self) -> Path:

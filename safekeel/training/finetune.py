@@ -20,7 +20,7 @@ from safekeel.data.conversation import Conversation, PreferenceExample
 from safekeel.provenance import sha256_json, write_json_atomic
 from safekeel.training.config import LoraSFTConfig
 from safekeel.training.preference import PreferenceConfig, train_preference
-from safekeel.training.reference_cache import ReferenceCache
+from safekeel.training.reference_cache import open_reference_cache
 from safekeel.training.sft import train_lora
 
 log = logging.getLogger(__name__)
@@ -79,14 +79,15 @@ def train_adapter(model, tokenizer, training_data: Sequence[Conversation] | Sequ
                  on_checkpoint=lambda step, path: emit("checkpoint", {"step": step, "path": str(path)}))
     if preference is not None:
         result = train_preference(model, tokenizer, training_data, sft, preference, adapter_dir, **hooks,
-                                  reference_cache=ReferenceCache(reference_cache) if reference_cache is not None else None)
+                                  reference_cache=open_reference_cache(reference_cache))
     else:
         result = train_lora(model, tokenizer, training_data, sft, adapter_dir, **hooks)
     shutil.rmtree(adapter_dir / "trainer", ignore_errors=True)
     train = {"steps": result.steps, "seconds": result.seconds, "train_loss": result.train_loss,
              "resumed_from": result.resumed_from}
     if preference is not None:  # where the reference log-probabilities came from (the same values either way)
-        train["reference_logps"] = f"precomputed per pair, cached in {reference_cache}" if reference_cache is not None else "in-step (trl)"
+        train["reference_logps"] = (f"precomputed per pair, cached in {reference_cache}" if result.reference_cached
+                                    else "in-step (trl)")
     if cached is not None:
         record = {"model": model_name, "training_data_sha256": training_sha, "sft": sft.to_dict(), "train": train}
         if preference is not None:

@@ -36,7 +36,7 @@ from safekeel.data.conversation import PreferenceExample
 from safekeel.models.lora import LoraSFTConfig, lora_config
 from safekeel.provenance import bf16_emulation_warning
 from safekeel.training.sft import TrainingCancelled, TrainResult, latest_checkpoint, training_hooks
-from safekeel.training.reference_cache import ReferenceCache, pair_key, reference_sha256
+from safekeel.training.reference_cache import ReferenceCache, pair_key, reference_identity
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +168,16 @@ def train_preference(model, tokenizer, pairs: Sequence, config: LoraSFTConfig, p
         dataloader_num_workers=0,
         disable_tqdm=not show_progress,
         dataset_num_proc=None,
-        precompute_ref_log_probs=reference_cache is not None,
+        # only where a loss reads the reference (a pure NLL term does not)
+        precompute_ref_log_probs=reference_cache is not None and any(loss != "sft" for loss in preference.loss_type),
     )
     if warning := bf16_emulation_warning(config.bf16, torch.cuda.is_available()):
         log.warning(warning)
     started = time.time()
-    trainer_class = DPOTrainer if reference_cache is None else \
-        cached_reference_trainer(DPOTrainer, reference_cache, reference_sha256(model), show_progress)
+    trainer_class = DPOTrainer
+    if args.precompute_ref_log_probs:
+        compute = "bfloat16 autocast" if config.bf16 else "float32"
+        trainer_class = cached_reference_trainer(DPOTrainer, reference_cache, compute, show_progress, should_stop)
     trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list([p.to_row() for p in pairs]),
                          processing_class=tokenizer, peft_config=lora_config(config),
                          callbacks=[training_hooks(should_stop, on_log, on_checkpoint, saving)])
@@ -192,35 +195,71 @@ def train_preference(model, tokenizer, pairs: Sequence, config: LoraSFTConfig, p
     assert not adapter_config.get("modules_to_save") and not adapter_config.get("use_dora"), "adapter must be vLLM-servable"
     return TrainResult(adapter_dir=output_dir, steps=trainer.state.global_step, seconds=round(time.time() - started, 1),
                        train_loss=getattr(output, "training_loss", None), log_history=list(trainer.state.log_history),
-                       resumed_from=str(resume_from) if resume_from else None, model=trainer.model)
+                       resumed_from=str(resume_from) if resume_from else None, model=trainer.model,
+                       reference_cached=bool(args.precompute_ref_log_probs))
 
 
-def cached_reference_trainer(base: type, cache: ReferenceCache, reference: str, show_progress: bool = True) -> type:
+STORE_EVERY = 32
+"""Pairs computed between two stores while the cache fills (so a stop or a crash loses at most this many)."""
+
+
+def cached_reference_trainer(base: type, cache: ReferenceCache, compute: str, show_progress: bool = True,
+                             should_stop: Callable[[], bool] | None = None) -> type:
     """A DPOTrainer subclass whose precomputed reference log-probabilities (precompute_ref_log_probs) come from
     `cache`: each pair missing there is computed alone (one pair per forward, so no other pair's padding enters its
-    value) with trl's own collator and reference forward, and stored; `reference` is the weights' reference_sha256."""
+    value) with trl's own collator and reference forward, and stored every STORE_EVERY pairs, under the model's
+    reference_identity with `compute` (the precision trl computes in) and the accelerator's device. `should_stop()` is checked between pairs (TrainingCancelled). A cache that cannot be read or
+    written is skipped with a warning (the values are then computed and used, not kept). A model with an adapter named
+    "ref" (trl's reference for re-trained adapters, not the base) falls back to trl's own precompute."""
+    import sqlite3
+
     from tqdm.auto import tqdm
 
     class CachedReferenceDPOTrainer(base):
         def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+            if "ref" in getattr(self.accelerator.unwrap_model(self.model), "peft_config", {}):
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            reference = reference_identity(self.model, compute, self.accelerator.device.type)
             keys = [pair_key(reference, self.args.max_length, self.args.truncation_mode, row["prompt_ids"], row["chosen_ids"],
                              row["rejected_ids"]) for row in dataset]
-            values = cache.get_pairs(keys)
+            usable = True
+            try:
+                values = cache.get_pairs(keys)
+            except sqlite3.Error as error:
+                log.warning("reference cache %s unreadable (%s): computing every pair's reference, keeping none", cache.path, error)
+                values, usable = {}, False
             missing = [i for i, key in enumerate(keys) if key not in values]
             log.info("reference log-probs of %d %s pairs: %d cached, %d to compute", len(keys), name, len(keys) - len(missing),
                      len(missing))
             model = self.ref_model or self.model
-            computed = []
-            for i in tqdm(missing, desc=f"reference log-probs ({name}, not cached)", disable=not show_progress):
+            pending: list[tuple[str, float, float]] = []
+            for n, i in enumerate(tqdm(missing, desc=f"reference log-probs ({name}, not cached)", disable=not show_progress), 1):
+                if should_stop is not None and should_stop():
+                    usable = usable and _store(cache, pending)
+                    raise TrainingCancelled(f"cancelled while computing reference log-probs ({n - 1} of {len(missing)} pairs)")
                 batch = {k: v.to(self.accelerator.device) for k, v in self.data_collator([dataset[i]]).items()}
                 chosen, rejected = self.compute_ref_log_probs(model, batch)
-                computed.append((keys[i], float(chosen[0]), float(rejected[0])))
-            cache.put_pairs(computed)
-            values.update({key: (chosen, rejected) for key, chosen, rejected in computed})
+                pending.append((keys[i], float(chosen[0]), float(rejected[0])))
+                values[keys[i]] = pending[-1][1:]
+                if len(pending) >= STORE_EVERY or n == len(missing):
+                    usable = usable and _store(cache, pending)
+                    pending = []
             dataset = dataset.add_column("ref_chosen_logps", [values[key][0] for key in keys])
             return dataset.add_column("ref_rejected_logps", [values[key][1] for key in keys])
 
     return CachedReferenceDPOTrainer
+
+
+def _store(cache: ReferenceCache, rows: list[tuple[str, float, float]]) -> bool:
+    """Keep rows in the cache; False (with a warning) when it cannot be written, so later rows are not tried."""
+    import sqlite3
+
+    try:
+        cache.put_pairs(rows)
+        return True
+    except sqlite3.Error as error:
+        log.warning("reference cache %s not writable (%s): the computed references are used, not kept", cache.path, error)
+        return False
 
 
 # ---------------------------------------------------------------- the organism experiments' interface (kept as it was)

@@ -30,6 +30,8 @@ class TrainResult:
     resumed_from: str | None = None
     model: Any = field(default=None, repr=False)
     """The trained model (a peft model wrapping the base model it was given, for LoRA)."""
+    reference_cached: bool = False
+    """Preference training: the reference log-probabilities were read from (or computed into) a ReferenceCache."""
 
 
 def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
