@@ -47,7 +47,7 @@ from safekeel.models.lora import LoraSFTConfig  # noqa: E402
 from safekeel.models.registry import base_model_provenance, load_model_and_tokenizer  # noqa: E402
 from safekeel.provenance import library_versions, machine_info, sha256_json, write_json_atomic  # noqa: E402
 from safekeel.training.preference import PreferenceConfig, train_preference  # noqa: E402
-from safekeel.training.reference_cache import REFERENCE_CACHE, ReferenceCache  # noqa: E402
+from safekeel.training.reference_cache import REFERENCE_CACHE, open_reference_cache  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / "cache" / "preference_search"
@@ -109,7 +109,7 @@ def execute(config: dict, cache_dir: Path) -> dict:
         sft = LoraSFTConfig(**config["sft"])
         objective = PreferenceConfig(**config["objective"])
         print(f"[{record['run_id']}] DPO lr {sft.learning_rate:g}, batch {sft.batch_size} on {config['train'][1]} pairs", flush=True)
-        cache = ReferenceCache(cache_dir / REFERENCE_CACHE)  # the 8 settings train one backbone on the same pairs
+        cache = open_reference_cache(cache_dir / REFERENCE_CACHE)  # the 8 settings train one backbone on the same pairs
         trained = train_preference(model, tokenizer, _pairs(config["train"]), sft, objective, folder / "adapter", show_progress=True,
                                    reference_cache=cache)
         model, adapter = trained.model, str(folder / "adapter")

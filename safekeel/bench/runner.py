@@ -40,7 +40,7 @@ from safekeel.models.registry import load_model_and_tokenizer
 from safekeel.paths import safekeel_home
 from safekeel.provenance import library_versions, machine_info, sha256_file, sha256_json, write_json_atomic
 from safekeel.training.config import LoraSFTConfig
-from safekeel.training.reference_cache import REFERENCE_CACHE, ReferenceCache
+from safekeel.training.reference_cache import REFERENCE_CACHE, open_reference_cache
 from safekeel.pipeline import GuardSpec, JobSpec, MethodSpec, run_pipeline
 
 log = logging.getLogger(__name__)
@@ -175,9 +175,8 @@ def held_out_preference(config: dict, adapter_dir: Path, max_length: int, refere
     model, tokenizer = load_model_and_tokenizer(config["model"])
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     objective = method_of(config).dpo
-    cache = ReferenceCache(reference_cache) if reference_cache is not None else None
-    return {**preference_metrics(model, tokenizer, pairs, objective.beta, max_length, objective.loss_type, cache),
-            "held_out": dict(held)}
+    return {**preference_metrics(model, tokenizer, pairs, objective.beta, max_length, objective.loss_type,
+                                 open_reference_cache(reference_cache)), "held_out": dict(held)}
 
 
 @dataclass

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -208,11 +209,10 @@ def cached_reference_trainer(base: type, cache: ReferenceCache, compute: str, sh
     """A DPOTrainer subclass whose precomputed reference log-probabilities (precompute_ref_log_probs) come from
     `cache`: each pair missing there is computed alone (one pair per forward, so no other pair's padding enters its
     value) with trl's own collator and reference forward, and stored every STORE_EVERY pairs, under the model's
-    reference_identity with `compute` (the precision trl computes in) and the accelerator's device. `should_stop()` is checked between pairs (TrainingCancelled). A cache that cannot be read or
-    written is skipped with a warning (the values are then computed and used, not kept). A model with an adapter named
-    "ref" (trl's reference for re-trained adapters, not the base) falls back to trl's own precompute."""
-    import sqlite3
-
+    reference_identity with `compute` (the precision trl computes in) and the accelerator's device. `should_stop()`
+    is checked between pairs (TrainingCancelled). A cache that cannot be read or written is skipped with a warning
+    (the values are then computed and used, not kept). A model with an adapter named "ref" (trl's reference for
+    re-trained adapters, not the base) falls back to trl's own precompute."""
     from tqdm.auto import tqdm
 
     class CachedReferenceDPOTrainer(base):
@@ -235,7 +235,8 @@ def cached_reference_trainer(base: type, cache: ReferenceCache, compute: str, sh
             pending: list[tuple[str, float, float]] = []
             for n, i in enumerate(tqdm(missing, desc=f"reference log-probs ({name}, not cached)", disable=not show_progress), 1):
                 if should_stop is not None and should_stop():
-                    usable = usable and _store(cache, pending)
+                    if usable:
+                        _store(cache, pending)
                     raise TrainingCancelled(f"cancelled while computing reference log-probs ({n - 1} of {len(missing)} pairs)")
                 batch = {k: v.to(self.accelerator.device) for k, v in self.data_collator([dataset[i]]).items()}
                 chosen, rejected = self.compute_ref_log_probs(model, batch)
@@ -252,8 +253,6 @@ def cached_reference_trainer(base: type, cache: ReferenceCache, compute: str, sh
 
 def _store(cache: ReferenceCache, rows: list[tuple[str, float, float]]) -> bool:
     """Keep rows in the cache; False (with a warning) when it cannot be written, so later rows are not tried."""
-    import sqlite3
-
     try:
         cache.put_pairs(rows)
         return True
